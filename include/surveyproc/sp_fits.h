@@ -1,0 +1,66 @@
+/* sp_fits.h — FITS image access through cfitsio: subset reads of one image HDU,
+ * typed header keys, and atomic image writes.
+ *
+ * Pixel convention everywhere in surveyproc: 0-based C indices, pixel (x, y)
+ * is data[y * nx + x]; FITS pixel (1,1) is our (0,0), and pixel centres are at
+ * integer coordinates.
+ *
+ * Thread safety: one sp_fits handle must be used by one thread at a time;
+ * different handles (even on the same file) are independent.
+ */
+#ifndef SP_FITS_H
+#define SP_FITS_H
+
+#include <stddef.h>
+
+typedef struct sp_fits sp_fits;
+
+/* Open `path` read-only at its primary HDU if that holds a 2-D image, else the
+ * first 2-D image extension. Errors: SP_ERR_IO (missing/unreadable), SP_ERR_FITS
+ * (not FITS, truncated, no 2-D image) — message names the file and HDU. */
+int sp_fits_open(const char *path, sp_fits **f);
+void sp_fits_close(sp_fits **f); /* sets *f = NULL; safe on NULL */
+
+const char *sp_fits_path(const sp_fits *f);
+int sp_fits_hdu(const sp_fits *f); /* 1-based HDU number (cfitsio convention) */
+void sp_fits_shape(const sp_fits *f, long *nx, long *ny);
+
+/* Read the rectangle [x0, x0+nx) x [y0, y0+ny) (0-based) as float into out
+ * (nx*ny, row-major). Parts outside the image are filled with NaN. BLANK/null
+ * pixels become NaN. Returns SP_ERR_FITS with the file/HDU on failure (e.g. a
+ * truncated file). */
+int sp_fits_read_subset(sp_fits *f, long x0, long y0, long nx, long ny, float *out);
+
+/* Header keys. `required`: 1 -> a missing key is SP_ERR_INPUT with the message
+ * "FILE[HDU n]: missing header key KEY", 0 -> *found=0 and SP_OK (found may be NULL
+ * when required). */
+int sp_fits_key_double(sp_fits *f, const char *key, int required, double *val, int *found);
+int sp_fits_key_long(sp_fits *f, const char *key, int required, long *val, int *found);
+int sp_fits_key_string(sp_fits *f, const char *key, int required, char *val, size_t n, int *found);
+
+/* The whole header of the current HDU as one string of 80-char cards (for
+ * wcslib). *hdr is malloc'd; free() it. */
+int sp_fits_header(sp_fits *f, char **hdr, int *nkeys);
+
+/* CRC-32-like checksum of the header text (stable identity for resume checks). */
+int sp_fits_header_checksum(sp_fits *f, unsigned long *sum);
+
+/* ---- writing ------------------------------------------------------------- */
+
+/* Create a 2-D float32 image. The file is written to "path.tmp-PID" and renamed
+ * to `path` by sp_fits_commit(), so a crash never leaves a half-written file at
+ * `path`. Overwrites an existing `path` at commit. */
+int sp_fits_create(const char *path, long nx, long ny, sp_fits **f);
+int sp_fits_write_key_double(sp_fits *f, const char *key, double val, const char *comment);
+int sp_fits_write_key_long(sp_fits *f, const char *key, long val, const char *comment);
+int sp_fits_write_key_string(sp_fits *f, const char *key, const char *val, const char *comment);
+/* Append raw header cards (e.g. a WCS header from sp_wcs_to_header): 80-char cards, no END. */
+int sp_fits_write_cards(sp_fits *f, const char *cards, int ncards);
+/* Write rows [y0, y0+ny) of the image from data (nx*ny floats). */
+int sp_fits_write_rows(sp_fits *f, long y0, long ny, const float *data);
+/* Flush, close and rename into place; frees *f. On failure removes the temp file. */
+int sp_fits_commit(sp_fits **f);
+/* Abandon a file being created: close and remove the temp file. */
+void sp_fits_abort(sp_fits **f);
+
+#endif
