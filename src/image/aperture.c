@@ -1,0 +1,173 @@
+/* aperture.c — forced aperture photometry (see sp_aperture.h). */
+#include "surveyproc/sp_aperture.h"
+
+#include <math.h>
+#include <stdlib.h>
+
+size_t sp_aper_scratch_size(double r_out)
+{
+    double r = r_out > 0 ? r_out + 1.5 : 1.5;
+    return (size_t)(4.0 * r * r) + 16;
+}
+
+/* ∫_a^b sqrt(r^2 - x^2) dx, with a, b clamped to [-r, r]. */
+static double arc_int(double a, double b, double r)
+{
+    a = a < -r ? -r : a > r ? r : a;
+    b = b < -r ? -r : b > r ? r : b;
+    double sa = sqrt(fmax(r * r - a * a, 0)), sb = sqrt(fmax(r * r - b * b, 0));
+    return 0.5 * (b * sb + r * r * asin(b / r)) - 0.5 * (a * sa + r * r * asin(a / r));
+}
+
+static void add_bp(double *bp, int *n, double v, double lo, double hi)
+{
+    if (v > lo && v < hi) bp[(*n)++] = v;
+}
+
+static int cmp_double(const void *a, const void *b)
+{
+    double x = *(const double *)a, y = *(const double *)b;
+    return (x > y) - (x < y);
+}
+
+/* Exact area of the circle (centre 0, radius r) inside [x0,x1] x [y0,y1]:
+ * integrate the clipped chord length over x, piecewise where the chord ends
+ * switch between the rectangle edges and the circle. */
+static double rect_circle_area(double x0, double x1, double y0, double y1, double r)
+{
+    double bp[8];
+    int n = 0;
+    bp[n++] = x0;
+    add_bp(bp, &n, -r, x0, x1);
+    add_bp(bp, &n, r, x0, x1);
+    if (fabs(y0) < r) { double c = sqrt(r * r - y0 * y0); add_bp(bp, &n, -c, x0, x1); add_bp(bp, &n, c, x0, x1); }
+    if (fabs(y1) < r) { double c = sqrt(r * r - y1 * y1); add_bp(bp, &n, -c, x0, x1); add_bp(bp, &n, c, x0, x1); }
+    bp[n++] = x1;
+    qsort(bp, (size_t)n, sizeof *bp, cmp_double);
+    double area = 0;
+    for (int k = 0; k + 1 < n; k++) {
+        double a = bp[k], b = bp[k + 1];
+        if (b <= a) continue;
+        double m = 0.5 * (a + b), sm = sqrt(fmax(r * r - m * m, 0));
+        if (fmin(y1, sm) <= fmax(y0, -sm)) continue;
+        area += sm >= y1 ? y1 * (b - a) : arc_int(a, b, r);   /* upper end of the chord */
+        area -= -sm <= y0 ? y0 * (b - a) : -arc_int(a, b, r); /* lower end */
+    }
+    return area;
+}
+
+/* Fraction of pixel (px, py) (unit square around its centre) inside the circle. */
+static double overlap(double px, double py, double xc, double yc, double r)
+{
+    double dx = fabs(px - xc), dy = fabs(py - yc);
+    double nx_ = dx > 0.5 ? dx - 0.5 : 0, ny_ = dy > 0.5 ? dy - 0.5 : 0;
+    if (nx_ * nx_ + ny_ * ny_ >= r * r) return 0.0;
+    double fx = dx + 0.5, fy = dy + 0.5;
+    if (fx * fx + fy * fy <= r * r) return 1.0;
+    return rect_circle_area(px - 0.5 - xc, px + 0.5 - xc, py - 0.5 - yc, py + 0.5 - yc, r);
+}
+
+static int cmp_float(const void *a, const void *b)
+{
+    float x = *(const float *)a, y = *(const float *)b;
+    return (x > y) - (x < y);
+}
+
+static double clipped_median(float *v, size_t n)
+{
+    if (n == 0) return NAN;
+    double med = 0;
+    for (int it = 0; it < 3; it++) {
+        qsort(v, n, sizeof *v, cmp_float);
+        med = n % 2 ? v[n / 2] : 0.5 * (v[n / 2 - 1] + v[n / 2]);
+        double q1 = v[n / 4], q3 = v[(3 * n) / 4];
+        double sig = (q3 - q1) / 1.349;
+        if (!(sig > 0)) break;
+        size_t m = 0;
+        for (size_t k = 0; k < n; k++)
+            if (fabs(v[k] - med) <= 3.0 * sig) v[m++] = v[k];
+        if (m == n || m < 5) break;
+        n = m;
+    }
+    return med;
+}
+
+void sp_aper_measure(const float *data, const float *ivar, long nx, long ny, double xc, double yc, double r,
+                     double r_in, double r_out, float *scratch, sp_aper_result *res)
+{
+    res->flux = res->fluxerr = NAN;
+    res->bkg = 0;
+    res->area = 0;
+    res->masked_frac = 0;
+    res->flags = 0;
+
+    /* annulus background */
+    double bkg_var = 0;
+    if (r_out > 0) {
+        size_t n = 0;
+        long x0 = (long)floor(xc - r_out), x1 = (long)ceil(xc + r_out);
+        long y0 = (long)floor(yc - r_out), y1 = (long)ceil(yc + r_out);
+        for (long y = y0; y <= y1; y++) {
+            if (y < 0 || y >= ny) continue;
+            for (long x = x0; x <= x1; x++) {
+                if (x < 0 || x >= nx) continue;
+                double d2 = (x - xc) * (x - xc) + (y - yc) * (y - yc);
+                if (d2 < r_in * r_in || d2 >= r_out * r_out) continue;
+                size_t i = (size_t)y * (size_t)nx + (size_t)x;
+                if (ivar[i] > 0) scratch[n++] = data[i];
+            }
+        }
+        if (n >= 8) {
+            /* variance of the annulus median: (pi/2) * mean pixel variance / n */
+            double mv = 0;
+            long ng = 0;
+            for (long y = y0; y <= y1; y++) {
+                if (y < 0 || y >= ny) continue;
+                for (long x = x0; x <= x1; x++) {
+                    if (x < 0 || x >= nx) continue;
+                    double d2 = (x - xc) * (x - xc) + (y - yc) * (y - yc);
+                    if (d2 < r_in * r_in || d2 >= r_out * r_out) continue;
+                    size_t i = (size_t)y * (size_t)nx + (size_t)x;
+                    if (ivar[i] > 0) { mv += 1.0 / ivar[i]; ng++; }
+                }
+            }
+            bkg_var = M_PI / 2 * (mv / (double)ng) / (double)ng;
+            res->bkg = clipped_median(scratch, n);
+        } else
+            res->flags |= SP_APER_NOBKG;
+    }
+
+    double sum = 0, var = 0, area = 0, masked = 0;
+    long x0 = (long)floor(xc - r - 1), x1 = (long)ceil(xc + r + 1);
+    long y0 = (long)floor(yc - r - 1), y1 = (long)ceil(yc + r + 1);
+    for (long y = y0; y <= y1; y++) {
+        for (long x = x0; x <= x1; x++) {
+            double w = overlap((double)x, (double)y, xc, yc, r);
+            if (w <= 0) continue;
+            area += w;
+            if (x < 0 || x >= nx || y < 0 || y >= ny) {
+                res->flags |= SP_APER_EDGE;
+                masked += w;
+                continue;
+            }
+            size_t i = (size_t)y * (size_t)nx + (size_t)x;
+            if (!(ivar[i] > 0)) {
+                masked += w;
+                continue;
+            }
+            sum += w * (data[i] - res->bkg);
+            var += w * w / ivar[i];
+        }
+    }
+    res->area = area;
+    res->masked_frac = area > 0 ? masked / area : 1.0;
+    if (masked > 0) res->flags |= SP_APER_MASKED;
+    if (area - masked <= 0) {
+        res->flags |= SP_APER_ALLMASKED;
+        return;
+    }
+    /* masked pixels take the background value: they add nothing after subtraction */
+    res->flux = sum;
+    /* the background error is common to every aperture pixel */
+    res->fluxerr = sqrt(var + area * area * bkg_var);
+}

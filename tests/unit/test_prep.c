@@ -1,0 +1,187 @@
+/* test_prep.c — frame prep (scaling, masks, noise model), coadd, white stack, aperture photometry. */
+#include <setjmp.h>
+#include <stdarg.h>
+#include <stddef.h>
+#include <stdint.h>
+#include <cmocka.h>
+
+#include "support.h"
+#include "surveyproc/sp_aperture.h"
+#include "surveyproc/sp_error.h"
+#include "surveyproc/sp_prep.h"
+
+#include <math.h>
+#include <stdlib.h>
+#include <string.h>
+
+/* splitmix64 + Box-Muller: a small deterministic normal generator for tests */
+static uint64_t rng_state = 12345;
+static double urand(void)
+{
+    uint64_t z = (rng_state += 0x9E3779B97F4A7C15ULL);
+    z = (z ^ (z >> 30)) * 0xBF58476D1CE4E5B9ULL;
+    z = (z ^ (z >> 27)) * 0x94D049BB133111EBULL;
+    z ^= z >> 31;
+    return ((z >> 11) + 0.5) * (1.0 / 9007199254740992.0);
+}
+static double nrand(void) { return sqrt(-2 * log(urand())) * cos(2 * M_PI * urand()); }
+
+static void t_prep_scaling_and_masks(void **s)
+{
+    (void)s;
+    float raw[6] = {100.0f, NAN, 5000.0f, 70000.0f, -3.0f, 0.0f};
+    float data[6], ivar[6];
+    uint8_t mask[6];
+    sp_prep_params p = {.scale = pow(10, -0.4 * (27.0 - 25.0)), .skysig = 10, .egain = 2, .saturate = 60000,
+                        .sat_level_frac = 1.0};
+    double sky = 0;
+    assert_int_equal(sp_prep_frame(raw, 6, &p, data, mask, &sky, 2), SP_OK);
+    assert_int_equal(mask[0], 0);
+    assert_int_equal(mask[1], SP_PIX_BAD);
+    assert_int_equal(mask[3], SP_PIX_SAT);
+    assert_float_equal(data[0], 100.0 * p.scale, 1e-5);
+    assert_float_equal(data[1], 0.0, 0);
+    /* explicit zero sky: var = (skysig^2 + raw/egain) * scale^2 */
+    assert_int_equal(sp_prep_ivar(data, mask, 6, &p, 0.0, NULL, ivar, 1), SP_OK);
+    double v0 = (100.0 + 100.0 / 2.0) * p.scale * p.scale;
+    assert_float_equal(ivar[0], 1.0 / v0, 1e-6 / v0);
+    double v4 = 100.0 * p.scale * p.scale; /* negative raw: no Poisson term */
+    assert_float_equal(ivar[4], 1.0 / v4, 1e-6 / v4);
+    assert_float_equal(ivar[1], 0.0, 0);
+    assert_float_equal(ivar[3], 0.0, 0);
+    sp_prep_params bad = p;
+    bad.skysig = 0;
+    assert_int_equal(sp_prep_ivar(data, mask, 6, &bad, 0.0, NULL, ivar, 1), SP_ERR_INPUT);
+}
+
+static void t_prep_sky_estimate(void **s)
+{
+    (void)s;
+    size_t n = 200 * 200;
+    float *raw = malloc(n * sizeof *raw), *data = malloc(n * sizeof *data);
+    uint8_t *mask = malloc(n);
+    for (size_t i = 0; i < n; i++) raw[i] = (float)(250.0 + 8.0 * nrand());
+    for (size_t i = 0; i < n; i += 97) raw[i] += 5000.0f; /* sources: must not drag the sky */
+    sp_prep_params p = {.scale = 1, .skysig = 8, .egain = 1, .saturate = NAN, .sat_level_frac = 1};
+    double sky;
+    assert_int_equal(sp_prep_frame(raw, n, &p, data, mask, &sky, 1), SP_OK);
+    assert_true(fabs(sky - 250.0) < 0.5);
+    free(raw);
+    free(data);
+    free(mask);
+}
+
+static void t_coadd_and_white_threads(void **s)
+{
+    (void)s;
+    size_t nx = 64, ny = 48, n = nx * ny;
+    float *d[3], *iv[3];
+    uint8_t *m[3];
+    double w[3] = {1.0, 4.0, 0.25};
+    for (int k = 0; k < 3; k++) {
+        d[k] = malloc(n * sizeof(float));
+        iv[k] = malloc(n * sizeof(float));
+        m[k] = calloc(n, 1);
+        for (size_t i = 0; i < n; i++) {
+            d[k][i] = (float)(10.0 + nrand());
+            iv[k][i] = (float)(w[k] * (0.8 + 0.4 * urand()));
+        }
+    }
+    /* pixel 5 bad in all frames; pixel 6 bad in frame 1 only */
+    for (int k = 0; k < 3; k++) { iv[k][5] = 0; m[k][5] = SP_PIX_BAD; }
+    iv[1][6] = 0;
+    m[1][6] = SP_PIX_SAT;
+    float *cd1 = malloc(n * sizeof(float)), *ci1 = malloc(n * sizeof(float));
+    float *cd2 = malloc(n * sizeof(float)), *ci2 = malloc(n * sizeof(float));
+    uint8_t *cm1 = malloc(n), *cm2 = malloc(n);
+    assert_int_equal(sp_prep_coadd(3, (const float *const *)d, (const float *const *)iv,
+                                   (const uint8_t *const *)m, w, n, cd1, ci1, cm1, 1), SP_OK);
+    assert_int_equal(sp_prep_coadd(3, (const float *const *)d, (const float *const *)iv,
+                                   (const uint8_t *const *)m, w, n, cd2, ci2, cm2, 2), SP_OK);
+    assert_memory_equal(cd1, cd2, n * sizeof(float));
+    assert_memory_equal(ci1, ci2, n * sizeof(float));
+    assert_float_equal(ci1[5], 0, 0);
+    assert_int_equal(cm1[5], SP_PIX_BAD);
+    assert_int_equal(cm1[6], SP_PIX_SAT); /* saturation remembered though other frames are good */
+    /* pixel 0 by hand */
+    double sw = 0, swd = 0, sw2v = 0;
+    for (int k = 0; k < 3; k++) { sw += w[k]; swd += w[k] * d[k][0]; sw2v += w[k] * w[k] / iv[k][0]; }
+    assert_float_equal(cd1[0], swd / sw, 1e-5);
+    assert_float_equal(ci1[0], sw * sw / sw2v, 1e-4 * sw * sw / sw2v);
+
+    float *wh1 = malloc(n * sizeof(float)), *wi1 = malloc(n * sizeof(float));
+    float *wh2 = malloc(n * sizeof(float)), *wi2 = malloc(n * sizeof(float));
+    assert_int_equal(sp_prep_white(3, (const float *const *)d, (const float *const *)iv, nx, ny, wh1, wi1, 1), SP_OK);
+    assert_int_equal(sp_prep_white(3, (const float *const *)d, (const float *const *)iv, nx, ny, wh2, wi2, 2), SP_OK);
+    assert_memory_equal(wh1, wh2, n * sizeof(float));
+    double a = 0, b = 0;
+    for (int k = 0; k < 3; k++) { a += iv[k][7] * d[k][7]; b += iv[k][7]; }
+    assert_float_equal(wh1[7], a / b, 1e-5);
+    assert_float_equal(wi1[7], b, 1e-4);
+    assert_float_equal(wi1[5], 0, 0);
+    for (int k = 0; k < 3; k++) { free(d[k]); free(iv[k]); free(m[k]); }
+    free(cd1); free(ci1); free(cd2); free(ci2); free(cm1); free(cm2);
+    free(wh1); free(wi1); free(wh2); free(wi2);
+}
+
+static void t_aperture(void **s)
+{
+    (void)s;
+    long nx = 61, ny = 61;
+    float *d = malloc((size_t)(nx * ny) * sizeof(float)), *iv = malloc((size_t)(nx * ny) * sizeof(float));
+    /* flat background 3.0 + a Gaussian of flux 1000 at (30.3, 29.6), sigma 1.5 */
+    double F = 1000, sg = 1.5, xc = 30.3, yc = 29.6;
+    for (long y = 0; y < ny; y++)
+        for (long x = 0; x < nx; x++) {
+            double r2 = (x - xc) * (x - xc) + (y - yc) * (y - yc);
+            d[y * nx + x] = (float)(3.0 + F / (2 * M_PI * sg * sg) * exp(-0.5 * r2 / (sg * sg)));
+            iv[y * nx + x] = 4.0f;
+        }
+    float *scratch = malloc(sp_aper_scratch_size(15) * sizeof(float));
+    sp_aper_result r;
+    sp_aper_measure(d, iv, nx, ny, xc, yc, 8.0, 10.0, 15.0, scratch, &r);
+    assert_float_equal(r.bkg, 3.0, 1e-3);
+    assert_float_equal(r.area, M_PI * 64, 1e-9);
+    assert_float_equal(r.flux, F, 2.0); /* all but exp(-8^2/(2*1.5^2)) of the light */
+    /* error = pixel noise sum(w^2)/ivar + the annulus median's error (pi/2 var/n) * area^2 */
+    long n_ann = 0;
+    double w2 = 0;
+    for (long y = 0; y < ny; y++)
+        for (long x = 0; x < nx; x++) {
+            double d2 = (x - xc) * (x - xc) + (y - yc) * (y - yc);
+            n_ann += d2 >= 100.0 && d2 < 225.0;
+            if (d2 <= 7.0 * 7.0) w2 += 1.0; /* fully inside pixels */
+        }
+    double lo = sqrt(w2 / 4.0 + r.area * r.area * (M_PI / 2) * 0.25 / n_ann);
+    double hi = sqrt(r.area / 4.0 + r.area * r.area * (M_PI / 2) * 0.25 / n_ann);
+    assert_true(r.fluxerr >= lo && r.fluxerr <= hi);
+    assert_int_equal(r.flags, 0);
+    /* a masked pixel near the core: flagged, flux drops by about that pixel's light */
+    iv[30 * nx + 31] = 0;
+    sp_aper_measure(d, iv, nx, ny, xc, yc, 8.0, 10.0, 15.0, scratch, &r);
+    assert_true(r.flags & SP_APER_MASKED);
+    assert_true(r.masked_frac > 0 && r.masked_frac < 0.01);
+    /* off the edge */
+    sp_aper_measure(d, iv, nx, ny, 1.0, 1.0, 4.0, 6.0, 9.0, scratch, &r);
+    assert_true(r.flags & SP_APER_EDGE);
+    /* everything masked */
+    for (long i = 0; i < nx * ny; i++) iv[i] = 0;
+    sp_aper_measure(d, iv, nx, ny, xc, yc, 4.0, 6.0, 9.0, scratch, &r);
+    assert_true(r.flags & SP_APER_ALLMASKED);
+    assert_true(r.flags & SP_APER_NOBKG);
+    assert_true(isnan(r.flux));
+    free(d);
+    free(iv);
+    free(scratch);
+}
+
+int main(void)
+{
+    const struct CMUnitTest tests[] = {
+        cmocka_unit_test(t_prep_scaling_and_masks),
+        cmocka_unit_test(t_prep_sky_estimate),
+        cmocka_unit_test(t_coadd_and_white_threads),
+        cmocka_unit_test(t_aperture),
+    };
+    return cmocka_run_group_tests_name("prep", tests, NULL, NULL);
+}
