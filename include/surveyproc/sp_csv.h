@@ -5,6 +5,13 @@
  * Rules: first non-blank, non-# line is the header; blank lines and lines
  * starting with '#' are skipped; CRLF accepted; a UTF-8 BOM is ignored; a row
  * with fewer or more fields than the header is an error naming its line.
+ * A quoted field may contain commas, doubled quotes ("") and line breaks (the
+ * row's line number is where it starts); blanks around a field are trimmed,
+ * blanks inside quotes are kept. A header with no data rows is a valid table
+ * (nrow = 0): callers decide whether that is an error.
+ *
+ * Cost: one read of the file into one buffer, parsed in place; ~0.04 s for
+ * 1e5 rows x 8 columns (tests/unit/test_csv.c prints the figure).
  *
  * Thread safety: a read-only sp_csv may be shared between threads.
  */

@@ -6,7 +6,10 @@
  * integer coordinates.
  *
  * Thread safety: one sp_fits handle must be used by one thread at a time;
- * different handles (even on the same file) are independent.
+ * different handles (even on the same file) are independent and may read in
+ * parallel (cfitsio is built reentrant and does not share buffers between
+ * handles). When writing, keys may come before or after the rows (before is
+ * cheaper: cfitsio then need not move the data).
  */
 #ifndef SP_FITS_H
 #define SP_FITS_H
@@ -16,8 +19,11 @@
 typedef struct sp_fits sp_fits;
 
 /* Open `path` read-only at its primary HDU if that holds a 2-D image, else the
- * first 2-D image extension. Errors: SP_ERR_IO (missing/unreadable), SP_ERR_FITS
- * (not FITS, truncated, no 2-D image) — message names the file and HDU. */
+ * first 2-D image extension (tile-compressed images count; extra axes of length
+ * 1, e.g. NAXIS3 = 1, are accepted). The path is taken literally (no cfitsio
+ * extended syntax). Errors: SP_ERR_IO (missing/unreadable), SP_ERR_FITS
+ * (not FITS, truncated — the data unit is checked against the file size here —
+ * or no 2-D image) — message names the file and HDU and includes cfitsio's text. */
 int sp_fits_open(const char *path, sp_fits **f);
 void sp_fits_close(sp_fits **f); /* sets *f = NULL; safe on NULL */
 
@@ -42,7 +48,8 @@ int sp_fits_key_string(sp_fits *f, const char *key, int required, char *val, siz
  * wcslib). *hdr is malloc'd; free() it. */
 int sp_fits_header(sp_fits *f, char **hdr, int *nkeys);
 
-/* CRC-32-like checksum of the header text (stable identity for resume checks). */
+/* CRC-32 (IEEE 802.3) of the header text as sp_fits_header() returns it:
+ * a stable identity for resume checks (data are not included). */
 int sp_fits_header_checksum(sp_fits *f, unsigned long *sum);
 
 /* ---- writing ------------------------------------------------------------- */
@@ -54,13 +61,19 @@ int sp_fits_create(const char *path, long nx, long ny, sp_fits **f);
 int sp_fits_write_key_double(sp_fits *f, const char *key, double val, const char *comment);
 int sp_fits_write_key_long(sp_fits *f, const char *key, long val, const char *comment);
 int sp_fits_write_key_string(sp_fits *f, const char *key, const char *val, const char *comment);
-/* Append raw header cards (e.g. a WCS header from sp_wcs_to_header): 80-char cards, no END. */
+/* Append raw header cards (e.g. a WCS header from sp_wcs_to_header): 80-char cards.
+ * Structural cards (SIMPLE, BITPIX, NAXIS*, EXTEND, XTENSION, PCOUNT, GCOUNT, END)
+ * are skipped, so a header from sp_fits_header() can be copied in. */
 int sp_fits_write_cards(sp_fits *f, const char *cards, int ncards);
 /* Write rows [y0, y0+ny) of the image from data (nx*ny floats). */
 int sp_fits_write_rows(sp_fits *f, long y0, long ny, const float *data);
-/* Flush, close and rename into place; frees *f. On failure removes the temp file. */
+/* Flush (fsync), close and rename into place; frees *f and sets it NULL. On
+ * failure removes the temp file (and still frees *f). SP_ERR_STATE, leaving *f
+ * alone, if *f is not a handle from sp_fits_create. Write errors (disk full)
+ * are SP_ERR_IO. */
 int sp_fits_commit(sp_fits **f);
-/* Abandon a file being created: close and remove the temp file. */
+/* Abandon a file being created: close and remove the temp file. Safe on NULL.
+ * sp_fits_close() on a handle being written does the same. */
 void sp_fits_abort(sp_fits **f);
 
 #endif

@@ -14,11 +14,11 @@
 
 /* Collective. Given this rank's status (its message in sp_err_msg()). Returns
  * SP_OK if every rank had SP_OK; otherwise the status of the lowest failing
- * rank, whose message (prefixed "rank R: " when the job has >1 rank and R != 0)
+ * rank, whose message (prefixed with "rank R: " when R is not rank 0)
  * is installed as the current error on every rank. */
 int sp_mpi_agree(int status, MPI_Comm comm);
 
-/* Collective. Broadcast a malloc'd byte buffer from root: on root *buf/*len are
+/* Collective. Broadcast a malloc'd byte buffer from root: on root *buf and *len are
  * given; elsewhere *buf is allocated (with a trailing NUL) and *len set. */
 int sp_mpi_bcast_bytes(char **buf, size_t *len, int root, MPI_Comm comm);
 

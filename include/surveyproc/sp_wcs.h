@@ -45,4 +45,13 @@ int sp_wcs_pixscale(sp_wcs *w, double x, double y, double *arcsec);
  * sampled on a grid over an nx x ny image (the seed's WCS-alignment check). */
 int sp_wcs_max_offset(sp_wcs *w1, sp_wcs *w2, long nx, long ny, double *max_pix);
 
+/* The WCS as FITS header cards (wcshdo, 17 significant digits; SIP written as
+ * A_p_q/B_p_q cards that astropy reads too): *cards is malloc'd, ncards*80 chars
+ * plus a NUL, no END card; free() it. Feed to sp_fits_write_cards(). Not
+ * thread-safe on the same w (use a copy). */
+int sp_wcs_to_header(const sp_wcs *w, char **cards, int *ncards);
+
+/* The source name given at parse time ("FILE[HDU n]"), for messages. */
+const char *sp_wcs_name(const sp_wcs *w);
+
 #endif

@@ -20,6 +20,10 @@ int sp_cmd_inspect(int argc, char **argv);
 int sp_cmd_score(int argc, char **argv);
 int sp_cmd_qa(int argc, char **argv);
 
+/* A failure every rank agrees on (collective phases): rank 0 prints it once,
+ * every rank finalises MPI and exits with the status's exit code. */
+void sp_cli_exit_agreed(int status) __attribute__((noreturn));
+
 /* Shared by the subcommands: true if argv has -h/--help (then print usage and return 0). */
 int sp_cli_wants_help(int argc, char **argv);
 

@@ -38,6 +38,22 @@ int sp_cli_wants_help(int argc, char **argv)
     return 0;
 }
 
+void sp_cli_exit_agreed(int status)
+{
+    int rank = 0;
+    MPI_Comm_rank(MPI_COMM_WORLD, &rank);
+    if (rank == 0) {
+        const char *where = sp_err_where();
+        sp_log(SP_LOG_ERROR, "FATAL%s%s%s %s: %s", where[0] ? " [" : "", where, where[0] ? "]" : "",
+               sp_status_name(status), sp_err_msg());
+    }
+    fflush(stdout);
+    fflush(stderr);
+    sp_log_close_file();
+    MPI_Finalize();
+    exit(sp_status_exit_code(status) ? sp_status_exit_code(status) : 5);
+}
+
 static void usage(FILE *f)
 {
     fprintf(f,

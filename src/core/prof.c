@@ -62,6 +62,7 @@ static int main_thread(void) { return !omp_in_parallel(); }
 void sp_prof_push(const char *name)
 {
     if (!main_thread()) return;
+    if (!nodes[0].name) sp_prof_init(0); /* usable without an explicit init (library users, tests) */
     if (overflow || depth + 1 >= MAX_DEPTH) { overflow++; return; }
     int parent = stack[depth], c;
     for (c = nodes[parent].first_child; c >= 0; c = nodes[c].next_sibling)

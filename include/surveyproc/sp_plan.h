@@ -1,0 +1,143 @@
+/* sp_plan.h — the plan of a run: frame table, bands, tile WCS, input catalog
+ * projected onto the tile, the grid of ePSF cells and patches with halos, and
+ * each cell's cost and memory estimate (DESIGN §3 "plan", issue 4).
+ *
+ * sp_plan_build() is MPI-collective over `comm`: frames are split over ranks
+ * to read headers and statistics ("partition visits"), gathered and shared;
+ * every rank reads the catalog; every rank ends with the same plan. Errors are
+ * agreed (sp_mpi_agree): every rank returns the same status and message.
+ */
+#ifndef SP_PLAN_H
+#define SP_PLAN_H
+
+#include <mpi.h>
+#include <stdint.h>
+#include <stdio.h>
+
+#include "surveyproc/sp_wcs.h"
+
+#define SP_BAND_MAX 24
+#define SP_PATH_MAX 1024
+
+/* What the plan needs from the configuration (filled by sp_plan_opts_from_config). */
+typedef struct {
+    char image_list[SP_PATH_MAX];
+    char input_catalog[SP_PATH_MAX];
+    double zp_ref;
+    double crop_margin;       /* pixels from the tile edge that are excluded_crop */
+    double wcs_tolerance;     /* pixels */
+    int epsf_ngrid;           /* cells per side */
+    int ngrid;                /* patches per cell side */
+    int psf_size;             /* final PSF stamp size (pixels, odd) */
+    int halo_pix_min;
+    int skip_empty_cells;     /* epsf.skip_empty_epsf_patches */
+    int skip_empty_patches;   /* patch_inputs.skip_empty_patch */
+    int gal_model;            /* source type used for blank/unknown TYPE */
+    int threads;              /* OpenMP threads per rank (for the memory estimate) */
+} sp_plan_opts;
+
+typedef struct {
+    char path[SP_PATH_MAX];
+    char band[SP_BAND_MAX];
+    int band_index;
+    int hdu;
+    long nx, ny;
+    double zp_auto, skysig, egain, saturate, exptime;
+    double scale;                 /* 10^(-0.4 (ZP_AUTO - zp_ref)) */
+    unsigned long hdr_checksum;
+    long long file_size;
+    double wcs_offset_pix;        /* max offset against frame 0's WCS */
+    double median, rsigma, nan_frac; /* from sampled rows, raw ADU */
+} sp_frame;
+
+enum { SP_SRC_STAR = 0, SP_SRC_EXP = 1, SP_SRC_DEV = 2, SP_SRC_SERSIC = 3, SP_SRC_NTYPES = 4 };
+
+/* exclusion flags of a catalog row */
+enum {
+    SP_EXCL_CROP = 1,       /* inside the crop margin */
+    SP_EXCL_NANCOORD = 2,   /* RA/DEC not finite */
+    SP_EXCL_OUTSIDE = 4,    /* projects outside the tile */
+    SP_EXCL_SATURATION = 8, /* saturated (set per cell) */
+};
+
+typedef struct {
+    long n;
+    int nbands;
+    char **id;          /* verbatim (row number if the catalog has no ID column) */
+    double *ra, *dec;   /* degrees */
+    double *x, *y;      /* tile pixels, 0-based */
+    int *type;          /* SP_SRC_* */
+    int *type_given;    /* 1 if TYPE was in the catalog and recognised */
+    double *flux_init;  /* n * nbands, NaN when absent */
+    double *ell, *theta, *re; /* NaN when absent */
+    double *sersic_n;
+    unsigned *excl;     /* SP_EXCL_* */
+    int *cell, *patch;  /* -1 when excluded */
+    long *line;         /* line in the CSV */
+    char *idbuf;
+} sp_catalog;
+
+typedef struct {
+    int id, ix, iy;
+    long bx0, by0, bx1, by1;  /* base region [bx0, bx1) x [by0, by1) */
+    long rx0, ry0, rx1, ry1;  /* ROI = base + halo, clipped to the tile */
+    int patch0, npatch;       /* patches of the cell: [patch0, patch0 + npatch) */
+    long nsrc;                /* active sources in the base region */
+    int active;               /* 0 if skipped (empty) */
+    double cost;              /* relative cost estimate (seconds on a nominal core) */
+    double mem_bytes;         /* peak memory estimate to process it */
+} sp_cell;
+
+typedef struct {
+    int id, cell, ix, iy;
+    long bx0, by0, bx1, by1;
+    long rx0, ry0, rx1, ry1;
+    long src0, nsrc;          /* base sources: plan->patch_src[src0 .. src0+nsrc) */
+    int active;
+} sp_patch;
+
+typedef struct {
+    sp_plan_opts opts;
+    int nframes;
+    sp_frame *frames;
+    int nbands;
+    char (*bands)[SP_BAND_MAX];
+    int *band_nframes;
+    long nx, ny;                 /* tile shape */
+    char *wcs_header;            /* frame 0's header (80-char cards) */
+    int wcs_nkeys;
+    sp_wcs *wcs;                 /* tile WCS (this rank's copy) */
+    double pixscale;             /* arcsec / pixel at the tile centre */
+    sp_catalog cat;
+    int halo;
+    int ncells, npatches, ncells_active, npatches_active;
+    sp_cell *cells;
+    sp_patch *patches;
+    long *patch_src;             /* sources ordered by patch */
+    uint64_t inputs_hash;        /* paths, sizes, header checksums, catalog bytes */
+    double max_cell_mem;         /* largest cell memory estimate (bytes) */
+    long nsrc_active;
+} sp_plan;
+
+int sp_plan_build(const sp_plan_opts *opts, MPI_Comm comm, sp_plan *plan);
+void sp_plan_free(sp_plan *plan);
+
+/* Read an image list: one path per line, '#' comments and blanks ignored,
+ * relative paths resolved against the list's folder. Not collective. */
+int sp_plan_read_image_list(const char *list, char ***paths, int *n);
+
+/* Print the plan (frames, bands, grid, cells, costs, memory) — rank 0 usually. */
+void sp_plan_print(const sp_plan *plan, FILE *f, int verbose);
+
+/* Parse a TYPE cell: STAR/PSF/POINT, EXP, DEV, SERSIC; GAL/blank/unknown -> -1. */
+int sp_plan_parse_type(const char *s);
+const char *sp_plan_type_name(int type);
+
+/* Sources whose position lies within the ROI of patch p (base + halo) —
+ * base sources first. Returns the count; fills idx (capacity cap). */
+long sp_plan_patch_sources(const sp_plan *plan, int p, long *idx, long cap);
+
+/* Memory estimate of processing a cell with `threads` OpenMP threads. */
+double sp_plan_cell_memory(const sp_plan *plan, const sp_cell *c, int threads);
+
+#endif

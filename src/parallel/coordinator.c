@@ -1,0 +1,120 @@
+/* coordinator.c — dynamic cell queue on rank 0 (see sp_coord.h). */
+#include "surveyproc/sp_coord.h"
+#include "surveyproc/sp_error.h"
+#include "surveyproc/sp_prof.h"
+
+#include <omp.h>
+#include <string.h>
+
+#define TAG_READY 7101
+#define TAG_ASSIGN 7102
+
+/* rank-0 state while a run is in progress (only the main thread touches it) */
+static struct {
+    int active;
+    MPI_Comm comm;
+    const int *order;
+    int n, next;
+    int stopped;          /* workers told to stop */
+    int nworkers;
+    double overhead;
+    sp_coord_done_fn done;
+    void *done_arg;
+} q;
+
+static void serve_one(int src, const double msg[2])
+{
+    int finished = (int)msg[0];
+    if (finished >= 0 && q.done) q.done(finished, src, msg[1], q.done_arg);
+    int cell = q.next < q.n ? q.order[q.next++] : -1;
+    if (cell < 0) q.stopped++;
+    MPI_Send(&cell, 1, MPI_INT, src, TAG_ASSIGN, q.comm);
+}
+
+void sp_coord_poll(void)
+{
+    if (!q.active || (omp_in_parallel() && omp_get_thread_num() != 0)) return;
+    double t0 = sp_wtime();
+    for (;;) {
+        int flag = 0;
+        MPI_Status stt;
+        MPI_Iprobe(MPI_ANY_SOURCE, TAG_READY, q.comm, &flag, &stt);
+        if (!flag) break;
+        double msg[2];
+        MPI_Recv(msg, 2, MPI_DOUBLE, stt.MPI_SOURCE, TAG_READY, q.comm, MPI_STATUS_IGNORE);
+        serve_one(stt.MPI_SOURCE, msg);
+    }
+    q.overhead += sp_wtime() - t0;
+}
+
+int sp_coord_run(const int *order, int n, int dedicated, MPI_Comm comm, sp_coord_cell_fn fn, void *arg,
+                 sp_coord_done_fn done, void *done_arg, sp_coord_stats *st)
+{
+    int status = SP_OK, rank, size;
+    MPI_Comm_rank(comm, &rank);
+    MPI_Comm_size(comm, &size);
+    memset(st, 0, sizeof *st);
+    double t_start = sp_wtime();
+    if (size == 1) dedicated = 0;
+
+    if (rank == 0) {
+        memset(&q, 0, sizeof q);
+        q.active = 1;
+        q.comm = comm;
+        q.order = order;
+        q.n = n;
+        q.nworkers = size - 1;
+        q.done = done;
+        q.done_arg = done_arg;
+        /* work while there is work (unless dedicated), answering between cells and inside them */
+        while (!dedicated && status == SP_OK) {
+            sp_coord_poll();
+            if (q.next >= q.n) break;
+            int cell = q.order[q.next++];
+            double t0 = sp_wtime();
+            status = fn(cell, arg);
+            double dt = sp_wtime() - t0;
+            st->busy += dt;
+            st->cells++;
+            if (status == SP_OK && done) done(cell, 0, dt, done_arg);
+        }
+        if (status != SP_OK) {
+            q.active = 0;
+            return status; /* the driver aborts the job */
+        }
+        /* hand out the rest and stop every worker */
+        while (q.stopped < q.nworkers) {
+            double msg[2];
+            MPI_Status stt;
+            double t0 = sp_wtime();
+            MPI_Probe(MPI_ANY_SOURCE, TAG_READY, comm, &stt);
+            st->idle += sp_wtime() - t0;
+            t0 = sp_wtime();
+            MPI_Recv(msg, 2, MPI_DOUBLE, stt.MPI_SOURCE, TAG_READY, comm, MPI_STATUS_IGNORE);
+            serve_one(stt.MPI_SOURCE, msg);
+            q.overhead += sp_wtime() - t0;
+        }
+        st->overhead = q.overhead;
+        q.active = 0;
+    } else {
+        double msg[2] = {-1, 0};
+        for (;;) {
+            int cell;
+            double t0 = sp_wtime();
+            MPI_Send(msg, 2, MPI_DOUBLE, 0, TAG_READY, comm);
+            MPI_Recv(&cell, 1, MPI_INT, 0, TAG_ASSIGN, comm, MPI_STATUS_IGNORE);
+            st->idle += sp_wtime() - t0;
+            if (cell < 0) break;
+            t0 = sp_wtime();
+            status = fn(cell, arg);
+            double dt = sp_wtime() - t0;
+            st->busy += dt;
+            st->cells++;
+            if (status != SP_OK) return status; /* the driver aborts the job */
+            msg[0] = cell;
+            msg[1] = dt;
+        }
+    }
+    st->wall = sp_wtime() - t_start;
+    return status;
+}

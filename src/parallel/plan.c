@@ -1,0 +1,693 @@
+/* plan.c — frame table, checks, catalog projection, cell/patch grid, cost and
+ * memory estimates (see sp_plan.h). Collective over the given communicator. */
+#include "surveyproc/sp_plan.h"
+#include "surveyproc/sp_csv.h"
+#include "surveyproc/sp_error.h"
+#include "surveyproc/sp_fits.h"
+#include "surveyproc/sp_log.h"
+#include "surveyproc/sp_mpi.h"
+#include "surveyproc/sp_prof.h"
+
+#include <ctype.h>
+#include <errno.h>
+#include <libgen.h>
+#include <math.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <strings.h>
+#include <sys/stat.h>
+
+/* ---- small helpers ---------------------------------------------------------- */
+
+static uint64_t fnv1a(uint64_t h, const void *data, size_t n)
+{
+    const unsigned char *p = data;
+    for (size_t i = 0; i < n; i++) {
+        h ^= p[i];
+        h *= 0x100000001b3ULL;
+    }
+    return h;
+}
+
+static char *trim(char *s)
+{
+    while (isspace((unsigned char)*s)) s++;
+    size_t n = strlen(s);
+    while (n && isspace((unsigned char)s[n - 1])) s[--n] = '\0';
+    return s;
+}
+
+int sp_plan_parse_type(const char *s)
+{
+    if (!s) return -1;
+    while (isspace((unsigned char)*s)) s++;
+    if (!strncasecmp(s, "STAR", 4) || !strncasecmp(s, "PSF", 3) || !strncasecmp(s, "POINT", 5)) return SP_SRC_STAR;
+    if (!strncasecmp(s, "EXP", 3)) return SP_SRC_EXP;
+    if (!strncasecmp(s, "DEV", 3)) return SP_SRC_DEV;
+    if (!strncasecmp(s, "SERSIC", 6) || !strncasecmp(s, "SER", 3)) return SP_SRC_SERSIC;
+    return -1;
+}
+
+const char *sp_plan_type_name(int type)
+{
+    switch (type) {
+    case SP_SRC_STAR: return "STAR";
+    case SP_SRC_EXP: return "EXP";
+    case SP_SRC_DEV: return "DEV";
+    case SP_SRC_SERSIC: return "SERSIC";
+    default: return "?";
+    }
+}
+
+int sp_plan_read_image_list(const char *list, char ***paths_out, int *n_out)
+{
+    int status = SP_OK, n = 0, cap = 0;
+    char **paths = NULL, line[4096], dir[SP_PATH_MAX];
+    FILE *f = fopen(list, "r");
+    SP_CHECK(f, SP_ERR_IO, "%s: cannot open image list: %s (check inputs.image_list_file)", list, strerror(errno));
+    snprintf(dir, sizeof dir, "%s", list);
+    char *d = dirname(dir);
+    long lineno = 0;
+    while (fgets(line, sizeof line, f)) {
+        lineno++;
+        SP_CHECK(strchr(line, '\n') || feof(f), SP_ERR_INPUT, "%s:%ld: line longer than %zu characters", list,
+                 lineno, sizeof line - 1);
+        char *hash = strchr(line, '#');
+        if (hash) *hash = '\0';
+        char *p = trim(line);
+        if (!*p) continue;
+        if (n == cap) {
+            cap = cap ? 2 * cap : 16;
+            char **np = realloc(paths, (size_t)cap * sizeof *np);
+            SP_CHECK(np, SP_ERR_NOMEM, "out of memory reading %s", list);
+            paths = np;
+        }
+        char full[SP_PATH_MAX];
+        int w = p[0] == '/' ? snprintf(full, sizeof full, "%s", p) : snprintf(full, sizeof full, "%s/%s", d, p);
+        SP_CHECK(w > 0 && (size_t)w < sizeof full, SP_ERR_INPUT, "%s:%ld: path too long", list, lineno);
+        paths[n] = strdup(full);
+        SP_CHECK(paths[n], SP_ERR_NOMEM, "out of memory reading %s", list);
+        n++;
+    }
+    SP_CHECK(n > 0, SP_ERR_INPUT, "%s: the image list has no image paths (one FITS path per line expected)", list);
+    *paths_out = paths;
+    *n_out = n;
+    paths = NULL;
+cleanup:
+    if (f) fclose(f);
+    if (paths) {
+        for (int i = 0; i < n; i++) free(paths[i]);
+        free(paths);
+    }
+    return status;
+}
+
+static int cmp_double(const void *a, const void *b)
+{
+    double x = *(const double *)a, y = *(const double *)b;
+    return (x > y) - (x < y);
+}
+
+/* Header keys, shape and a cheap statistic from up to 32 evenly spaced rows. */
+static int read_frame(const char *path, double zp_ref, sp_frame *fr)
+{
+    int status = SP_OK, found = 0;
+    sp_fits *f = NULL;
+    float *row = NULL;
+    double *vals = NULL;
+    struct stat st;
+    memset(fr, 0, sizeof *fr);
+    snprintf(fr->path, sizeof fr->path, "%s", path);
+    SP_TRY(sp_fits_open(path, &f));
+    fr->hdu = sp_fits_hdu(f);
+    sp_fits_shape(f, &fr->nx, &fr->ny);
+    char filt[80] = "";
+    SP_TRY(sp_fits_key_string(f, "FILTER", 1, filt, sizeof filt, NULL));
+    char *b = trim(filt);
+    SP_CHECK(*b && strlen(b) < SP_BAND_MAX, SP_ERR_INPUT, "%s[HDU %d]: FILTER '%s' is empty or longer than %d characters",
+             path, fr->hdu, b, SP_BAND_MAX - 1);
+    snprintf(fr->band, sizeof fr->band, "%s", b);
+    SP_TRY(sp_fits_key_double(f, "ZP_AUTO", 1, &fr->zp_auto, NULL));
+    SP_TRY(sp_fits_key_double(f, "SKYSIG", 1, &fr->skysig, NULL));
+    SP_TRY(sp_fits_key_double(f, "EGAIN", 1, &fr->egain, NULL));
+    SP_TRY(sp_fits_key_double(f, "SATURATE", 0, &fr->saturate, &found));
+    if (!found) fr->saturate = NAN;
+    SP_TRY(sp_fits_key_double(f, "EXPTIME", 0, &fr->exptime, &found));
+    if (!found) fr->exptime = NAN;
+    SP_CHECK(isfinite(fr->zp_auto), SP_ERR_INPUT, "%s[HDU %d]: ZP_AUTO is not finite", path, fr->hdu);
+    SP_CHECK(fr->skysig > 0 && isfinite(fr->skysig), SP_ERR_INPUT,
+             "%s[HDU %d]: SKYSIG = %g; it must be a positive sky noise in ADU", path, fr->hdu, fr->skysig);
+    SP_CHECK(fr->egain > 0 && isfinite(fr->egain), SP_ERR_INPUT,
+             "%s[HDU %d]: EGAIN = %g; it must be a positive gain in e-/ADU", path, fr->hdu, fr->egain);
+    fr->scale = pow(10.0, -0.4 * (fr->zp_auto - zp_ref));
+    SP_TRY(sp_fits_header_checksum(f, &fr->hdr_checksum));
+    if (stat(path, &st) == 0) fr->file_size = (long long)st.st_size;
+
+    /* statistics from sampled rows; an all-NaN sample triggers a full scan */
+    int nrows = fr->ny < 32 ? (int)fr->ny : 32;
+    SP_ALLOC(row, fr->nx);
+    SP_ALLOC(vals, (size_t)fr->nx * (size_t)nrows);
+    long nv = 0, ntot = 0;
+    for (int k = 0; k < nrows; k++) {
+        long y = (long)((k + 0.5) * (double)fr->ny / nrows);
+        SP_TRY(sp_fits_read_subset(f, 0, y, fr->nx, 1, row));
+        for (long x = 0; x < fr->nx; x++, ntot++)
+            if (isfinite(row[x])) vals[nv++] = row[x];
+    }
+    if (nv == 0) {
+        for (long y = 0; y < fr->ny && nv == 0; y++) {
+            SP_TRY(sp_fits_read_subset(f, 0, y, fr->nx, 1, row));
+            for (long x = 0; x < fr->nx; x++)
+                if (isfinite(row[x])) nv++;
+        }
+        SP_CHECK(nv > 0, SP_ERR_INPUT, "%s[HDU %d]: every pixel is NaN or blank; remove it from the image list", path,
+                 fr->hdu);
+        fr->median = fr->rsigma = NAN;
+        fr->nan_frac = NAN;
+    } else {
+        qsort(vals, (size_t)nv, sizeof *vals, cmp_double);
+        fr->median = vals[nv / 2];
+        for (long i = 0; i < nv; i++) vals[i] = fabs(vals[i] - fr->median);
+        qsort(vals, (size_t)nv, sizeof *vals, cmp_double);
+        fr->rsigma = 1.4826 * vals[nv / 2];
+        fr->nan_frac = 1.0 - (double)nv / (double)ntot;
+    }
+    sp_prof_bytes((double)nrows * (double)fr->nx * 4.0);
+cleanup:
+    sp_fits_close(&f);
+    free(row);
+    free(vals);
+    return status;
+}
+
+/* ---- frames ------------------------------------------------------------------- */
+
+static int build_frames(const sp_plan_opts *o, MPI_Comm comm, sp_plan *p)
+{
+    int status = SP_OK, rank, size;
+    char **paths = NULL;
+    int n = 0;
+    sp_frame *mine = NULL;
+    int *counts = NULL, *displs = NULL;
+    sp_wcs *w = NULL;
+    MPI_Comm_rank(comm, &rank);
+    MPI_Comm_size(comm, &size);
+
+    /* every rank reads the (small) list; errors are identical, agreed below */
+    status = sp_plan_read_image_list(o->image_list, &paths, &n);
+    SP_TRY(sp_mpi_agree(status, comm));
+
+    /* frame 0's header defines the tile WCS: rank 0 reads and broadcasts it */
+    if (rank == 0) {
+        sp_fits *f = NULL;
+        status = sp_fits_open(paths[0], &f);
+        if (status == SP_OK) status = sp_fits_header(f, &p->wcs_header, &p->wcs_nkeys);
+        if (status == SP_OK) {
+            sp_wcs *w0 = NULL;
+            status = sp_wcs_from_fits(f, &w0);
+            sp_wcs_free(&w0);
+        }
+        sp_fits_close(&f);
+    }
+    SP_TRY(sp_mpi_agree(status, comm));
+    size_t hlen = rank == 0 ? strlen(p->wcs_header) : 0;
+    SP_TRY(sp_mpi_bcast_bytes(&p->wcs_header, &hlen, 0, comm));
+    MPI_Bcast(&p->wcs_nkeys, 1, MPI_INT, 0, comm);
+    char what[SP_PATH_MAX + 16];
+    snprintf(what, sizeof what, "%s", paths[0]);
+    SP_TRY(sp_mpi_agree(sp_wcs_from_header(p->wcs_header, p->wcs_nkeys, what, &p->wcs), comm));
+
+    /* partition visits: frame i is read by rank i % size */
+    int nmine = 0;
+    SP_ALLOC(mine, n / size + 1);
+    status = SP_OK;
+    for (int i = rank; i < n && status == SP_OK; i += size) {
+        sp_frame *fr = &mine[nmine++];
+        status = read_frame(paths[i], o->zp_ref, fr);
+        if (status == SP_OK) {
+            sp_fits *f = NULL;
+            status = sp_fits_open(paths[i], &f);
+            if (status == SP_OK) status = sp_wcs_from_fits(f, &w);
+            sp_fits_close(&f);
+            if (status == SP_OK) status = sp_wcs_max_offset(p->wcs, w, fr->nx, fr->ny, &fr->wcs_offset_pix);
+            sp_wcs_free(&w);
+        }
+    }
+    SP_TRY(sp_mpi_agree(status, comm));
+
+    /* gather in file order: rank r holds frames r, r+size, ... */
+    SP_ALLOC(counts, size);
+    SP_ALLOC(displs, size);
+    int nb = nmine * (int)sizeof(sp_frame);
+    MPI_Allgather(&nb, 1, MPI_INT, counts, 1, MPI_INT, comm);
+    for (int r = 0, off = 0; r < size; r++) { displs[r] = off; off += counts[r]; }
+    sp_frame *gathered = NULL;
+    SP_ALLOC(gathered, n);
+    MPI_Allgatherv(mine, nb, MPI_BYTE, gathered, counts, displs, MPI_BYTE, comm);
+    SP_ALLOC(p->frames, n);
+    for (int r = 0, k = 0; r < size; r++)
+        for (int j = 0; r + j * size < n; j++) p->frames[r + j * size] = gathered[k++];
+    free(gathered);
+    p->nframes = n;
+
+    /* checks, in the seed pipeline's spirit: same shape, aligned WCS */
+    p->nx = p->frames[0].nx;
+    p->ny = p->frames[0].ny;
+    for (int i = 1; i < n; i++) {
+        sp_frame *fr = &p->frames[i];
+        SP_CHECK(fr->nx == p->nx && fr->ny == p->ny, SP_ERR_INPUT,
+                 "%s: shape %ldx%ld differs from %s (%ldx%ld); all frames of a tile must share one pixel grid",
+                 fr->path, fr->nx, fr->ny, p->frames[0].path, p->nx, p->ny);
+        SP_CHECK(fr->wcs_offset_pix <= o->wcs_tolerance, SP_ERR_INPUT,
+                 "%s: WCS differs from %s by up to %.3f pixels (checks.wcs_tolerance = %g); frames must be aligned",
+                 fr->path, p->frames[0].path, fr->wcs_offset_pix, o->wcs_tolerance);
+    }
+    /* bands in order of first appearance */
+    SP_ALLOC(p->bands, n);
+    SP_ALLOC(p->band_nframes, n);
+    for (int i = 0; i < n; i++) {
+        int b;
+        for (b = 0; b < p->nbands; b++)
+            if (!strcmp(p->bands[b], p->frames[i].band)) break;
+        if (b == p->nbands) snprintf(p->bands[p->nbands++], SP_BAND_MAX, "%s", p->frames[i].band);
+        p->frames[i].band_index = b;
+        p->band_nframes[b]++;
+    }
+    SP_TRY(sp_wcs_pixscale(p->wcs, 0.5 * (double)(p->nx - 1), 0.5 * (double)(p->ny - 1), &p->pixscale));
+cleanup:
+    if (paths) {
+        for (int i = 0; i < n; i++) free(paths[i]);
+        free(paths);
+    }
+    free(mine);
+    free(counts);
+    free(displs);
+    return status;
+}
+
+/* ---- catalog ------------------------------------------------------------------ */
+
+static int cmp_strp(const void *a, const void *b) { return strcmp(*(char *const *)a, *(char *const *)b); }
+
+static int build_catalog(const sp_plan_opts *o, sp_plan *p, uint64_t *cat_hash)
+{
+    int status = SP_OK;
+    sp_csv *t = NULL;
+    sp_catalog *c = &p->cat;
+    int *fluxcol = NULL;
+    double *col = NULL;
+    const char *path = o->input_catalog;
+
+    SP_TRY(sp_csv_read(path, &t));
+    SP_CHECK(t->nrow > 0, SP_ERR_INPUT, "%s: the catalog has a header but no rows; give at least one source", path);
+    int cra = sp_csv_col(t, "RA"), cdec = sp_csv_col(t, "DEC");
+    SP_CHECK(cra >= 0 && cdec >= 0, SP_ERR_INPUT, "%s:%ld: the catalog needs RA and DEC columns (degrees); found: %s%s",
+             path, 1L, cra < 0 ? "no RA" : "RA", cdec < 0 ? ", no DEC" : ", DEC");
+    int cid = sp_csv_col(t, "ID"), ctype = sp_csv_col(t, "TYPE");
+    int cell = sp_csv_col(t, "ELL"), ctheta = sp_csv_col(t, "THETA"), cre = sp_csv_col(t, "Re");
+    int cn = sp_csv_col(t, "SERSIC_N");
+
+    /* FLUX_<band> columns must name bands that exist among the frames */
+    SP_ALLOC(fluxcol, p->nbands);
+    for (int b = 0; b < p->nbands; b++) fluxcol[b] = -1;
+    for (int k = 0; k < t->ncol; k++) {
+        if (strncasecmp(t->colnames[k], "FLUX_", 5) != 0) continue;
+        const char *band = t->colnames[k] + 5;
+        int b;
+        for (b = 0; b < p->nbands; b++)
+            if (!strcasecmp(p->bands[b], band)) break;
+        if (b == p->nbands) {
+            char have[512] = "";
+            for (int j = 0; j < p->nbands; j++)
+                snprintf(have + strlen(have), sizeof have - strlen(have), "%s%s", j ? ", " : "", p->bands[j]);
+            SP_CHECK(0, SP_ERR_INPUT,
+                     "%s:1: column %s names band '%s', but no frame has FILTER = '%s' (frame bands: %s); "
+                     "remove the column or add the band's frames to the image list",
+                     path, t->colnames[k], band, band, have);
+        }
+        fluxcol[b] = k;
+    }
+
+    long n = t->nrow;
+    int nb = p->nbands;
+    c->n = n;
+    c->nbands = nb;
+    SP_ALLOC(c->id, n);
+    SP_ALLOC(c->ra, n);
+    SP_ALLOC(c->dec, n);
+    SP_ALLOC(c->x, n);
+    SP_ALLOC(c->y, n);
+    SP_ALLOC(c->type, n);
+    SP_ALLOC(c->type_given, n);
+    SP_ALLOC(c->flux_init, (size_t)n * nb);
+    SP_ALLOC(c->ell, n);
+    SP_ALLOC(c->theta, n);
+    SP_ALLOC(c->re, n);
+    SP_ALLOC(c->sersic_n, n);
+    SP_ALLOC(c->excl, n);
+    SP_ALLOC(c->cell, n);
+    SP_ALLOC(c->patch, n);
+    SP_ALLOC(c->line, n);
+    SP_TRY(sp_csv_col_double(t, cra, c->ra));
+    SP_TRY(sp_csv_col_double(t, cdec, c->dec));
+    SP_ALLOC(col, n);
+    for (int b = 0; b < nb; b++) {
+        if (fluxcol[b] >= 0) SP_TRY(sp_csv_col_double(t, fluxcol[b], col));
+        for (long i = 0; i < n; i++) c->flux_init[i * nb + b] = fluxcol[b] >= 0 ? col[i] : NAN;
+    }
+    double *dst[4] = {c->ell, c->theta, c->re, c->sersic_n};
+    int src[4] = {cell, ctheta, cre, cn};
+    for (int k = 0; k < 4; k++) {
+        if (src[k] >= 0) SP_TRY(sp_csv_col_double(t, src[k], dst[k]));
+        else
+            for (long i = 0; i < n; i++) dst[k][i] = NAN;
+    }
+
+    /* IDs verbatim, in one buffer; missing column -> the row number */
+    size_t idlen = 0;
+    for (long i = 0; i < n; i++) idlen += (cid >= 0 ? strlen(sp_csv_cell(t, i, cid)) : 20) + 1;
+    SP_ALLOC(c->idbuf, idlen);
+    char *q = c->idbuf;
+    for (long i = 0; i < n; i++) {
+        c->id[i] = q;
+        if (cid >= 0) q += sprintf(q, "%s", sp_csv_cell(t, i, cid)) + 1;
+        else q += sprintf(q, "%ld", i + 1) + 1;
+        c->line[i] = t->lines[i];
+        int ty = ctype >= 0 ? sp_plan_parse_type(sp_csv_cell(t, i, ctype)) : -1;
+        c->type_given[i] = ty >= 0;
+        c->type[i] = ty >= 0 ? ty : o->gal_model;
+        if (!isfinite(c->ra[i]) || !isfinite(c->dec[i])) c->excl[i] |= SP_EXCL_NANCOORD;
+        c->cell[i] = c->patch[i] = -1;
+    }
+    /* duplicate IDs make rows ambiguous for users joining on ID */
+    if (cid >= 0) {
+        char **sorted = NULL;
+        SP_ALLOC(sorted, n);
+        memcpy(sorted, c->id, (size_t)n * sizeof *sorted);
+        qsort(sorted, (size_t)n, sizeof *sorted, cmp_strp);
+        for (long i = 1; i < n; i++) {
+            if (strcmp(sorted[i], sorted[i - 1]) != 0) continue;
+            long l1 = -1, l2 = -1;
+            for (long k = 0; k < n; k++)
+                if (!strcmp(c->id[k], sorted[i])) { if (l1 < 0) l1 = c->line[k]; else { l2 = c->line[k]; break; } }
+            char dup[256];
+            snprintf(dup, sizeof dup, "%s", sorted[i]);
+            free(sorted);
+            SP_CHECK(0, SP_ERR_INPUT, "%s:%ld: duplicate ID '%s' (first at line %ld); IDs must be unique", path, l2,
+                     dup, l1);
+        }
+        free(sorted);
+    }
+
+    /* project onto the tile */
+    long nbad = 0;
+    SP_TRY(sp_wcs_sky2pix(p->wcs, n, c->ra, c->dec, c->x, c->y, &nbad));
+    long ninside = 0;
+    for (long i = 0; i < n; i++) {
+        if (c->excl[i] & SP_EXCL_NANCOORD) continue;
+        double x = c->x[i], y = c->y[i];
+        if (!isfinite(x) || !isfinite(y) || x < -0.5 || y < -0.5 || x >= p->nx - 0.5 || y >= p->ny - 0.5) {
+            c->excl[i] |= SP_EXCL_OUTSIDE;
+            continue;
+        }
+        ninside++;
+        double m = o->crop_margin;
+        if (x < m - 0.5 || y < m - 0.5 || x >= p->nx - 0.5 - m || y >= p->ny - 0.5 - m) c->excl[i] |= SP_EXCL_CROP;
+    }
+    SP_CHECK(ninside > 0, SP_ERR_INPUT,
+             "%s: none of the %ld sources falls on the tile (%ldx%ld pixels around RA %.5f, Dec %.5f); check that the "
+             "catalog and the images cover the same field",
+             path, n, p->nx, p->ny, c->ra[0], c->dec[0]);
+    /* the catalog's bytes are part of the inputs' identity */
+    uint64_t h = 0xcbf29ce484222325ULL;
+    for (long i = 0; i < n; i++)
+        for (int k = 0; k < t->ncol; k++) {
+            const char *s = sp_csv_cell(t, i, k);
+            h = fnv1a(h, s, strlen(s) + 1);
+        }
+    *cat_hash = h;
+cleanup:
+    sp_csv_free(&t);
+    free(fluxcol);
+    free(col);
+    return status;
+}
+
+/* ---- grid ---------------------------------------------------------------------- */
+
+static long split(long n, int parts, int k) { return (long)((double)n * k / parts + 0.5); }
+
+double sp_plan_cell_memory(const sp_plan *p, const sp_cell *c, int threads)
+{
+    double npix = (double)(c->rx1 - c->rx0) * (double)(c->ry1 - c->ry0);
+    int maxf = 1;
+    for (int b = 0; b < p->nbands; b++)
+        if (p->band_nframes[b] > maxf) maxf = p->band_nframes[b];
+    /* raw read buffer (4) + prepped frames of the largest band (data 4, ivar 4, mask 1)
+     * + per band coadd (data, ivar, mask, background, rms: 17) + white stack (8) */
+    double bytes = npix * (4.0 + 9.0 * maxf + 17.0 * p->nbands + 8.0);
+    /* per-thread fit workspace: a patch ROI x bands x (model, derivatives ~ 12 doubles) */
+    if (c->npatch > 0) {
+        const sp_patch *pt = &p->patches[c->patch0];
+        double ppix = (double)(pt->rx1 - pt->rx0) * (double)(pt->ry1 - pt->ry0);
+        bytes += threads * ppix * p->nbands * 12.0 * 8.0;
+    }
+    return bytes;
+}
+
+static int build_grid(const sp_plan_opts *o, sp_plan *p)
+{
+    int status = SP_OK;
+    sp_catalog *c = &p->cat;
+    long *count = NULL;
+    int ng = o->epsf_ngrid, pg = o->ngrid;
+    SP_CHECK(ng >= 1 && pg >= 1, SP_ERR_CONFIG, "epsf.epsf_ngrid and epsf.ngrid must be >= 1");
+    SP_CHECK(p->nx / ((long)ng * pg) >= 8 && p->ny / ((long)ng * pg) >= 8, SP_ERR_CONFIG,
+             "the %ldx%ld tile is too small for %dx%d cells of %dx%d patches (patches under 8 pixels); lower "
+             "epsf.epsf_ngrid or epsf.ngrid",
+             p->nx, p->ny, ng, ng, pg, pg);
+    int halo = (o->psf_size - 1) / 2 + 2;
+    if (o->halo_pix_min > halo) halo = o->halo_pix_min;
+    p->halo = halo;
+    p->ncells = ng * ng;
+    p->npatches = ng * ng * pg * pg;
+    SP_ALLOC(p->cells, p->ncells);
+    SP_ALLOC(p->patches, p->npatches);
+    long gx = (long)ng * pg; /* patches per tile side */
+    for (int cy = 0; cy < ng; cy++)
+        for (int cx = 0; cx < ng; cx++) {
+            sp_cell *ce = &p->cells[cy * ng + cx];
+            ce->id = cy * ng + cx;
+            ce->ix = cx;
+            ce->iy = cy;
+            ce->bx0 = split(p->nx, ng, cx);
+            ce->bx1 = split(p->nx, ng, cx + 1);
+            ce->by0 = split(p->ny, ng, cy);
+            ce->by1 = split(p->ny, ng, cy + 1);
+            ce->rx0 = ce->bx0 - halo > 0 ? ce->bx0 - halo : 0;
+            ce->ry0 = ce->by0 - halo > 0 ? ce->by0 - halo : 0;
+            ce->rx1 = ce->bx1 + halo < p->nx ? ce->bx1 + halo : p->nx;
+            ce->ry1 = ce->by1 + halo < p->ny ? ce->by1 + halo : p->ny;
+            ce->patch0 = ce->id * pg * pg;
+            ce->npatch = pg * pg;
+            for (int py = 0; py < pg; py++)
+                for (int px = 0; px < pg; px++) {
+                    sp_patch *pt = &p->patches[ce->patch0 + py * pg + px];
+                    pt->id = ce->patch0 + py * pg + px;
+                    pt->cell = ce->id;
+                    pt->ix = cx * pg + px;
+                    pt->iy = cy * pg + py;
+                    pt->bx0 = split(p->nx, (int)gx, pt->ix);
+                    pt->bx1 = split(p->nx, (int)gx, pt->ix + 1);
+                    pt->by0 = split(p->ny, (int)gx, pt->iy);
+                    pt->by1 = split(p->ny, (int)gx, pt->iy + 1);
+                    pt->rx0 = pt->bx0 - halo > 0 ? pt->bx0 - halo : 0;
+                    pt->ry0 = pt->by0 - halo > 0 ? pt->by0 - halo : 0;
+                    pt->rx1 = pt->bx1 + halo < p->nx ? pt->bx1 + halo : p->nx;
+                    pt->ry1 = pt->by1 + halo < p->ny ? pt->by1 + halo : p->ny;
+                }
+        }
+    /* assign active sources to the patch whose base region holds their pixel */
+    SP_ALLOC(count, p->npatches + 1);
+    for (long i = 0; i < c->n; i++) {
+        if (c->excl[i]) continue;
+        long ix = lround(c->x[i]), iy = lround(c->y[i]);
+        int pxg = (int)((double)ix * gx / p->nx), pyg = (int)((double)iy * gx / p->ny);
+        /* split() rounds: step to the patch that really holds the pixel */
+        while (pxg > 0 && ix < split(p->nx, (int)gx, pxg)) pxg--;
+        while (pxg < gx - 1 && ix >= split(p->nx, (int)gx, pxg + 1)) pxg++;
+        while (pyg > 0 && iy < split(p->ny, (int)gx, pyg)) pyg--;
+        while (pyg < gx - 1 && iy >= split(p->ny, (int)gx, pyg + 1)) pyg++;
+        int cx = pxg / pg, cy = pyg / pg;
+        int pid = (cy * ng + cx) * pg * pg + (pyg % pg) * pg + (pxg % pg);
+        c->patch[i] = pid;
+        c->cell[i] = cy * ng + cx;
+        count[pid]++;
+    }
+    SP_ALLOC(p->patch_src, c->n);
+    long off = 0;
+    for (int k = 0; k < p->npatches; k++) {
+        p->patches[k].src0 = off;
+        p->patches[k].nsrc = 0;
+        off += count[k];
+    }
+    for (long i = 0; i < c->n; i++) {
+        if (c->patch[i] < 0) continue;
+        sp_patch *pt = &p->patches[c->patch[i]];
+        p->patch_src[pt->src0 + pt->nsrc++] = i;
+    }
+    p->ncells_active = p->npatches_active = 0;
+    p->nsrc_active = 0;
+    p->max_cell_mem = 0;
+    for (int k = 0; k < p->ncells; k++) {
+        sp_cell *ce = &p->cells[k];
+        ce->nsrc = 0;
+        for (int j = 0; j < ce->npatch; j++) {
+            sp_patch *pt = &p->patches[ce->patch0 + j];
+            ce->nsrc += pt->nsrc;
+            pt->active = !(o->skip_empty_patches && pt->nsrc == 0);
+        }
+        ce->active = !(o->skip_empty_cells && ce->nsrc == 0);
+        if (!ce->active)
+            for (int j = 0; j < ce->npatch; j++) p->patches[ce->patch0 + j].active = 0;
+        if (ce->active) {
+            p->ncells_active++;
+            for (int j = 0; j < ce->npatch; j++) p->npatches_active += p->patches[ce->patch0 + j].active;
+        }
+        p->nsrc_active += ce->nsrc;
+        /* cost model (nominal seconds): pixel work per frame + fit work per source-band */
+        double npix = (double)(ce->rx1 - ce->rx0) * (double)(ce->ry1 - ce->ry0);
+        ce->cost = ce->active ? npix * p->nframes * 2e-8 + (double)ce->nsrc * p->nbands * 2e-4 : 0;
+        ce->mem_bytes = sp_plan_cell_memory(p, ce, o->threads > 0 ? o->threads : 1);
+        if (ce->active && ce->mem_bytes > p->max_cell_mem) p->max_cell_mem = ce->mem_bytes;
+    }
+cleanup:
+    free(count);
+    return status;
+}
+
+long sp_plan_patch_sources(const sp_plan *p, int pid, long *idx, long cap)
+{
+    const sp_patch *pt = &p->patches[pid];
+    long n = 0;
+    for (long k = 0; k < pt->nsrc; k++)
+        if (n < cap) idx[n++] = p->patch_src[pt->src0 + k];
+    long gx = (long)p->opts.epsf_ngrid * p->opts.ngrid, pg = p->opts.ngrid;
+    /* neighbours whose base region may reach into this ROI */
+    long minw = p->nx / gx < p->ny / gx ? p->nx / gx : p->ny / gx;
+    long reach = p->halo / (minw > 0 ? minw : 1) + 1;
+    for (long qy = pt->iy - reach; qy <= pt->iy + reach; qy++) {
+        if (qy < 0 || qy >= gx) continue;
+        for (long qx = pt->ix - reach; qx <= pt->ix + reach; qx++) {
+            if (qx < 0 || qx >= gx || (qx == pt->ix && qy == pt->iy)) continue;
+            long cid = (qy / pg) * p->opts.epsf_ngrid + qx / pg;
+            const sp_patch *q = &p->patches[cid * pg * pg + (qy % pg) * pg + qx % pg];
+            for (long k = 0; k < q->nsrc; k++) {
+                long i = p->patch_src[q->src0 + k];
+                double x = p->cat.x[i], y = p->cat.y[i];
+                if (x >= pt->rx0 - 0.5 && x < pt->rx1 - 0.5 && y >= pt->ry0 - 0.5 && y < pt->ry1 - 0.5 && n < cap)
+                    idx[n++] = i;
+            }
+        }
+    }
+    return n;
+}
+
+/* ---- public --------------------------------------------------------------------- */
+
+int sp_plan_build(const sp_plan_opts *o, MPI_Comm comm, sp_plan *p)
+{
+    int status = SP_OK;
+    memset(p, 0, sizeof *p);
+    p->opts = *o;
+    uint64_t cat_hash = 0;
+    sp_prof_push("frames");
+    status = build_frames(o, comm, p);
+    sp_prof_pop();
+    SP_TRY(status);
+    sp_prof_push("catalog");
+    status = build_catalog(o, p, &cat_hash);
+    sp_prof_pop();
+    SP_TRY(sp_mpi_agree(status, comm));
+    SP_TRY(sp_mpi_agree(build_grid(o, p), comm));
+    uint64_t h = 0xcbf29ce484222325ULL;
+    for (int i = 0; i < p->nframes; i++) {
+        const sp_frame *f = &p->frames[i];
+        h = fnv1a(h, f->path, strlen(f->path));
+        h = fnv1a(h, &f->file_size, sizeof f->file_size);
+        h = fnv1a(h, &f->hdr_checksum, sizeof f->hdr_checksum);
+    }
+    p->inputs_hash = fnv1a(h, &cat_hash, sizeof cat_hash);
+cleanup:
+    return status;
+}
+
+void sp_plan_free(sp_plan *p)
+{
+    sp_catalog *c = &p->cat;
+    free(c->id); free(c->ra); free(c->dec); free(c->x); free(c->y); free(c->type); free(c->type_given);
+    free(c->flux_init); free(c->ell); free(c->theta); free(c->re); free(c->sersic_n); free(c->excl);
+    free(c->cell); free(c->patch); free(c->line); free(c->idbuf);
+    free(p->frames);
+    free(p->bands);
+    free(p->band_nframes);
+    free(p->wcs_header);
+    sp_wcs_free(&p->wcs);
+    free(p->cells);
+    free(p->patches);
+    free(p->patch_src);
+    memset(p, 0, sizeof *p);
+}
+
+static void human_bytes(double b, char *buf, size_t n)
+{
+    if (b >= 1 << 30) snprintf(buf, n, "%.2f GiB", b / (1 << 30));
+    else if (b >= 1 << 20) snprintf(buf, n, "%.1f MiB", b / (1 << 20));
+    else snprintf(buf, n, "%.0f KiB", b / 1024);
+}
+
+void sp_plan_print(const sp_plan *p, FILE *f, int verbose)
+{
+    const sp_catalog *c = &p->cat;
+    fprintf(f, "Tile: %ldx%ld pixels, %.3f arcsec/pixel, %d frame(s) in %d band(s)\n", p->nx, p->ny, p->pixscale,
+            p->nframes, p->nbands);
+    fprintf(f, "%-4s %-10s %-8s %8s %8s %7s %10s %9s %8s  %s\n", "#", "band", "ZP_AUTO", "SKYSIG", "EGAIN", "scale",
+            "SATURATE", "median", "WCSoff", "path");
+    for (int i = 0; i < p->nframes; i++) {
+        const sp_frame *fr = &p->frames[i];
+        fprintf(f, "%-4d %-10s %-8.3f %8.3g %8.3g %7.4f %10.4g %9.4g %8.2g  %s\n", i, fr->band, fr->zp_auto, fr->skysig,
+                fr->egain, fr->scale, fr->saturate, fr->median, fr->wcs_offset_pix, fr->path);
+    }
+    long nexcl[4] = {0, 0, 0, 0};
+    for (long i = 0; i < c->n; i++) {
+        if (c->excl[i] & SP_EXCL_NANCOORD) nexcl[0]++;
+        if (c->excl[i] & SP_EXCL_OUTSIDE) nexcl[1]++;
+        if (c->excl[i] & SP_EXCL_CROP) nexcl[2]++;
+    }
+    long ntype[SP_SRC_NTYPES] = {0};
+    for (long i = 0; i < c->n; i++)
+        if (c->type[i] >= 0 && c->type[i] < SP_SRC_NTYPES) ntype[c->type[i]]++;
+    fprintf(f, "Catalog: %ld sources (STAR %ld, EXP %ld, DEV %ld, SERSIC %ld); excluded: %ld NaN coordinates, %ld "
+               "outside the tile, %ld in the crop margin; %ld active\n",
+            c->n, ntype[0], ntype[1], ntype[2], ntype[3], nexcl[0], nexcl[1], nexcl[2], p->nsrc_active);
+    char mem[32];
+    human_bytes(p->max_cell_mem, mem, sizeof mem);
+    fprintf(f, "Grid: %dx%d ePSF cells x %dx%d patches, halo %d pixels; %d/%d cells and %d/%d patches active; "
+               "largest cell needs ~%s\n",
+            p->opts.epsf_ngrid, p->opts.epsf_ngrid, p->opts.ngrid, p->opts.ngrid, p->halo, p->ncells_active,
+            p->ncells, p->npatches_active, p->npatches, mem);
+    if (verbose) {
+        fprintf(f, "%-5s %-7s %-23s %-23s %7s %9s %10s\n", "cell", "(ix,iy)", "base [x0,x1)x[y0,y1)", "ROI", "sources",
+                "cost", "memory");
+        for (int k = 0; k < p->ncells; k++) {
+            const sp_cell *ce = &p->cells[k];
+            char base[40], roi[40];
+            snprintf(base, sizeof base, "[%ld,%ld)x[%ld,%ld)", ce->bx0, ce->bx1, ce->by0, ce->by1);
+            snprintf(roi, sizeof roi, "[%ld,%ld)x[%ld,%ld)", ce->rx0, ce->rx1, ce->ry0, ce->ry1);
+            human_bytes(ce->mem_bytes, mem, sizeof mem);
+            fprintf(f, "%-5d (%d,%d)   %-23s %-23s %7ld %9.3f %10s%s\n", ce->id, ce->ix, ce->iy, base, roi, ce->nsrc,
+                    ce->cost, mem, ce->active ? "" : "  (skipped: empty)");
+        }
+    }
+}
