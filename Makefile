@@ -44,7 +44,7 @@ ifeq ($(SANITIZE),1)
   BIN  := $(BUILD)/surveyproc
 endif
 
-.PHONY: all deps check check-unit check-slurm demo bench install format clean tests fuzz
+.PHONY: all deps check check-unit check-slurm demo bench bench-fit install format clean tests fuzz
 all: $(BIN) $(LIBA)
 
 deps:
@@ -100,6 +100,13 @@ demo: deps
 bench: deps
 	@$(MAKE) --no-print-directory all
 	@bash scripts/bench.sh
+
+# Dev benchmark of the fitting engine (tests/bench/bench_fit.c; run by hand, not a test).
+bench-fit: $(BUILD)/bench/bench_fit
+$(BUILD)/bench/%: tests/bench/%.c $(LIBA)
+	@mkdir -p $(dir $@)
+	@echo "  LD  $@"
+	@$(CC) $(CFLAGS) $< $(LIBA) $(PKG_LIBS) $(LDFLAGS) -o $@
 
 install: $(BIN) $(LIBA)
 	install -d $(DESTDIR)$(PREFIX)/bin $(DESTDIR)$(PREFIX)/lib $(DESTDIR)$(PREFIX)/include/surveyproc

@@ -181,6 +181,7 @@ typedef struct {
     sp_cfg_coordinator dedicated_coordinator;
     char *blas_coretype;     /* "auto", "none" or an OpenBLAS core name */
     char *fftw_wisdom_file;  /* resolved against work_dir; NULL: no wisdom file */
+    bool allow_oversubscribe; /* run even when ranks x threads > cores of a node (issue 6) */
 } sp_cfg_performance;
 
 typedef struct {

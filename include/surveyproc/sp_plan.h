@@ -14,6 +14,7 @@
 #include <stdint.h>
 #include <stdio.h>
 
+#include "surveyproc/sp_fit.h"
 #include "surveyproc/sp_wcs.h"
 
 #define SP_BAND_MAX 24
@@ -50,7 +51,8 @@ typedef struct {
     double median, rsigma, nan_frac; /* from sampled rows, raw ADU */
 } sp_frame;
 
-enum { SP_SRC_STAR = 0, SP_SRC_EXP = 1, SP_SRC_DEV = 2, SP_SRC_SERSIC = 3, SP_SRC_NTYPES = 4 };
+/* source types (SP_SRC_STAR, SP_SRC_EXP, SP_SRC_DEV, SP_SRC_SERSIC) are the fitter's */
+#define SP_SRC_NTYPES 4
 
 /* exclusion flags of a catalog row */
 enum {

@@ -15,12 +15,5 @@
         return SP_FAIL(SP_ERR_NOTBUILT, "surveyproc " name ": not built yet (" what ")");         \
     }
 
-NOT_BUILT(sp_cmd_run, "run", "the distributed pipeline")
-NOT_BUILT(sp_cmd_plan, "plan", "the dry-run planner")
-NOT_BUILT(sp_cmd_simulate, "simulate", "the synthetic survey generator")
-NOT_BUILT(sp_cmd_config, "config", "config validation and template")
-NOT_BUILT(sp_cmd_export, "export", "catalog export to FITS/CSV")
-NOT_BUILT(sp_cmd_zp, "zp", "zero-point calibration on a store")
-NOT_BUILT(sp_cmd_inspect, "inspect", "store summary")
 NOT_BUILT(sp_cmd_score, "score", "accuracy scoring against truth")
 NOT_BUILT(sp_cmd_qa, "qa", "QA report")

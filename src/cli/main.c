@@ -4,6 +4,7 @@
 #include "surveyproc/sp_error.h"
 #include "surveyproc/sp_log.h"
 #include "surveyproc/sp_prof.h"
+#include "surveyproc/sp_resources.h" /* [issue 6] */
 
 #include <mpi.h>
 #include <stdio.h>
@@ -73,6 +74,9 @@ static void usage(FILE *f)
 
 int main(int argc, char **argv)
 {
+    /* [issue 6] before anything else (OpenBLAS reads OPENBLAS_CORETYPE only at load time):
+     * may re-execute this binary once with the right OpenBLAS kernels */
+    sp_resources_blas_reexec(argc, argv);
     int ai = 1;
     for (; ai < argc && argv[ai][0] == '-'; ai++) {
         const char *a = argv[ai];

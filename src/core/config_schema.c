@@ -160,6 +160,9 @@ const sp_config_key sp_cfg_schema[] = {
     KA("performance.memory_per_rank_mb", performance.memory_per_rank_mb, 0, "auto", 64, 1073741824, "MiB",
        "Memory budget per rank; the planner refuses or shrinks a layout above it. auto: cgroup limit, "
        "SLURM_MEM_PER_CPU or MemAvailable, shared by the node's ranks."),
+    KB("performance.allow_oversubscribe", performance.allow_oversubscribe, 0, "false",
+       "Run even when ranks x threads exceed the cores of a node (the planner refuses such a layout "
+       "otherwise); for tests and shared debug nodes, slower than a fitting layout."),
     KE("performance.dedicated_coordinator", performance.dedicated_coordinator, 0, "auto", v_coord, NULL,
        "always: rank 0 only hands out cells; never: rank 0 fits cells too; auto: decided by job size."),
     KS("performance.blas_coretype", performance.blas_coretype, 0, "\"auto\"",

@@ -1,0 +1,125 @@
+/* sp_store.h — the run's HDF5 store layout (DESIGN §6) on top of sp_h5:
+ *
+ *   /catalog     one row per input source: input columns, exclusion flags,
+ *                aperture photometry and fit columns per band (units as attributes)
+ *   /cells       geometry, sources, status (0 todo, 1 done, 2 failed, 3 skipped), rank, seconds
+ *   /patches     geometry, sources, status, seconds
+ *   /frames      per input frame: path, band, ZP_AUTO, SKYSIG, EGAIN, shape, checksum, stats
+ *   /epsf/<band> [ncell_y, ncell_x, size, size] + <band>_nstars, <band>_fallback
+ *   /zp          per band: ZP, error, stars used / clipped (filled by the zp stage)
+ *   /timing      per rank per region, written at the end of the run
+ *   /provenance  attributes: config (YAML), command, version, git, MPI size, threads, hashes
+ *
+ * Every dataset is created in sp_store_create (collective) and flushed, so a
+ * killed run leaves a valid file; cells then fill rows with independent writes,
+ * catalog rows first and the cell's status last, so a cell marked done is
+ * complete. sp_store_open_resume checks the science-config and inputs hashes.
+ */
+#ifndef SP_STORE_H
+#define SP_STORE_H
+
+#include "surveyproc/sp_h5.h"
+#include "surveyproc/sp_plan.h"
+
+#include <stdint.h>
+
+enum { SP_CELL_TODO = 0, SP_CELL_DONE = 1, SP_CELL_FAILED = 2, SP_CELL_SKIPPED = 3 };
+
+#define SP_STORE_LAYOUT_VERSION 1
+
+/* Per-band catalog column indices. */
+typedef struct {
+    int flux_init, flux_aper, fluxerr_aper, aper_flags;
+    int flux_fit, fluxerr_fit, fluxerr_cond, chi2dof, blend, psf_fallback, mag_fit, magerr_fit;
+} sp_store_bandcols;
+
+/* The /catalog table spec, built from the plan (band names, ID width). */
+typedef struct {
+    int ncol;
+    sp_h5_col *cols;
+    char *names;             /* storage for generated column names */
+    size_t *offsets, rowsize;
+    int nbands;
+    /* fixed columns */
+    int id, ra, dec, x_in, y_in, type, cell, patch, line;
+    int excl_crop, excl_sat, excl_nan, excl_outside, excl_any, excl_reason;
+    int done, x_fit, y_fit, xerr, yerr, ra_fit, dec_fit, re_fit, q_fit, theta_fit, sersic_n;
+    int re_err, q_err, theta_err, niter1, niter2, niter3, converged, hit_maxiter, fit_flags;
+    sp_store_bandcols *band;
+} sp_store_catalog;
+
+int sp_store_catalog_spec(const sp_plan *plan, sp_store_catalog *spec);
+void sp_store_catalog_spec_free(sp_store_catalog *spec);
+
+/* Row buffer helpers: set column c of row r in a buffer of rows. */
+void sp_store_set_f64(const sp_store_catalog *s, void *rows, long r, int c, double v);
+void sp_store_set_i32(const sp_store_catalog *s, void *rows, long r, int c, int v);
+void sp_store_set_u8(const sp_store_catalog *s, void *rows, long r, int c, int v);
+void sp_store_set_str(const sp_store_catalog *s, void *rows, long r, int c, const char *v);
+/* Fill n rows with each column's fill value (NaN, -1, 0, ""). */
+void sp_store_fill_rows(const sp_store_catalog *s, void *rows, long n);
+/* Input columns + exclusion flags of catalog source i into row r. */
+void sp_store_input_row(const sp_store_catalog *s, const sp_plan *plan, long i, void *rows, long r);
+
+/* Cell and patch rows. */
+typedef struct {
+    int32_t id, ix, iy;
+    int64_t bx0, by0, bx1, by1, rx0, ry0, rx1, ry1;
+    int64_t nsrc;
+    uint8_t active;
+    int8_t status;
+    int32_t rank;
+    double seconds, cost, mem_est;
+    int64_t bytes_read;
+} sp_store_cellrow;
+
+typedef struct {
+    int32_t id, cell, ix, iy;
+    int64_t bx0, by0, bx1, by1, rx0, ry0, rx1, ry1;
+    int64_t nsrc, nsrc_roi;
+    uint8_t active;
+    int8_t status;
+    double seconds, chi2dof, resid_rms;
+} sp_store_patchrow;
+
+typedef struct {
+    sp_h5 *h;
+    sp_store_catalog cat;
+    int resumed;
+} sp_store;
+
+typedef struct {
+    const char *config_yaml;
+    const char *command;
+    uint64_t science_hash, inputs_hash;
+    int mpi_size, threads;
+    int epsf_size;      /* stamp size of /epsf/<band> cubes */
+} sp_store_meta;
+
+/* COLLECTIVE. Create the store with every dataset, write the static tables
+ * (frames, cells, patches geometry, provenance, input rows of every source),
+ * flush. The file is written to `path` directly: the layout is valid as soon
+ * as this returns. */
+int sp_store_create(const char *path, const sp_plan *plan, const sp_store_meta *meta, MPI_Comm comm,
+                    sp_store *s);
+
+/* COLLECTIVE. Open an existing store for resume: checks the layout version, the
+ * science hash and the inputs hash (SP_ERR_STATE with what differs), and
+ * returns the status of every cell in cell_status[plan->ncells]. */
+int sp_store_open_resume(const char *path, const sp_plan *plan, const sp_store_meta *meta, MPI_Comm comm,
+                         sp_store *s, int8_t *cell_status);
+
+/* INDEPENDENT. Write catalog rows (rows laid out per s->cat) for sources idx[n]. */
+int sp_store_write_catalog_rows(sp_store *s, const long *idx, long n, const void *rows);
+/* INDEPENDENT. Write one cell's row / a cell's patch rows. */
+int sp_store_write_cell(sp_store *s, const sp_store_cellrow *row);
+int sp_store_write_patches(sp_store *s, const sp_store_patchrow *rows, long n);
+
+/* COLLECTIVE. Close (flush first). */
+int sp_store_close(sp_store *s);
+
+/* The cells / patches table specs (for readers). */
+const sp_h5_col *sp_store_cell_cols(int *ncol);
+const sp_h5_col *sp_store_patch_cols(int *ncol);
+
+#endif

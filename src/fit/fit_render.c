@@ -1,0 +1,213 @@
+/* fit_render.c — unit-flux source models in one image's box, with analytic
+ * derivatives with respect to the geometry (scene position, ln s, eta1, eta2,
+ * Sersic n).
+ *
+ * STAR: the ePSF interpolated at the sub-pixel position (sp_psf_render).
+ * Galaxies, route GMIX: the galaxy mixture (in scene px, mapped to the image
+ * by the affine transform: Sigma_img = A Sigma A^T) convolved analytically
+ * with the Gaussian-mixture fit of the ePSF, evaluated at pixel centres.
+ * Galaxies, route FFT: fit_fft.c.
+ */
+#include "fit_internal.h"
+
+#include "surveyproc/sp_error.h"
+
+#include <math.h>
+#include <stdint.h>
+#include <string.h>
+
+/* S' = A S A^T for symmetric 2x2 S = (xx, xy, yy), A = [[a0, a1], [a3, a4]]. */
+static void sym_transform(const double *aff, const double S[3], double out[3])
+{
+    double a = aff[0], b = aff[1], c = aff[3], d = aff[4];
+    /* M = A S */
+    double m00 = a * S[0] + b * S[1], m01 = a * S[1] + b * S[2];
+    double m10 = c * S[0] + d * S[1], m11 = c * S[1] + d * S[2];
+    out[0] = m00 * a + m01 * b;
+    out[1] = m00 * c + m01 * d;
+    out[2] = m10 * c + m11 * d;
+}
+
+/* exp(y) for y in [-40, 0] (no clamp, so the loops vectorise): y = n ln2 + r, |r| <= ln2/2, degree-11 Taylor
+ * polynomial (relative error < 2e-15 over the range), 2^n from the exponent
+ * bits. Branch-free, so the row loops below vectorise. */
+static inline double exp_neg(double y) /* callers guarantee y >= -40 */
+{
+    const double l2e = 1.4426950408889634, ln2hi = 6.93147180369123816490e-01, ln2lo = 1.90821492927058770002e-10;
+    const double shifter = 6755399441055744.0; /* 1.5 * 2^52: t's low mantissa bits hold round(y l2e) */
+    double t = y * l2e + shifter;
+    double n = t - shifter;
+    double r = (y - n * ln2hi) - n * ln2lo;
+    double p = 1.0 / 39916800.0;
+    p = p * r + 1.0 / 3628800.0;
+    p = p * r + 1.0 / 362880.0;
+    p = p * r + 1.0 / 40320.0;
+    p = p * r + 1.0 / 5040.0;
+    p = p * r + 1.0 / 720.0;
+    p = p * r + 1.0 / 120.0;
+    p = p * r + 1.0 / 24.0;
+    p = p * r + 1.0 / 6.0;
+    p = p * r + 0.5;
+    p = p * r + 1.0;
+    p = p * r + 1.0;
+    uint64_t ti, si;
+    memcpy(&ti, &t, sizeof ti);
+    si = (ti + 1023u) << 52;
+    double sc;
+    memcpy(&sc, &si, sizeof sc);
+    return p * sc;
+}
+
+#define ROWMAX 512 /* box rows are at most 2 * box_max_half + 1 (<= 257) */
+
+static int is_identity(const double *aff)
+{
+    return aff[0] == 1.0 && aff[1] == 0.0 && aff[3] == 0.0 && aff[4] == 1.0;
+}
+
+static void render_star(const sp_fit_image *img, const fit_geom *g, const fit_box *b, double *m,
+                        double *const dm[P_MAX])
+{
+    const double *a = img->aff;
+    double u = a[0] * g->p[P_X] + a[1] * g->p[P_Y] + a[2];
+    double v = a[3] * g->p[P_X] + a[4] * g->p[P_Y] + a[5];
+    double *du = dm[P_X], *dv = dm[P_Y];
+    sp_psf_render(img->psf, u - b->bx0, v - b->by0, b->bw, b->bh, m, du, dv);
+    const int n = b->bw * b->bh;
+    const double fs = img->flux_scale;
+    if (du && dv && !is_identity(a)) {
+        for (int k = 0; k < n; k++) {
+            double gu = du[k], gv = dv[k];
+            du[k] = a[0] * gu + a[3] * gv;
+            dv[k] = a[1] * gu + a[4] * gv;
+        }
+    }
+    if (fs != 1.0) {
+        for (int k = 0; k < n; k++) m[k] *= fs;
+        if (du)
+            for (int k = 0; k < n; k++) du[k] *= fs;
+        if (dv)
+            for (int k = 0; k < n; k++) dv[k] *= fs;
+    }
+}
+
+/* Built for AVX2 / AVX-512 too, dispatched at run time (the row loops are
+ * vectorised with #pragma omp simd). */
+__attribute__((target_clones("arch=x86-64-v4", "arch=x86-64-v3", "default"))) static void
+render_gal_gmix(const sp_fit_image *img, const psf_mix *pm, const fit_geom *g, const fit_box *b,
+                            double *m, double *const dm[P_MAX])
+{
+    const double *a = img->aff;
+    const int bw = b->bw, bh = b->bh, n = bw * bh;
+    const double u = a[0] * g->p[P_X] + a[1] * g->p[P_Y] + a[2] - b->bx0;
+    const double v = a[3] * g->p[P_X] + a[4] * g->p[P_Y] + a[5] - b->by0;
+    double S0[3], dS0[3][3], Si[3], dSi[3][3];
+    fit_shape_matrix(g->p[P_LNS], g->p[P_E1], g->p[P_E2], S0, dS0);
+    sym_transform(a, S0, Si);
+    for (int p = 0; p < 3; p++) sym_transform(a, dS0[p], dSi[p]);
+    const int want_pos = dm[P_X] != NULL || dm[P_Y] != NULL;
+    const int want_sh[3] = {dm[P_LNS] != NULL, dm[P_E1] != NULL, dm[P_E2] != NULL};
+    const int want_n = dm[P_N] != NULL && g->type == SP_SRC_SERSIC;
+    memset(m, 0, sizeof(double) * (size_t)n);
+    for (int j = 0; j < P_MAX; j++)
+        if (dm[j]) memset(dm[j], 0, sizeof(double) * (size_t)n);
+    const gal_profile *pr = &g->prof;
+    const double fs = img->flux_scale;
+    for (int k = 0; k < pr->k; k++) {
+        for (int c = 0; c < pm->k; c++) {
+            const double amp = pr->amp[k] * pm->amp[c] * fs;
+            const double damp = pr->damp[k] * pm->amp[c] * fs;
+            if (amp == 0.0 && !(want_n && damp != 0.0)) continue;
+            const double vk = pr->var[k];
+            const double cxx = vk * Si[0] + pm->cxx[c], cxy = vk * Si[1] + pm->cxy[c],
+                         cyy = vk * Si[2] + pm->cyy[c];
+            const double det = cxx * cyy - cxy * cxy;
+            if (!(det > 0.0)) continue;
+            const double ixx = cyy / det, ixy = -cxy / det, iyy = cxx / det;
+            const double norm = 1.0 / (2.0 * M_PI * sqrt(det));
+            const double cx = u + pm->mx[c], cy = v + pm->my[c];
+            /* dC/dp = vk dSi[p]; tr(C^-1 dC) */
+            double dC[4][3], tr[4];
+            for (int p = 0; p < 3; p++) {
+                for (int t = 0; t < 3; t++) dC[p][t] = vk * dSi[p][t];
+                tr[p] = ixx * dC[p][0] + 2.0 * ixy * dC[p][1] + iyy * dC[p][2];
+            }
+            const double dvk = pr->dvar[k];
+            for (int t = 0; t < 3; t++) dC[3][t] = dvk * Si[t];
+            tr[3] = ixx * dC[3][0] + 2.0 * ixy * dC[3][1] + iyy * dC[3][2];
+            /* only the pixels inside the ellipse q <= 60 (below e^-30 outside):
+             * rows within +-sqrt(60 cyy), and per row the exact x interval */
+            const double QMAX = 60.0;
+            int y0 = (int)ceil(cy - sqrt(QMAX * cyy)), y1 = (int)floor(cy + sqrt(QMAX * cyy));
+            if (y0 < 0) y0 = 0;
+            if (y1 > bh - 1) y1 = bh - 1;
+            for (int py = y0; py <= y1; py++) {
+                const double dy = py - cy;
+                /* ixx dx^2 + 2 ixy dy dx + iyy dy^2 - QMAX <= 0 */
+                const double bq = ixy * dy, disc = bq * bq - ixx * (iyy * dy * dy - QMAX);
+                if (disc < 0.0) continue;
+                const double sq = sqrt(disc);
+                int x0 = (int)ceil(cx + (-bq - sq) / ixx), x1 = (int)floor(cx + (-bq + sq) / ixx);
+                if (x0 < 0) x0 = 0;
+                if (x1 > bw - 1) x1 = bw - 1;
+                if (x1 < x0) continue;
+                const int len = x1 - x0 + 1;
+                double ev[ROWMAX], gxv[ROWMAX], gyv[ROWMAX];
+                /* pass 1: Gaussian value and C^-1 d along the row segment */
+#pragma omp simd
+                for (int t = 0; t < len; t++) {
+                    const double dx = x0 + t - cx;
+                    const double Gx = ixx * dx + ixy * dy, Gy = ixy * dx + iyy * dy;
+                    gxv[t] = Gx;
+                    gyv[t] = Gy;
+                    ev[t] = norm * exp_neg(-0.5 * (dx * Gx + dy * Gy));
+                }
+                double *mrow = m + (size_t)py * bw + x0;
+#pragma omp simd
+                for (int t = 0; t < len; t++) mrow[t] += amp * ev[t];
+                const size_t o0 = (size_t)py * bw + x0;
+                if (want_pos) {
+                    double *dxr = dm[P_X] ? dm[P_X] + o0 : NULL, *dyr = dm[P_Y] ? dm[P_Y] + o0 : NULL;
+                    const double ax = amp * a[0], bx = amp * a[3], ay = amp * a[1], by = amp * a[4];
+                    if (dxr) {
+#pragma omp simd
+                        for (int t = 0; t < len; t++) dxr[t] += ev[t] * (ax * gxv[t] + bx * gyv[t]);
+                    }
+                    if (dyr) {
+#pragma omp simd
+                        for (int t = 0; t < len; t++) dyr[t] += ev[t] * (ay * gxv[t] + by * gyv[t]);
+                    }
+                }
+                for (int p = 0; p < 3; p++) {
+                    if (!want_sh[p]) continue;
+                    double *r = dm[P_LNS + p] + o0;
+                    const double c0 = dC[p][0], c1 = 2.0 * dC[p][1], c2 = dC[p][2], tp = tr[p], h = 0.5 * amp;
+#pragma omp simd
+                    for (int t = 0; t < len; t++)
+                        r[t] += h * ev[t] * (gxv[t] * gxv[t] * c0 + gxv[t] * gyv[t] * c1 + gyv[t] * gyv[t] * c2 - tp);
+                }
+                if (want_n) {
+                    double *r = dm[P_N] + o0;
+                    const double c0 = dC[3][0], c1 = 2.0 * dC[3][1], c2 = dC[3][2], tp = tr[3], h = 0.5 * amp;
+#pragma omp simd
+                    for (int t = 0; t < len; t++)
+                        r[t] += damp * ev[t] +
+                                h * ev[t] * (gxv[t] * gxv[t] * c0 + gxv[t] * gyv[t] * c1 + gyv[t] * gyv[t] * c2 - tp);
+                }
+            }
+        }
+    }
+}
+
+int fit_render(const sp_fit_image *img, psf_cache_entry *pc, int conv, const fit_geom *g, const fit_box *b,
+               double *m, double *const dm[P_MAX], fit_fft_scratch *fs)
+{
+    if (b->bw <= 0 || b->bh <= 0) return SP_OK;
+    if (g->type == SP_SRC_STAR) {
+        render_star(img, g, b, m, dm);
+        return SP_OK;
+    }
+    if (conv == SP_FIT_CONV_FFT) return fit_render_gal_fft(img, pc, g, b, m, dm, fs);
+    render_gal_gmix(img, &pc->mix, g, b, m, dm);
+    return SP_OK;
+}

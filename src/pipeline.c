@@ -1,0 +1,699 @@
+/* pipeline.c — the run: config -> plan -> store -> cells -> finish, and the
+ * per-cell stage table. Reading the two tables below tells the flow. */
+#include "surveyproc/sp_pipeline.h"
+#include "surveyproc/sp_aperture.h"
+#include "surveyproc/sp_coord.h"
+#include "surveyproc/sp_error.h"
+#include "surveyproc/sp_export.h" /* [issue 10] */
+#include "surveyproc/sp_fits.h"
+#include "surveyproc/sp_log.h"
+#include "surveyproc/sp_mpi.h"
+#include "surveyproc/sp_plan.h"
+#include "surveyproc/sp_prep.h"
+#include "surveyproc/sp_prof.h"
+#include "surveyproc/sp_resources.h" /* [issue 6] */
+#include "surveyproc/sp_store.h"
+#include "surveyproc/sp_zp.h" /* [issue 10] */
+
+#include <errno.h>
+#include <math.h>
+#include <omp.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <sys/stat.h>
+#include <unistd.h>
+
+/* ---- run state -------------------------------------------------------------------- */
+
+typedef struct {
+    const sp_config *cfg;
+    const sp_plan *plan;
+    sp_store *store;
+    MPI_Comm comm;
+    int rank, nranks;
+    int threads, prep_threads, white_threads;
+    sp_progress progress;
+    long ncells_todo, ncells_done;
+    double bytes_read;
+} run_t;
+
+/* ---- one cell ---------------------------------------------------------------------- */
+
+typedef struct {
+    run_t *run;
+    const sp_cell *cell;
+    long x0, y0, nx, ny;         /* ROI in tile pixels */
+    size_t npix;
+    float **data, **ivar;        /* per band, ROI-sized */
+    uint8_t **mask;
+    float *white, *white_ivar;
+    long *src;                   /* base sources of the cell (catalog indices) */
+    long nsrc;
+    unsigned *excl;              /* exclusion flags of src[] (plan's + saturation) */
+    sp_aper_result *aper;        /* nsrc * nbands */
+    double bytes_read;
+} cell_t;
+
+static int stage_io_prep(cell_t *c)
+{
+    int status = SP_OK;
+    run_t *r = c->run;
+    const sp_plan *p = r->plan;
+    int nb = p->nbands, maxf = 1;
+    float *raw = NULL, **fd = NULL, **fi = NULL;
+    uint8_t **fm = NULL;
+    double *wsky = NULL;
+    sp_fits *f = NULL;
+    for (int b = 0; b < nb; b++)
+        if (p->band_nframes[b] > maxf) maxf = p->band_nframes[b];
+    SP_ALLOC(raw, c->npix);
+    SP_ALLOC(fd, maxf);
+    SP_ALLOC(fi, maxf);
+    SP_ALLOC(fm, maxf);
+    SP_ALLOC(wsky, maxf);
+    for (int k = 0; k < maxf; k++) {
+        SP_ALLOC(fd[k], c->npix);
+        SP_ALLOC(fi[k], c->npix);
+        SP_ALLOC(fm[k], c->npix);
+    }
+    for (int b = 0; b < nb; b++) {
+        int nf = 0;
+        for (int i = 0; i < p->nframes; i++) {
+            const sp_frame *fr = &p->frames[i];
+            if (fr->band_index != b) continue;
+            /* the ROI of this frame only: never the whole frame */
+            sp_prof_push("io");
+            status = sp_fits_open(fr->path, &f);
+            if (status == SP_OK) status = sp_fits_read_subset(f, c->x0, c->y0, c->nx, c->ny, raw);
+            sp_fits_close(&f);
+            sp_prof_bytes((double)c->npix * 4.0);
+            sp_prof_pop();
+            SP_TRY(status);
+            c->bytes_read += (double)c->npix * 4.0;
+            sp_prof_push("prep");
+            sp_prep_params pp = {.scale = fr->scale, .skysig = fr->skysig, .egain = fr->egain,
+                                 .saturate = fr->saturate,
+                                 .sat_level_frac = r->cfg->image_scaling.saturation_fraction};
+            double sky = 0;
+            status = sp_prep_frame(raw, c->npix, &pp, fd[nf], fm[nf], &sky, r->prep_threads);
+            if (status == SP_OK) status = sp_prep_ivar(fd[nf], fm[nf], c->npix, &pp, sky, NULL, fi[nf], r->prep_threads);
+            wsky[nf] = 1.0 / (fr->skysig * fr->scale * fr->skysig * fr->scale);
+            sp_prof_pop();
+            SP_TRY(status);
+            nf++;
+            sp_coord_poll();
+        }
+        if (nf == 1) {
+            /* one frame: it is the band image (swap buffers, no copy) */
+            float *t = c->data[b]; c->data[b] = fd[0]; fd[0] = t;
+            t = c->ivar[b]; c->ivar[b] = fi[0]; fi[0] = t;
+            uint8_t *m = c->mask[b]; c->mask[b] = fm[0]; fm[0] = m;
+        } else {
+            sp_prof_push("coadd");
+            status = sp_prep_coadd(nf, (const float *const *)fd, (const float *const *)fi, (const uint8_t *const *)fm,
+                                   wsky, c->npix, c->data[b], c->ivar[b], c->mask[b], r->prep_threads);
+            sp_prof_pop();
+            SP_TRY(status);
+        }
+    }
+cleanup:
+    sp_fits_close(&f);
+    for (int k = 0; k < maxf && fd; k++) {
+        free(fd[k]);
+        free(fi[k]);
+        free(fm[k]);
+    }
+    free(fd);
+    free(fi);
+    free(fm);
+    free(wsky);
+    free(raw);
+    return status;
+}
+
+static int stage_white(cell_t *c)
+{
+    const sp_plan *p = c->run->plan;
+    return sp_prep_white(p->nbands, (const float *const *)c->data, (const float *const *)c->ivar, (size_t)c->nx,
+                         (size_t)c->ny, c->white, c->white_ivar, c->run->white_threads);
+}
+
+/* Sources with saturated pixels within radius_pix (in any band, or all bands if
+ * require_all_bands) are excluded: their model would be fitted to clipped data. */
+static int stage_saturation(cell_t *c)
+{
+    const sp_config *cfg = c->run->cfg;
+    const sp_plan *p = c->run->plan;
+    if (!cfg->source_saturation_cut.enabled) return SP_OK;
+    double rad = cfg->source_saturation_cut.radius_pix;
+    int need = cfg->source_saturation_cut.min_saturated_pixels;
+    for (long k = 0; k < c->nsrc; k++) {
+        long i = c->src[k];
+        double xs = p->cat.x[i] - c->x0, ys = p->cat.y[i] - c->y0;
+        long xa = (long)floor(xs - rad), xb = (long)ceil(xs + rad);
+        long ya = (long)floor(ys - rad), yb = (long)ceil(ys + rad);
+        int bands_hit = 0;
+        for (int b = 0; b < p->nbands; b++) {
+            int nsat = 0;
+            for (long y = ya < 0 ? 0 : ya; y <= yb && y < c->ny; y++)
+                for (long x = xa < 0 ? 0 : xa; x <= xb && x < c->nx; x++) {
+                    if ((x - xs) * (x - xs) + (y - ys) * (y - ys) > rad * rad) continue;
+                    nsat += (c->mask[b][y * c->nx + x] & SP_PIX_SAT) != 0;
+                }
+            bands_hit += nsat >= need;
+        }
+        int hit = cfg->source_saturation_cut.require_all_bands ? bands_hit == p->nbands : bands_hit > 0;
+        if (hit) c->excl[k] |= SP_EXCL_SATURATION;
+    }
+    return SP_OK;
+}
+
+static int stage_aperture(cell_t *c)
+{
+    int status = SP_OK;
+    const sp_config *cfg = c->run->cfg;
+    const sp_plan *p = c->run->plan;
+    double r_ap = cfg->patch_run.r_ap, rin = cfg->epsf.star_local_bkg_annulus_rin_pix,
+           rout = cfg->epsf.star_local_bkg_annulus_rout_pix;
+    size_t ns = sp_aper_scratch_size(rout);
+    int nb = p->nbands;
+#pragma omp parallel num_threads(c->run->threads)
+    {
+        float *scratch = malloc(ns * sizeof *scratch);
+        if (!scratch) {
+#pragma omp atomic write
+            status = SP_ERR_NOMEM;
+        }
+#pragma omp for schedule(dynamic, 16)
+        for (long k = 0; k < c->nsrc; k++) {
+            if (!scratch) continue;
+            long i = c->src[k];
+            for (int b = 0; b < nb; b++)
+                sp_aper_measure(c->data[b], c->ivar[b], c->nx, c->ny, p->cat.x[i] - c->x0, p->cat.y[i] - c->y0, r_ap,
+                                rin, rout, scratch, &c->aper[k * nb + b]);
+        }
+        free(scratch);
+    }
+    if (status != SP_OK) return SP_FAIL(status, "out of memory in aperture photometry");
+    return SP_OK;
+}
+
+static int stage_write(cell_t *c)
+{
+    int status = SP_OK;
+    run_t *r = c->run;
+    const sp_plan *p = r->plan;
+    const sp_store_catalog *s = &r->store->cat;
+    void *rows = NULL;
+    SP_ALLOC(rows, (size_t)(c->nsrc > 0 ? c->nsrc : 1) * s->rowsize);
+    sp_store_fill_rows(s, rows, c->nsrc);
+    for (long k = 0; k < c->nsrc; k++) {
+        long i = c->src[k];
+        sp_store_input_row(s, p, i, rows, k);
+        unsigned e = c->excl[k];
+        sp_store_set_u8(s, rows, k, s->excl_sat, !!(e & SP_EXCL_SATURATION));
+        sp_store_set_u8(s, rows, k, s->excl_any, e != 0);
+        if (e & SP_EXCL_SATURATION) sp_store_set_str(s, rows, k, s->excl_reason, "saturation");
+        sp_store_set_u8(s, rows, k, s->done, 1);
+        for (int b = 0; b < p->nbands; b++) {
+            const sp_aper_result *a = &c->aper[k * p->nbands + b];
+            sp_store_set_f64(s, rows, k, s->band[b].flux_aper, a->flux);
+            sp_store_set_f64(s, rows, k, s->band[b].fluxerr_aper, a->fluxerr);
+            sp_store_set_i32(s, rows, k, s->band[b].aper_flags, a->flags);
+        }
+    }
+    SP_TRY(sp_store_write_catalog_rows(r->store, c->src, c->nsrc, rows));
+cleanup:
+    free(rows);
+    return status;
+}
+
+/* The per-cell stage table: name (profiling region), function. */
+static const struct {
+    const char *name;
+    int (*run)(cell_t *);
+} cell_stages[] = {
+    {"read+prep", stage_io_prep}, /* ROI reads (cfitsio subsets), scaling, masks, noise, coadd */
+    {"white", stage_white},       /* inverse-variance white stack */
+    {"sat", stage_saturation},    /* saturation exclusion per source */
+    {"aper", stage_aperture},     /* forced aperture photometry at the catalog positions */
+    {"write", stage_write},       /* catalog rows of the cell's sources */
+};
+
+static void cell_free(cell_t *c, int nb)
+{
+    for (int b = 0; b < nb; b++) {
+        if (c->data) free(c->data[b]);
+        if (c->ivar) free(c->ivar[b]);
+        if (c->mask) free(c->mask[b]);
+    }
+    free(c->data);
+    free(c->ivar);
+    free(c->mask);
+    free(c->white);
+    free(c->white_ivar);
+    free(c->src);
+    free(c->excl);
+    free(c->aper);
+}
+
+static int process_cell(int cid, void *arg)
+{
+    int status = SP_OK;
+    run_t *r = arg;
+    const sp_plan *p = r->plan;
+    const sp_cell *ce = &p->cells[cid];
+    int nb = p->nbands;
+    double t0 = sp_wtime();
+    cell_t c = {.run = r, .cell = ce};
+    c.x0 = ce->rx0;
+    c.y0 = ce->ry0;
+    c.nx = ce->rx1 - ce->rx0;
+    c.ny = ce->ry1 - ce->ry0;
+    c.npix = (size_t)c.nx * (size_t)c.ny;
+    SP_ALLOC(c.data, nb);
+    SP_ALLOC(c.ivar, nb);
+    SP_ALLOC(c.mask, nb);
+    for (int b = 0; b < nb; b++) {
+        SP_ALLOC(c.data[b], c.npix);
+        SP_ALLOC(c.ivar[b], c.npix);
+        SP_ALLOC(c.mask[b], c.npix);
+    }
+    SP_ALLOC(c.white, c.npix);
+    SP_ALLOC(c.white_ivar, c.npix);
+    SP_ALLOC(c.src, ce->nsrc + 1);
+    SP_ALLOC(c.excl, ce->nsrc + 1);
+    SP_ALLOC(c.aper, (ce->nsrc + 1) * nb);
+    for (int j = 0; j < ce->npatch; j++) {
+        const sp_patch *pt = &p->patches[ce->patch0 + j];
+        for (long k = 0; k < pt->nsrc; k++) {
+            c.src[c.nsrc] = p->patch_src[pt->src0 + k];
+            c.excl[c.nsrc] = p->cat.excl[c.src[c.nsrc]];
+            c.nsrc++;
+        }
+    }
+    sp_prof_push("cells");
+    for (size_t k = 0; k < sizeof cell_stages / sizeof cell_stages[0] && status == SP_OK; k++) {
+        sp_prof_push(cell_stages[k].name);
+        status = cell_stages[k].run(&c);
+        sp_prof_pop();
+        sp_coord_poll();
+    }
+    sp_prof_pop();
+    if (status != SP_OK) {
+        sp_err_context("cell %d (x %ld-%ld, y %ld-%ld)", cid, ce->bx0, ce->bx1, ce->by0, ce->by1);
+        goto cleanup;
+    }
+    /* the cell's status goes last: a cell marked done has all its rows */
+    sp_store_cellrow row = {.id = ce->id, .ix = ce->ix, .iy = ce->iy, .bx0 = ce->bx0, .by0 = ce->by0,
+                            .bx1 = ce->bx1, .by1 = ce->by1, .rx0 = ce->rx0, .ry0 = ce->ry0, .rx1 = ce->rx1,
+                            .ry1 = ce->ry1, .nsrc = ce->nsrc, .active = 1, .status = SP_CELL_DONE,
+                            .rank = r->rank, .seconds = sp_wtime() - t0, .cost = ce->cost,
+                            .mem_est = ce->mem_bytes, .bytes_read = (int64_t)c.bytes_read};
+    sp_prof_push("write");
+    status = sp_store_write_cell(r->store, &row);
+    sp_prof_pop();
+    r->bytes_read += c.bytes_read;
+cleanup:
+    cell_free(&c, nb);
+    return status;
+}
+
+static void on_cell_done(int cell, int rank, double seconds, void *arg)
+{
+    run_t *r = arg;
+    (void)cell;
+    (void)rank;
+    (void)seconds;
+    r->ncells_done++;
+    sp_progress_update(&r->progress, r->ncells_done);
+}
+
+/* ---- config ------------------------------------------------------------------------ */
+
+int sp_pipeline_load_config(const char *path, int nsets, char **sets, sp_config *cfg, char **yaml_text)
+{
+    int status = SP_OK, rank = sp_mpi_rank();
+    char *text = NULL, *dir = NULL;
+    size_t len = 0, dlen = 0;
+    memset(cfg, 0, sizeof *cfg);
+    if (rank == 0) status = sp_config_read_file(path, &text, &dir);
+    SP_TRY(sp_mpi_agree(status, MPI_COMM_WORLD));
+    if (rank == 0) {
+        len = strlen(text);
+        dlen = strlen(dir);
+    }
+    SP_TRY(sp_mpi_bcast_bytes(&text, &len, 0, MPI_COMM_WORLD));
+    SP_TRY(sp_mpi_bcast_bytes(&dir, &dlen, 0, MPI_COMM_WORLD));
+    status = sp_config_load_string(text, path, dir, cfg);
+    for (int i = 0; i < nsets && status == SP_OK; i++) {
+        char key[256];
+        const char *eq = strchr(sets[i], '=');
+        if (!eq || (size_t)(eq - sets[i]) >= sizeof key) {
+            status = SP_FAIL(SP_ERR_CONFIG, "--set %s: expected key=value", sets[i]);
+            break;
+        }
+        memcpy(key, sets[i], (size_t)(eq - sets[i]));
+        key[eq - sets[i]] = '\0';
+        status = sp_config_set(cfg, key, eq + 1);
+    }
+    if (status == SP_OK && nsets > 0) status = sp_config_validate(cfg);
+    if (status == SP_OK) status = sp_config_resolve_paths(cfg, dir);
+    if (status == SP_OK) status = sp_config_check_inputs(cfg);
+    if (status == SP_OK && yaml_text) status = sp_config_to_yaml_string(cfg, yaml_text);
+    SP_TRY(sp_mpi_agree(status, MPI_COMM_WORLD));
+cleanup:
+    free(text);
+    free(dir);
+    if (status != SP_OK) sp_config_free(cfg);
+    return status;
+}
+
+static void plan_opts_from_config(const sp_config *cfg, int threads, sp_plan_opts *o)
+{
+    memset(o, 0, sizeof *o);
+    snprintf(o->image_list, sizeof o->image_list, "%s", cfg->inputs.image_list_file);
+    snprintf(o->input_catalog, sizeof o->input_catalog, "%s", cfg->inputs.input_catalog);
+    o->zp_ref = cfg->image_scaling.zp_ref;
+    o->crop_margin = cfg->crop.enabled ? cfg->crop.margin : 0;
+    /* alignment in pixels: the seed's CRPIX tolerance is the natural pixel scale of the check */
+    o->wcs_tolerance = cfg->checks.require_wcs_alignment ? cfg->checks.wcs_tolerance.crpix : INFINITY;
+    o->epsf_ngrid = cfg->epsf.epsf_ngrid;
+    o->ngrid = cfg->epsf.ngrid;
+    o->psf_size = cfg->epsf.final_psf_size;
+    o->halo_pix_min = cfg->patches.halo_pix_min;
+    o->skip_empty_cells = cfg->epsf.skip_empty_epsf_patches;
+    o->skip_empty_patches = cfg->patch_inputs.skip_empty_patch;
+    switch (cfg->patch_run.gal_model) {
+    case SP_CFG_GAL_DEV: o->gal_model = SP_SRC_DEV; break;
+    case SP_CFG_GAL_SERSIC: o->gal_model = SP_SRC_SERSIC; break;
+    case SP_CFG_GAL_STAR: o->gal_model = SP_SRC_STAR; break;
+    default: o->gal_model = SP_SRC_EXP; break;
+    }
+    o->threads = threads;
+}
+
+/* [issue 6] threads per rank: decided by the resource planner (sp_resources_setup). */
+
+static int mkdir_p(const char *dir)
+{
+    char buf[SP_PATH_MAX];
+    snprintf(buf, sizeof buf, "%s", dir);
+    for (char *p = buf + 1; *p; p++) {
+        if (*p != '/') continue;
+        *p = '\0';
+        if (mkdir(buf, 0777) != 0 && errno != EEXIST)
+            return SP_FAIL(SP_ERR_IO, "%s: cannot create directory: %s", buf, strerror(errno));
+        *p = '/';
+    }
+    if (mkdir(buf, 0777) != 0 && errno != EEXIST)
+        return SP_FAIL(SP_ERR_IO, "%s: cannot create directory (outputs.work_dir): %s", buf, strerror(errno));
+    return SP_OK;
+}
+
+/* ---- timing ------------------------------------------------------------------------ */
+
+typedef struct {
+    int32_t rank;
+    char region[128];
+    int64_t calls;
+    double wall, own, cpu, bytes;
+} timing_row;
+
+static const sp_h5_col timing_cols[] = {
+    {"rank", SP_H5_I32, 0, "", "MPI rank", 0, 0},
+    {"region", SP_H5_STR, 128, "", "timing region path (parent/child)", 0, 0},
+    {"calls", SP_H5_I64, 0, "", "times the region was entered", 0, 0},
+    {"wall", SP_H5_F64, 0, "s", "wall seconds, children included", 0, 0},
+    {"own", SP_H5_F64, 0, "s", "wall seconds minus children", 0, 0},
+    {"cpu", SP_H5_F64, 0, "s", "process CPU seconds (all threads)", 0, 0},
+    {"bytes", SP_H5_F64, 0, "byte", "bytes read or written in the region", 0, 0},
+};
+
+typedef struct {
+    int32_t rank;
+    double wall, busy, idle, overhead;
+    int64_t cells;
+    double peak_rss, bytes_read;
+    int32_t threads;
+} rank_row;
+
+static const sp_h5_col rank_cols[] = {
+    {"rank", SP_H5_I32, 0, "", "MPI rank", 0, 0},
+    {"wall", SP_H5_F64, 0, "s", "seconds in the cell phase", 0, 0},
+    {"busy", SP_H5_F64, 0, "s", "seconds processing cells", 0, 0},
+    {"idle", SP_H5_F64, 0, "s", "seconds waiting for work", 0, 0},
+    {"overhead", SP_H5_F64, 0, "s", "rank 0: seconds answering workers", 0, 0},
+    {"cells", SP_H5_I64, 0, "", "cells processed", 0, 0},
+    {"peak_rss", SP_H5_F64, 0, "byte", "peak resident memory", 0, 0},
+    {"bytes_read", SP_H5_F64, 0, "byte", "FITS pixel bytes read", 0, 0},
+    {"threads", SP_H5_I32, 0, "", "OpenMP threads", 0, 0},
+};
+
+static int write_timing(run_t *r, const sp_coord_stats *st, double *imbalance)
+{
+    int status = SP_OK;
+    sp_prof_row *pr = NULL;
+    timing_row *tr = NULL;
+    int npr = 0, *counts = NULL;
+    SP_TRY(sp_prof_rows(&pr, &npr));
+    SP_ALLOC(tr, npr + 1);
+    for (int i = 0; i < npr; i++) {
+        tr[i].rank = r->rank;
+        snprintf(tr[i].region, sizeof tr[i].region, "%s", pr[i].path);
+        tr[i].calls = pr[i].calls;
+        tr[i].wall = pr[i].wall;
+        tr[i].own = pr[i].own;
+        tr[i].cpu = pr[i].cpu;
+        tr[i].bytes = pr[i].bytes;
+    }
+    SP_ALLOC(counts, r->nranks);
+    MPI_Allgather(&npr, 1, MPI_INT, counts, 1, MPI_INT, r->comm);
+    long total = 0, mine = 0;
+    for (int k = 0; k < r->nranks; k++) {
+        if (k < r->rank) mine += counts[k];
+        total += counts[k];
+    }
+    sp_h5 *h = r->store->h;
+    /* a resumed run replaces the timing of the run before it */
+    int had_timing = 0;
+    SP_TRY(sp_h5_exists(h, "/timing", &had_timing));
+    if (had_timing) SP_TRY(sp_h5_delete(h, "/timing"));
+    SP_TRY(sp_h5_group_create(h, "/timing"));
+    SP_TRY(sp_h5_table_create(h, "/timing/regions", timing_cols, 7, total));
+    SP_TRY(sp_h5_table_create(h, "/timing/ranks", rank_cols, 9, r->nranks));
+    status = sp_h5_table_write(h, "/timing/regions", timing_cols, 7, mine, npr, tr);
+    rank_row rr = {.rank = r->rank, .wall = st->wall, .busy = st->busy, .idle = st->idle, .overhead = st->overhead,
+                   .cells = st->cells, .peak_rss = sp_prof_peak_rss(), .bytes_read = r->bytes_read,
+                   .threads = r->threads};
+    if (status == SP_OK) status = sp_h5_table_write(h, "/timing/ranks", rank_cols, 9, r->rank, 1, &rr);
+    SP_TRY(sp_mpi_agree(status, r->comm));
+    double busy_max = 0, busy_sum = 0;
+    MPI_Allreduce(&st->busy, &busy_max, 1, MPI_DOUBLE, MPI_MAX, r->comm);
+    MPI_Allreduce(&st->busy, &busy_sum, 1, MPI_DOUBLE, MPI_SUM, r->comm);
+    /* ranks that only coordinate have no busy time; exclude them from the mean */
+    int working = st->cells > 0, nworking = 0;
+    MPI_Allreduce(&working, &nworking, 1, MPI_INT, MPI_SUM, r->comm);
+    *imbalance = busy_sum > 0 && nworking > 0 ? busy_max / (busy_sum / nworking) : 1.0;
+    SP_TRY(sp_h5_attr_set_double(h, "/timing", "load_imbalance", *imbalance));
+cleanup:
+    free(pr);
+    free(tr);
+    free(counts);
+    return status;
+}
+
+/* ---- the run ------------------------------------------------------------------------ */
+
+static int cmp_cost_desc(const void *a, const void *b, void *arg)
+{
+    const sp_plan *p = arg;
+    const sp_cell *x = &p->cells[*(const int *)a], *y = &p->cells[*(const int *)b];
+    if (x->cost != y->cost) return x->cost < y->cost ? 1 : -1;
+    return x->id - y->id;
+}
+
+int sp_pipeline_run(const sp_run_opts *o, int *agreed)
+{
+    int status = SP_OK;
+    sp_config cfg;
+    sp_plan plan;
+    sp_store store;
+    char *yaml = NULL;
+    int8_t *cstat = NULL;
+    int *order = NULL;
+    int have_cfg = 0, have_plan = 0, have_store = 0;
+    run_t r = {0};
+    sp_resources res; /* [issue 6] */
+    memset(&plan, 0, sizeof plan);
+    memset(&store, 0, sizeof store);
+    *agreed = 1;
+    r.comm = MPI_COMM_WORLD;
+    MPI_Comm_rank(r.comm, &r.rank);
+    MPI_Comm_size(r.comm, &r.nranks);
+    double t_start = sp_wtime();
+
+    sp_prof_push("config");
+    status = sp_pipeline_load_config(o->config_path, o->nsets, o->sets, &cfg, &yaml);
+    sp_prof_pop();
+    SP_TRY(status);
+    have_cfg = 1;
+    r.cfg = &cfg;
+    /* [issue 6] resource planner: ranks, nodes, cores, binding, memory -> threads per rank */
+    SP_TRY(sp_resources_setup(&cfg, r.comm, &res, &r.threads));
+    r.prep_threads = cfg.performance.frame_prep_workers == SP_CONFIG_AUTO ? r.threads : cfg.performance.frame_prep_workers;
+    r.white_threads = cfg.performance.white_stack_workers == SP_CONFIG_AUTO ? r.threads : cfg.performance.white_stack_workers;
+
+    if (!o->plan_only) {
+        status = r.rank == 0 ? mkdir_p(cfg.outputs.work_dir) : SP_OK;
+        SP_TRY(sp_mpi_agree(status, r.comm));
+        if (r.rank == 0 && cfg.outputs.log_file) {
+            status = sp_log_open_file(cfg.outputs.log_file);
+            if (status != SP_OK) SP_WARN("%s (continuing without a log file)", sp_err_msg());
+            status = SP_OK;
+        }
+    }
+    if (r.rank == 0) SP_INFO("surveyproc %s (git %s): %s, %d rank(s) x %d thread(s)", SP_VERSION, SP_GIT_HASH,
+                             o->config_path, r.nranks, r.threads);
+
+    sp_plan_opts po;
+    plan_opts_from_config(&cfg, r.threads, &po);
+    sp_prof_push("plan");
+    status = sp_plan_build(&po, r.comm, &plan);
+    sp_prof_pop();
+    SP_TRY(status);
+    have_plan = 1;
+    r.plan = &plan;
+    /* [issue 6] memory and core verdict, BLAS speed; plan prints the layout report */
+    SP_TRY(sp_resources_check(&res, &plan, 1, r.comm));
+    if (r.rank == 0) {
+        /* with `plan --emit` and no --emit-out the job script is stdout; the report goes to stderr */
+        FILE *out = o->plan_only && !(o->emit && o->emit->kind && !o->emit->out[0]) ? stdout : stderr;
+        if (o->plan_only || sp_log_get_level() <= SP_LOG_INFO) sp_plan_print(&plan, out, o->verbose_plan);
+        if (o->plan_only) {
+            sp_resources_print(&res, out);
+            fprintf(out, "Store: %s\n", cfg.outputs.store);
+        } else {
+            sp_resources_log(&res);
+        }
+    }
+    if (o->plan_only && o->emit && o->emit->kind) {
+        /* the script is for another layout: this one's verdict does not apply */
+        SP_TRY(sp_resources_emit_job(o->emit, &cfg, &plan, &res, o->config_path, r.comm));
+        goto cleanup;
+    }
+    SP_TRY(sp_mpi_agree(sp_resources_refusal(&res), r.comm));
+    if (o->plan_only) goto cleanup;
+    /* [issue 6] FFTW wisdom (performance.fftw_wisdom_file): read before any plan is made */
+    int wisdom_loaded = 0;
+    SP_TRY(sp_resources_fftw_wisdom_load(cfg.performance.fftw_wisdom_file, r.comm, &wisdom_loaded));
+
+    /* store: new, or resume an interrupted one */
+    uint64_t sh = 0;
+    sp_config_science_hash(&cfg, &sh);
+    sp_store_meta meta = {.config_yaml = yaml, .command = o->command_line, .science_hash = sh,
+                          .inputs_hash = plan.inputs_hash, .mpi_size = r.nranks, .threads = r.threads,
+                          .epsf_size = cfg.epsf.final_psf_size};
+    SP_ALLOC(cstat, plan.ncells);
+    int exists = access(cfg.outputs.store, F_OK) == 0;
+    sp_prof_push("store");
+    if (o->resume && exists) {
+        status = sp_store_open_resume(cfg.outputs.store, &plan, &meta, r.comm, &store, cstat);
+    } else if (exists && !cfg.outputs.overwrite && !o->resume) {
+        status = SP_FAIL(SP_ERR_STATE,
+                         "%s already exists; use `surveyproc run --resume` to finish it, set outputs.overwrite: true "
+                         "to replace it, or choose another outputs.store",
+                         cfg.outputs.store);
+    } else {
+        if (o->resume && r.rank == 0) SP_WARN("%s does not exist: starting a new run", cfg.outputs.store);
+        status = sp_store_create(cfg.outputs.store, &plan, &meta, r.comm, &store);
+        for (int k = 0; k < plan.ncells; k++) cstat[k] = plan.cells[k].active ? SP_CELL_TODO : SP_CELL_SKIPPED;
+    }
+    sp_prof_pop();
+    SP_TRY(status);
+    have_store = 1;
+    r.store = &store;
+
+    /* cells to do, most expensive first */
+    SP_ALLOC(order, plan.ncells);
+    int ntodo = 0, ndone_before = 0;
+    for (int k = 0; k < plan.ncells; k++) {
+        if (cstat[k] == SP_CELL_DONE) ndone_before++;
+        else if (plan.cells[k].active) order[ntodo++] = k;
+    }
+    qsort_r(order, (size_t)ntodo, sizeof *order, cmp_cost_desc, &plan);
+    if (r.rank == 0) {
+        if (store.resumed)
+            SP_INFO("resuming %s: %d cell(s) already done, %d to do", cfg.outputs.store, ndone_before, ntodo);
+        sp_progress_start(&r.progress, "cells", ntodo, cfg.logging.progress_heartbeat_s);
+    }
+    int dedicated = cfg.performance.dedicated_coordinator == SP_CFG_COORD_ALWAYS ||
+                    (cfg.performance.dedicated_coordinator == SP_CFG_COORD_AUTO && r.nranks >= 16);
+    sp_coord_stats st;
+    sp_prof_push("cells_phase");
+    status = sp_coord_run(order, ntodo, dedicated, r.comm, process_cell, &r, on_cell_done, &r, &st);
+    sp_prof_pop();
+    if (status != SP_OK) {
+        *agreed = 0; /* other ranks may be blocked in the queue: the driver aborts */
+        goto cleanup;
+    }
+    if (r.rank == 0) sp_progress_finish(&r.progress);
+
+    /* finish: timing table, summary */
+    sp_prof_push("finish");
+    double imbalance = 1;
+    status = write_timing(&r, &st, &imbalance);
+    sp_prof_pop();
+    SP_TRY(status);
+    SP_TRY(sp_resources_fftw_wisdom_save(cfg.performance.fftw_wisdom_file, r.comm)); /* [issue 6] */
+    /* [issue 10] zero points and exports: every rank closes the store, then rank 0 calibrates it
+     * and writes outputs.export_formats with the serial driver; the outcome is agreed. */
+    status = sp_store_close(&store);
+    have_store = 0;
+    SP_TRY(sp_mpi_agree(status, r.comm));
+    if (r.rank == 0) {
+        sp_prof_push("zp");
+        status = sp_zp_calibrate_file(cfg.outputs.store, &cfg, NULL);
+        sp_prof_pop();
+        sp_prof_push("export");
+        if (status == SP_OK) status = sp_export_run_outputs(&cfg, cfg.outputs.store);
+        sp_prof_pop();
+        if (status != SP_OK)
+            sp_err_context("finish phase (the cells are done and stored: fix this, then `surveyproc zp CONFIG` "
+                           "and `surveyproc export STORE`)");
+    }
+    SP_TRY(sp_mpi_agree(status, r.comm)); /* [/issue 10] */
+    sp_prof_merged *mg = NULL;
+    int nmg = 0;
+    SP_TRY(sp_prof_merge(r.comm, &mg, &nmg));
+    double coord_over = st.overhead;
+    MPI_Bcast(&coord_over, 1, MPI_DOUBLE, 0, r.comm);
+    double wall = sp_wtime() - t_start;
+    if (r.rank == 0) {
+        if (cfg.logging.timing_report) sp_prof_print(stderr, mg, nmg, r.nranks);
+        long nexcl = 0;
+        for (long i = 0; i < plan.cat.n; i++) nexcl += plan.cat.excl[i] != 0;
+        printf("Summary: %ld sources (%ld active, %ld excluded in plan), %d bands, %d cells (%d processed now, %d "
+               "earlier, %d skipped empty)\n",
+               plan.cat.n, plan.nsrc_active, nexcl, plan.nbands, plan.ncells, ntodo, ndone_before,
+               plan.ncells - plan.ncells_active);
+        printf("Wall %.2f s on %d rank(s) x %d thread(s); load imbalance %.2f; coordinator overhead %.3f s "
+               "(%.2f%%); store %s\n",
+               wall, r.nranks, r.threads, imbalance, coord_over, wall > 0 ? 100 * coord_over / wall : 0,
+               cfg.outputs.store);
+        fflush(stdout);
+    }
+    free(mg);
+cleanup:
+    if (have_store && *agreed) {
+        int st2 = sp_store_close(&store);
+        if (status == SP_OK) status = st2;
+    }
+    if (have_plan) sp_plan_free(&plan);
+    if (have_cfg) sp_config_free(&cfg);
+    free(yaml);
+    free(cstat);
+    free(order);
+    return status;
+}
