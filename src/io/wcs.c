@@ -223,14 +223,19 @@ static double wrap360(double a)
     return a;
 }
 
-int sp_wcs_pix2sky(sp_wcs *w, long n, const double *x, const double *y, double *ra, double *dec, long *nbad)
+/* Both directions share the chunking, NaN handling and status mapping:
+ * to_sky = 1: (in1, in2) = 0-based pixels -> (out1, out2) = (RA, Dec);
+ * to_sky = 0: (in1, in2) = (RA, Dec) -> 0-based pixels. */
+static int transform(sp_wcs *w, int to_sky, long n, const double *in1, const double *in2, double *out1,
+                     double *out2, long *nbad)
 {
     int status = SP_OK;
     double *pix = NULL, *img = NULL, *wld = NULL, *phi = NULL, *theta = NULL;
     int *stat = NULL;
     long bad = 0;
-    SP_CHECK(w && w->wcs && n >= 0 && (n == 0 || (x && y && ra && dec)), SP_ERR_INTERNAL,
-             "sp_wcs_pix2sky: NULL argument");
+    const char *fn = to_sky ? "sp_wcs_pix2sky" : "sp_wcs_sky2pix";
+    SP_CHECK(w && w->wcs && n >= 0 && (n == 0 || (in1 && in2 && out1 && out2)), SP_ERR_INTERNAL,
+             "%s: NULL argument", fn);
     struct wcsprm *p = w->wcs;
     int ilng = p->lng, ilat = p->lat;
     long chunk = n < SP_WCS_CHUNK ? n : SP_WCS_CHUNK;
@@ -245,29 +250,36 @@ int sp_wcs_pix2sky(sp_wcs *w, long n, const double *x, const double *y, double *
         long idx[SP_WCS_CHUNK];
         for (long j = 0; j < m; j++) {
             long i = i0 + j;
-            if (!isfinite(x[i]) || !isfinite(y[i])) {
-                ra[i] = dec[i] = NAN;
+            if (!isfinite(in1[i]) || !isfinite(in2[i]) || (!to_sky && fabs(in2[i]) > 90.0)) {
+                out1[i] = out2[i] = NAN;
                 bad++;
                 continue;
             }
-            /* FITS pixel = 0-based + 1 */
-            pix[2 * k] = x[i] + 1.0;
-            pix[2 * k + 1] = y[i] + 1.0;
+            if (to_sky) {
+                /* FITS pixel = 0-based + 1 */
+                pix[2 * k] = in1[i] + 1.0;
+                pix[2 * k + 1] = in2[i] + 1.0;
+            } else {
+                wld[2 * k + ilng] = in1[i];
+                wld[2 * k + ilat] = in2[i];
+            }
             idx[k++] = i;
         }
         if (k == 0) continue;
-        int st = wcsp2s(p, (int)k, 2, pix, img, phi, theta, wld, stat);
-        SP_CHECK(st == 0 || st == WCSERR_BAD_PIX, SP_ERR_WCS, "%s: pixel -> sky failed: %s", w->what,
-                 wcs_why(p, st));
+        int st = to_sky ? wcsp2s(p, (int)k, 2, pix, img, phi, theta, wld, stat)
+                        : wcss2p(p, (int)k, 2, wld, phi, theta, img, pix, stat);
+        SP_CHECK(st == 0 || st == (to_sky ? WCSERR_BAD_PIX : WCSERR_BAD_WORLD), SP_ERR_WCS, "%s: %s failed: %s",
+                 w->what, to_sky ? "pixel -> sky" : "sky -> pixel", wcs_why(p, st));
         for (long j = 0; j < k; j++) {
             long i = idx[j];
-            double a = wld[2 * j + ilng], d = wld[2 * j + ilat];
-            if (stat[j] || !isfinite(a) || !isfinite(d)) {
-                ra[i] = dec[i] = NAN;
+            double u = to_sky ? wld[2 * j + ilng] : pix[2 * j] - 1.0;
+            double v = to_sky ? wld[2 * j + ilat] : pix[2 * j + 1] - 1.0;
+            if (stat[j] || !isfinite(u) || !isfinite(v)) {
+                out1[i] = out2[i] = NAN;
                 bad++;
             } else {
-                ra[i] = wrap360(a);
-                dec[i] = d;
+                out1[i] = to_sky ? wrap360(u) : u;
+                out2[i] = v;
             }
         }
     }
@@ -282,62 +294,14 @@ cleanup:
     return status;
 }
 
+int sp_wcs_pix2sky(sp_wcs *w, long n, const double *x, const double *y, double *ra, double *dec, long *nbad)
+{
+    return transform(w, 1, n, x, y, ra, dec, nbad);
+}
+
 int sp_wcs_sky2pix(sp_wcs *w, long n, const double *ra, const double *dec, double *x, double *y, long *nbad)
 {
-    int status = SP_OK;
-    double *pix = NULL, *img = NULL, *wld = NULL, *phi = NULL, *theta = NULL;
-    int *stat = NULL;
-    long bad = 0;
-    SP_CHECK(w && w->wcs && n >= 0 && (n == 0 || (x && y && ra && dec)), SP_ERR_INTERNAL,
-             "sp_wcs_sky2pix: NULL argument");
-    struct wcsprm *p = w->wcs;
-    int ilng = p->lng, ilat = p->lat;
-    long chunk = n < SP_WCS_CHUNK ? n : SP_WCS_CHUNK;
-    SP_ALLOC(pix, 2 * chunk);
-    SP_ALLOC(img, 2 * chunk);
-    SP_ALLOC(wld, 2 * chunk);
-    SP_ALLOC(phi, chunk);
-    SP_ALLOC(theta, chunk);
-    SP_ALLOC(stat, chunk);
-    for (long i0 = 0; i0 < n; i0 += chunk) {
-        long m = n - i0 < chunk ? n - i0 : chunk, k = 0;
-        long idx[SP_WCS_CHUNK];
-        for (long j = 0; j < m; j++) {
-            long i = i0 + j;
-            if (!isfinite(ra[i]) || !isfinite(dec[i]) || fabs(dec[i]) > 90.0) {
-                x[i] = y[i] = NAN;
-                bad++;
-                continue;
-            }
-            wld[2 * k + ilng] = ra[i];
-            wld[2 * k + ilat] = dec[i];
-            idx[k++] = i;
-        }
-        if (k == 0) continue;
-        int st = wcss2p(p, (int)k, 2, wld, phi, theta, img, pix, stat);
-        SP_CHECK(st == 0 || st == WCSERR_BAD_WORLD, SP_ERR_WCS, "%s: sky -> pixel failed: %s", w->what,
-                 wcs_why(p, st));
-        for (long j = 0; j < k; j++) {
-            long i = idx[j];
-            double px = pix[2 * j] - 1.0, py = pix[2 * j + 1] - 1.0;
-            if (stat[j] || !isfinite(px) || !isfinite(py)) {
-                x[i] = y[i] = NAN;
-                bad++;
-            } else {
-                x[i] = px;
-                y[i] = py;
-            }
-        }
-    }
-cleanup:
-    if (nbad) *nbad = bad;
-    free(pix);
-    free(img);
-    free(wld);
-    free(phi);
-    free(theta);
-    free(stat);
-    return status;
+    return transform(w, 0, n, ra, dec, x, y, nbad);
 }
 
 /* Signed RA difference a - b in degrees, folded into (-180, 180]. */
