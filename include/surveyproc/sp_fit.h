@@ -164,6 +164,11 @@ typedef struct {
     int fit_shapes;         /* 0 holds galaxy shapes (default 1) */
     int fit_sersic_n;       /* 0 holds Sersic n (default 1) */
     double max_shift;       /* positions stay within this many px of the start (3) */
+    double pos_prior_sigma; /* > 0: Gaussian prior of this sigma (px) on the shift from the input
+                             * position (MAP fit; keeps faint and blended sources where the
+                             * catalog put them); 0: none (0) */
+    double max_step;        /* largest position change of one LM step, px (1): a trust region, so
+                             * a poorly constrained source cannot spoil its group's steps */
     double re_min, re_max;  /* bounds on Re, px (0.1, 50) */
     double q_min;           /* lower bound on q (0.05) */
     double n_min, n_max;    /* bounds on Sersic n (0.5, 6) */

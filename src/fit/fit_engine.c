@@ -283,6 +283,8 @@ void sp_fit_options_default(sp_fit_options *o)
     o->fit_shapes = 1;
     o->fit_sersic_n = 1;
     o->max_shift = 3.0;
+    o->max_step = 1.0;
+    o->pos_prior_sigma = 0.0;
     o->re_min = 0.1;
     o->re_max = 50.0;
     o->q_min = 0.05;
@@ -489,6 +491,22 @@ static void project(wsrc *s, fit_geom *g, const sp_fit_options *o)
         g->p[P_N] = clampd(g->p[P_N], o->n_min, o->n_max);
         if (g->p[P_N] != n0 || g->prof.k == 0) fit_gal_profile(s->type, g->p[P_N], &g->prof);
     }
+}
+
+/* Gaussian prior on the shift from the input position (o->pos_prior_sigma > 0):
+ * its -2 ln p over the group at geometry g (trial ? gt : g). */
+static double pos_prior(const sp_fit_workspace *ws, const wgroup *G, const sp_fit_options *o, int trial)
+{
+    if (!(o->pos_prior_sigma > 0)) return 0.0;
+    double s2 = o->pos_prior_sigma * o->pos_prior_sigma, v = 0.0;
+    for (int l = 0; l < G->n; l++) {
+        const wsrc *s = &ws->s[ws->gmem[G->start + l]];
+        if (!(s->freemask & ((1u << P_X) | (1u << P_Y)))) continue;
+        const fit_geom *g = trial ? &s->gt : &s->g;
+        double dx = g->p[P_X] - s->p0[P_X], dy = g->p[P_Y] - s->p0[P_Y];
+        v += (dx * dx + dy * dy) / s2;
+    }
+    return v;
 }
 
 static void refresh_profile(wsrc *s, fit_geom *g)
@@ -932,8 +950,19 @@ static int fit_group_stage(sp_fit_workspace *ws, const runctx *rc, wgroup *G, in
     const double stop = o->dlnp_stop * n;
     double lambda = 1e-3;
     int it = 0, converged = 0;
+    double prior_cur = pos_prior(ws, G, o, 0);
     while (it < o->n_opt_iters) {
         SP_TRY(reduced_system(ws, cur, NULL, S, g));
+        if (o->pos_prior_sigma > 0) {
+            const double is2 = 1.0 / (o->pos_prior_sigma * o->pos_prior_sigma);
+            for (int j = 0; j < nth; j++) {
+                int p = ws->th_par[j];
+                if (p != P_X && p != P_Y) continue;
+                const wsrc *s = &ws->s[ws->gmem[G->start + ws->th_src[j]]];
+                S[(size_t)j * nth + j] += is2;
+                g[j] -= (s->g.p[p] - s->p0[p]) * is2;
+            }
+        }
         int accepted = 0;
         for (int tries = 0; tries < 10 && it < o->n_opt_iters; tries++) {
             if (damped_solve(nth, S, g, lambda, Sd, d) != 0) {
@@ -964,20 +993,29 @@ static int fit_group_stage(sp_fit_workspace *ws, const runctx *rc, wgroup *G, in
             for (int j = 0; j < nth; j++) {
                 wsrc *s = &ws->s[ws->gmem[G->start + ws->th_src[j]]];
                 int p = ws->th_par[j];
-                double lim = p <= P_Y ? o->max_shift : 0.5;
+                double lim = p <= P_Y ? fmin(o->max_shift, o->max_step) : 0.5;
                 double dj = clampd(d[j], -lim, lim);
                 s->gt.p[p] += dj;
                 if (fabs(dj) > maxstep) maxstep = fabs(dj);
             }
+            double moved = 0.0;
             for (int l = 0; l < n; l++) {
                 wsrc *s = &ws->s[ws->gmem[G->start + l]];
                 refresh_profile(s, &s->gt);
                 project(s, &s->gt, o);
+                for (int p = 0; p < P_MAX; p++) moved = fmax(moved, fabs(s->gt.p[p] - s->g.p[p]));
+            }
+            if (!(moved > 1e-9)) { /* the step only pushes against bounds: a bounded optimum */
+                converged = 1;
+                accepted = 1;
+                break;
             }
             it++;
             SP_TRY(group_eval(ws, rc, G, 1, tri, 1));
-            if (!tri->nonfinite && tri->chi2 < cur->chi2) {
-                double dlnp = 0.5 * (cur->chi2 - tri->chi2);
+            double prior_tri = pos_prior(ws, G, o, 1);
+            if (!tri->nonfinite && tri->chi2 + prior_tri < cur->chi2 + prior_cur) {
+                double dlnp = 0.5 * (cur->chi2 + prior_cur - tri->chi2 - prior_tri);
+                prior_cur = prior_tri;
                 G->dlnp += dlnp;
                 gacc t = *cur;
                 *cur = *tri;
