@@ -1,6 +1,7 @@
 /* pipeline.c — the run: config -> plan -> store -> cells -> finish, and the
  * per-cell stage table. Reading the two tables below tells the flow. */
 #include "surveyproc/sp_pipeline.h"
+#include "pipeline/cell.h"
 #include "surveyproc/sp_aperture.h"
 #include "surveyproc/sp_coord.h"
 #include "surveyproc/sp_error.h"
@@ -24,36 +25,10 @@
 #include <sys/stat.h>
 #include <unistd.h>
 
-/* ---- run state -------------------------------------------------------------------- */
-
-typedef struct {
-    const sp_config *cfg;
-    const sp_plan *plan;
-    sp_store *store;
-    MPI_Comm comm;
-    int rank, nranks;
-    int threads, prep_threads, white_threads;
-    sp_progress progress;
-    long ncells_todo, ncells_done;
-    double bytes_read;
-} run_t;
+/* run_t (the run) and cell_t (one cell while its stages run) are in
+ * src/pipeline/cell.h, shared with the PSF and fit stages. */
 
 /* ---- one cell ---------------------------------------------------------------------- */
-
-typedef struct {
-    run_t *run;
-    const sp_cell *cell;
-    long x0, y0, nx, ny;         /* ROI in tile pixels */
-    size_t npix;
-    float **data, **ivar;        /* per band, ROI-sized */
-    uint8_t **mask;
-    float *white, *white_ivar;
-    long *src;                   /* base sources of the cell (catalog indices) */
-    long nsrc;
-    unsigned *excl;              /* exclusion flags of src[] (plan's + saturation) */
-    sp_aper_result *aper;        /* nsrc * nbands */
-    double bytes_read;
-} cell_t;
 
 static int stage_io_prep(cell_t *c)
 {
@@ -216,6 +191,7 @@ static int stage_write(cell_t *c)
         sp_store_set_u8(s, rows, k, s->excl_any, e != 0);
         if (e & SP_EXCL_SATURATION) sp_store_set_str(s, rows, k, s->excl_reason, "saturation");
         sp_store_set_u8(s, rows, k, s->done, 1);
+        cell_fit_row(c, k, rows, k);
         for (int b = 0; b < p->nbands; b++) {
             const sp_aper_result *a = &c->aper[k * p->nbands + b];
             sp_store_set_f64(s, rows, k, s->band[b].flux_aper, a->flux);
@@ -224,21 +200,36 @@ static int stage_write(cell_t *c)
         }
     }
     SP_TRY(sp_store_write_catalog_rows(r->store, c->src, c->nsrc, rows));
+    if (c->prow) SP_TRY(sp_store_write_patches(r->store, c->prow, c->cell->npatch));
 cleanup:
     free(rows);
     return status;
 }
 
-/* The per-cell stage table: name (profiling region), function. */
-static const struct {
+/* The per-cell stage tables: name (profiling region), function. A run makes two
+ * passes over its cells: the PSF pass builds every cell's ePSF (shared by all
+ * ranks afterwards, so a patch's PSF can blend the neighbouring cells'), the fit
+ * pass reads the pixels again and fits the patches. */
+typedef struct {
     const char *name;
     int (*run)(cell_t *);
-} cell_stages[] = {
-    {"read+prep", stage_io_prep}, /* ROI reads (cfitsio subsets), scaling, masks, noise, coadd */
-    {"white", stage_white},       /* inverse-variance white stack */
-    {"sat", stage_saturation},    /* saturation exclusion per source */
-    {"aper", stage_aperture},     /* forced aperture photometry at the catalog positions */
-    {"write", stage_write},       /* catalog rows of the cell's sources */
+} cell_stage;
+
+static const cell_stage psf_stages[] = {
+    {"read+prep", stage_io_prep},     /* ROI reads (cfitsio subsets), scaling, masks, noise, coadd */
+    {"background", stage_background}, /* background mesh + RMS per band, subtracted (cell_psf.c) */
+    {"white", stage_white},           /* inverse-variance white stack */
+    {"detect", stage_detect},         /* detections on the white stack (cell_psf.c) */
+    {"epsf", stage_epsf},             /* PSF stars + ePSF per band -> grid, /epsf (cell_psf.c) */
+};
+
+static const cell_stage fit_stages[] = {
+    {"read+prep", stage_io_prep},     /* the same pixels again (streaming: no cell is kept) */
+    {"sat", stage_saturation},        /* saturation exclusion per source */
+    {"background", stage_background}, /* the same background, subtracted */
+    {"aper", stage_aperture},         /* forced aperture photometry at the catalog positions */
+    {"fit", stage_fit},               /* patch fits on the rank's threads (cell_fit.c) */
+    {"write", stage_write},           /* catalog rows of the cell's sources, patch rows */
 };
 
 static void cell_free(cell_t *c, int nb)
@@ -256,6 +247,12 @@ static void cell_free(cell_t *c, int nb)
     free(c->src);
     free(c->excl);
     free(c->aper);
+    cell_psf_free(c);
+    free(c->fit);
+    free(c->fitted);
+    free(c->fit_ra);
+    free(c->fit_dec);
+    free(c->prow);
 }
 
 static int process_cell(int cid, void *arg)
@@ -293,17 +290,25 @@ static int process_cell(int cid, void *arg)
             c.nsrc++;
         }
     }
-    sp_prof_push("cells");
-    for (size_t k = 0; k < sizeof cell_stages / sizeof cell_stages[0] && status == SP_OK; k++) {
-        sp_prof_push(cell_stages[k].name);
-        status = cell_stages[k].run(&c);
+    int psf_pass = r->phase == RUN_PSF_PASS;
+    const cell_stage *stages = psf_pass ? psf_stages : fit_stages;
+    size_t nstages = psf_pass ? sizeof psf_stages / sizeof psf_stages[0] : sizeof fit_stages / sizeof fit_stages[0];
+    sp_prof_push(psf_pass ? "psf_cells" : "fit_cells");
+    for (size_t k = 0; k < nstages && status == SP_OK; k++) {
+        sp_prof_push(stages[k].name);
+        status = stages[k].run(&c);
         sp_prof_pop();
         sp_coord_poll();
     }
     sp_prof_pop();
     if (status != SP_OK) {
-        sp_err_context("cell %d (x %ld-%ld, y %ld-%ld)", cid, ce->bx0, ce->bx1, ce->by0, ce->by1);
+        sp_err_context("cell %d (x %ld-%ld, y %ld-%ld), %s pass", cid, ce->bx0, ce->bx1, ce->by0, ce->by1,
+                       psf_pass ? "PSF" : "fit");
         goto cleanup;
+    }
+    if (psf_pass) {
+        r->bytes_read += c.bytes_read;
+        goto cleanup; /* the ePSFs are stored; the cell's status is the fit pass's */
     }
     /* the cell's status goes last: a cell marked done has all its rows */
     sp_store_cellrow row = {.id = ce->id, .ix = ce->ix, .iy = ce->iy, .bx0 = ce->bx0, .by0 = ce->by0,
@@ -523,7 +528,8 @@ int sp_pipeline_run(const sp_run_opts *o, int *agreed)
     char *yaml = NULL;
     int8_t *cstat = NULL;
     int *order = NULL;
-    int have_cfg = 0, have_plan = 0, have_store = 0;
+    uint8_t *need_psf = NULL;
+    int have_cfg = 0, have_plan = 0, have_store = 0, have_stages = 0;
     run_t r = {0};
     sp_resources res; /* [issue 6] */
     memset(&plan, 0, sizeof plan);
@@ -588,13 +594,17 @@ int sp_pipeline_run(const sp_run_opts *o, int *agreed)
     /* [issue 6] FFTW wisdom (performance.fftw_wisdom_file): read before any plan is made */
     int wisdom_loaded = 0;
     SP_TRY(sp_resources_fftw_wisdom_load(cfg.performance.fftw_wisdom_file, r.comm, &wisdom_loaded));
+    /* stage parameters, reference PSF stars, FFTW plans and the per-thread fit workspaces */
+    status = cell_stages_setup(&r);
+    have_stages = 1;
+    SP_TRY(sp_mpi_agree(status, r.comm));
 
     /* store: new, or resume an interrupted one */
     uint64_t sh = 0;
     sp_config_science_hash(&cfg, &sh);
     sp_store_meta meta = {.config_yaml = yaml, .command = o->command_line, .science_hash = sh,
                           .inputs_hash = plan.inputs_hash, .mpi_size = r.nranks, .threads = r.threads,
-                          .epsf_size = cfg.epsf.final_psf_size};
+                          .epsf_size = cfg.epsf.final_psf_size, .epsf_oversamp = cfg.epsf.oversamp};
     SP_ALLOC(cstat, plan.ncells);
     int exists = access(cfg.outputs.store, F_OK) == 0;
     sp_prof_push("store");
@@ -617,20 +627,45 @@ int sp_pipeline_run(const sp_run_opts *o, int *agreed)
 
     /* cells to do, most expensive first */
     SP_ALLOC(order, plan.ncells);
-    int ntodo = 0, ndone_before = 0;
+    SP_ALLOC(need_psf, plan.ncells);
+    int ntodo = 0, ndone_before = 0, npsf = 0;
+    SP_TRY(psf_grid_load(&r, need_psf));
+    for (int k = 0; k < plan.ncells; k++)
+        if (need_psf[k]) order[npsf++] = k;
+    qsort_r(order, (size_t)npsf, sizeof *order, cmp_cost_desc, &plan);
+    int dedicated = cfg.performance.dedicated_coordinator == SP_CFG_COORD_ALWAYS ||
+                    (cfg.performance.dedicated_coordinator == SP_CFG_COORD_AUTO && r.nranks >= 16);
+    sp_coord_stats st = {0}, st_psf = {0};
+    /* PSF pass: the ePSF of every active cell that has none yet */
+    r.phase = RUN_PSF_PASS;
+    if (r.rank == 0) sp_progress_start(&r.progress, "ePSF cells", npsf, cfg.logging.progress_heartbeat_s);
+    r.ncells_done = 0;
+    sp_prof_push("psf_phase");
+    status = sp_coord_run(order, npsf, dedicated, r.comm, process_cell, &r, on_cell_done, &r, &st_psf);
+    sp_prof_pop();
+    if (status != SP_OK) {
+        *agreed = 0; /* other ranks may be blocked in the queue: the driver aborts */
+        goto cleanup;
+    }
+    if (r.rank == 0) sp_progress_finish(&r.progress);
+    sp_prof_push("psf_share");
+    status = psf_grid_share(&r);
+    sp_prof_pop();
+    SP_TRY(status);
+    /* fit pass */
     for (int k = 0; k < plan.ncells; k++) {
         if (cstat[k] == SP_CELL_DONE) ndone_before++;
         else if (plan.cells[k].active) order[ntodo++] = k;
     }
     qsort_r(order, (size_t)ntodo, sizeof *order, cmp_cost_desc, &plan);
+    r.phase = RUN_FIT_PASS;
+    r.ncells_done = 0;
     if (r.rank == 0) {
         if (store.resumed)
-            SP_INFO("resuming %s: %d cell(s) already done, %d to do", cfg.outputs.store, ndone_before, ntodo);
+            SP_INFO("resuming %s: %d cell(s) already done, %d to do (%d ePSF cell(s) rebuilt)", cfg.outputs.store,
+                    ndone_before, ntodo, npsf);
         sp_progress_start(&r.progress, "cells", ntodo, cfg.logging.progress_heartbeat_s);
     }
-    int dedicated = cfg.performance.dedicated_coordinator == SP_CFG_COORD_ALWAYS ||
-                    (cfg.performance.dedicated_coordinator == SP_CFG_COORD_AUTO && r.nranks >= 16);
-    sp_coord_stats st;
     sp_prof_push("cells_phase");
     status = sp_coord_run(order, ntodo, dedicated, r.comm, process_cell, &r, on_cell_done, &r, &st);
     sp_prof_pop();
@@ -638,6 +673,11 @@ int sp_pipeline_run(const sp_run_opts *o, int *agreed)
         *agreed = 0; /* other ranks may be blocked in the queue: the driver aborts */
         goto cleanup;
     }
+    /* both passes count in the rank's totals (timing table, imbalance) */
+    st.wall += st_psf.wall;
+    st.busy += st_psf.busy;
+    st.idle += st_psf.idle;
+    st.overhead += st_psf.overhead;
     if (r.rank == 0) sp_progress_finish(&r.progress);
 
     /* finish: timing table, summary */
@@ -670,6 +710,8 @@ int sp_pipeline_run(const sp_run_opts *o, int *agreed)
     double coord_over = st.overhead;
     MPI_Bcast(&coord_over, 1, MPI_DOUBLE, 0, r.comm);
     double wall = sp_wtime() - t_start;
+    long nfit[2] = {r.nfit_sources, r.nfit_patches}, nfit_all[2] = {0, 0};
+    MPI_Reduce(nfit, nfit_all, 2, MPI_LONG, MPI_SUM, 0, r.comm);
     if (r.rank == 0) {
         if (cfg.logging.timing_report) sp_prof_print(stderr, mg, nmg, r.nranks);
         long nexcl = 0;
@@ -678,6 +720,7 @@ int sp_pipeline_run(const sp_run_opts *o, int *agreed)
                "earlier, %d skipped empty)\n",
                plan.cat.n, plan.nsrc_active, nexcl, plan.nbands, plan.ncells, ntodo, ndone_before,
                plan.ncells - plan.ncells_active);
+        printf("Fitted %ld source(s) in %ld patch(es) this run\n", nfit_all[0], nfit_all[1]);
         printf("Wall %.2f s on %d rank(s) x %d thread(s); load imbalance %.2f; coordinator overhead %.3f s "
                "(%.2f%%); store %s\n",
                wall, r.nranks, r.threads, imbalance, coord_over, wall > 0 ? 100 * coord_over / wall : 0,
@@ -690,10 +733,12 @@ cleanup:
         int st2 = sp_store_close(&store);
         if (status == SP_OK) status = st2;
     }
+    if (have_stages) cell_stages_cleanup(&r);
     if (have_plan) sp_plan_free(&plan);
     if (have_cfg) sp_config_free(&cfg);
     free(yaml);
     free(cstat);
     free(order);
+    free(need_psf);
     return status;
 }

@@ -268,6 +268,8 @@ typedef struct {
     double re_max_pix;
     double q_min;
     double max_shift_pix;
+    double position_prior_pix;
+    int max_group_size;
     bool no_cutouts;
     bool no_patch_overview;
     int cutout_size;

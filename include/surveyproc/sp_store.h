@@ -5,7 +5,10 @@
  *   /cells       geometry, sources, status (0 todo, 1 done, 2 failed, 3 skipped), rank, seconds
  *   /patches     geometry, sources, status, seconds
  *   /frames      per input frame: path, band, ZP_AUTO, SKYSIG, EGAIN, shape, checksum, stats
- *   /epsf/<band> [ncell_y, ncell_x, size, size] + <band>_nstars, <band>_fallback
+ *   /epsf/<band> [ncell_y, ncell_x, size, size] (sampled at image pixels) + <band>_nstars
+ *                (-1 until built), <band>_fallback (0 ePSF, 1 Moffat fitted, 2 configured Moffat),
+ *                <band>_os [ncell_y, ncell_x, S, S] the oversampled ePSF the fit uses
+ *                (S = oversamp (size - 1) + 1; attribute /epsf oversamp)
  *   /zp          per band: ZP, error, stars used / clipped (filled by the zp stage)
  *   /timing      per rank per region, written at the end of the run
  *   /provenance  attributes: config (YAML), command, version, git, MPI size, threads, hashes
@@ -25,7 +28,7 @@
 
 enum { SP_CELL_TODO = 0, SP_CELL_DONE = 1, SP_CELL_FAILED = 2, SP_CELL_SKIPPED = 3 };
 
-#define SP_STORE_LAYOUT_VERSION 1
+#define SP_STORE_LAYOUT_VERSION 2
 
 /* Per-band catalog column indices. */
 typedef struct {
@@ -94,6 +97,7 @@ typedef struct {
     uint64_t science_hash, inputs_hash;
     int mpi_size, threads;
     int epsf_size;      /* stamp size of /epsf/<band> cubes */
+    int epsf_oversamp;  /* oversampling of the /epsf/<band>_os cubes (<= 0: 1) */
 } sp_store_meta;
 
 /* COLLECTIVE. Create the store with every dataset, write the static tables

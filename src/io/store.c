@@ -448,11 +448,17 @@ int sp_store_create(const char *path, const sp_plan *p, const sp_store_meta *m, 
         long dims[4] = {ng, ng, sz, sz}, chunk[4] = {1, 1, sz, sz};
         snprintf(path_b, sizeof path_b, "/epsf/%s", p->bands[b]);
         SP_TRY(sp_h5_array_create(s->h, path_b, SP_H5_F32, 4, dims, chunk, NULL));
+        long os = m->epsf_oversamp > 0 ? m->epsf_oversamp : 1, so = os * (sz - 1) + 1;
+        long dos[4] = {ng, ng, so, so}, cos_[4] = {1, 1, so, so};
+        snprintf(path_b, sizeof path_b, "/epsf/%s_os", p->bands[b]);
+        SP_TRY(sp_h5_array_create(s->h, path_b, SP_H5_F32, 4, dos, cos_, NULL));
         snprintf(path_b, sizeof path_b, "/epsf/%s_nstars", p->bands[b]);
         SP_TRY(sp_h5_array_create(s->h, path_b, SP_H5_I32, 2, dims, NULL, NULL));
         snprintf(path_b, sizeof path_b, "/epsf/%s_fallback", p->bands[b]);
         SP_TRY(sp_h5_array_create(s->h, path_b, SP_H5_I32, 2, dims, NULL, NULL));
     }
+    SP_TRY(sp_h5_attr_set_long(s->h, "/epsf", "oversamp", m->epsf_oversamp > 0 ? m->epsf_oversamp : 1));
+    SP_TRY(sp_h5_attr_set_long(s->h, "/epsf", "size", m->epsf_size > 0 ? m->epsf_size : p->opts.psf_size));
     SP_TRY(sp_h5_group_create(s->h, "/provenance"));
     const char *prov = "/provenance";
     SP_TRY(sp_h5_attr_set_str(s->h, prov, "config", m->config_yaml ? m->config_yaml : ""));

@@ -44,7 +44,9 @@ else
   fail resources_plan_report "rc=$rc" "$(sed -n '/^Resources:/,$p' "$T/plan.txt" | head -20)"
 fi
 
-# 2. the OpenBLAS core
+# 2. the OpenBLAS core. Each case sets OPENBLAS_CORETYPE itself; a value inherited from the
+# machine's environment (some hosts set one) would otherwise win over performance.blas_coretype.
+unset OPENBLAS_CORETYPE
 core_of() { grep -o 'core [A-Za-z0-9]*' "$1" | head -1 | cut -d' ' -f2; }
 if ! grep -qw -e avx2 -e avx512f /proc/cpuinfo; then
   skip "resources_blas_core (this CPU has neither avx2 nor avx512f: generic kernels are all it can run)"

@@ -1,0 +1,131 @@
+/* cell.h — private to the run (src/pipeline.c and the files of src/pipeline/): the state
+ * of a run and of one ePSF cell while its stages run. The stage table itself is
+ * in src/pipeline.c; the PSF stages (background, detection, ePSF) are in
+ * cell_psf.c and the patch fits in cell_fit.c. */
+#ifndef SP_PIPELINE_CELL_H
+#define SP_PIPELINE_CELL_H
+
+#include "surveyproc/sp_aperture.h"
+#include "surveyproc/sp_background.h"
+#include "surveyproc/sp_config.h"
+#include "surveyproc/sp_detect.h"
+#include "surveyproc/sp_epsf.h"
+#include "surveyproc/sp_fit.h"
+#include "surveyproc/sp_log.h"
+#include "surveyproc/sp_plan.h"
+#include "surveyproc/sp_store.h"
+
+#include <mpi.h>
+#include <stdint.h>
+
+/* Parameters of the PSF and fit stages, derived once from the config. */
+typedef struct {
+    sp_bkg_params bkg;
+    sp_detect_params det;
+    sp_starsel_params sel;
+    sp_epsf_params epsf;
+    sp_fit_options fit;
+    int subtract_bkg;     /* epsf.background_subtract_patch */
+    int blend_psf;        /* 1: the PSF of a patch blends the neighbouring cells' ePSFs at its
+                           * centre (epsf.interpolation bilinear); 0: its cell's own ePSF */
+    int halo_fixed;       /* patch_run.halo_source_mode == fixed */
+    int band_threads;     /* threads building the bands of a cell (epsf.parallel_bands) */
+} stage_params;
+
+/* Reference-catalog stars projected on the tile (PSF-star candidates). */
+typedef struct {
+    long n;
+    double *x, *y;        /* tile pixels */
+    double *mag;          /* n * nbands, NaN where blank */
+} ref_stars;
+
+enum { RUN_PSF_PASS = 0, RUN_FIT_PASS = 1 };
+
+typedef struct {
+    const sp_config *cfg;
+    const sp_plan *plan;
+    sp_store *store;
+    MPI_Comm comm;
+    int rank, nranks;
+    int threads, prep_threads, white_threads;
+    sp_progress progress;
+    long ncells_todo, ncells_done;
+    double bytes_read;
+    stage_params sp;
+    ref_stars refs;
+    double *band_satlevel;          /* per band: lowest SATURATE x scale of its frames (scaled; inf: none) */
+    sp_fit_workspace **ws;          /* one per thread, created once per run */
+    /* The ePSF grid: every active cell's oversampled ePSF per band, held by every
+     * rank after the PSF pass (built here, shared by psf_grid_share, or read
+     * back from the store on resume), so a patch's PSF can blend neighbours. */
+    int phase;                      /* RUN_PSF_PASS or RUN_FIT_PASS */
+    sp_psf **grid;                  /* nbands * ncells, [b * ncells + cell]; NULL: none */
+    int32_t *grid_nstars, *grid_kind; /* same index: stars used, SP_EPSF_* kind */
+    uint8_t *grid_mine;             /* ncells: built by this rank in this run */
+    double *xedge, *yedge;          /* cell edges in tile pixels (epsf_ngrid + 1 each) */
+    long nfit_sources, nfit_patches; /* this rank's totals (summary) */
+} run_t;
+
+typedef struct {
+    run_t *run;
+    const sp_cell *cell;
+    long x0, y0, nx, ny;         /* ROI in tile pixels */
+    size_t npix;
+    float **data, **ivar;        /* per band, ROI-sized */
+    uint8_t **mask;
+    float **rms;                 /* per band background RMS map (NULL until the background stage) */
+    float *white, *white_ivar;
+    long *src;                   /* base sources of the cell (catalog indices), patch by patch */
+    long nsrc;
+    unsigned *excl;              /* exclusion flags of src[] (plan's + saturation) */
+    sp_aper_result *aper;        /* nsrc * nbands */
+    sp_source *det;              /* detections on the white stack (ROI pixels) */
+    int ndet;
+    sp_epsf_result **epsf;       /* per band */
+    sp_fit_result *fit;          /* nsrc: the fit of each base source */
+    uint8_t *fitted;             /* nsrc: 1 where fit[] holds a reported result */
+    double *fit_ra, *fit_dec;    /* nsrc: sky position of the fitted position */
+    sp_store_patchrow *prow;     /* the cell's patch rows */
+    double bytes_read;
+} cell_t;
+
+/* Run-level set-up of the stages (serial part before the cell phase) and its end. */
+int cell_stages_setup(run_t *r);
+void cell_stages_cleanup(run_t *r);
+
+/* Stages (cell_psf.c, cell_fit.c). Each returns an sp_status. */
+int stage_background(cell_t *c);
+int stage_detect(cell_t *c);
+int stage_epsf(cell_t *c);
+int stage_fit(cell_t *c);
+
+/* Fill the fit columns of catalog row `row` from the fit of base source k (cell_fit.c). */
+void cell_fit_row(const cell_t *c, long k, void *rows, long row);
+
+void cell_psf_free(cell_t *c);
+
+/* The ePSF grid (cell_psf.c). psf_grid_load: COLLECTIVE; on a resumed store
+ * reads the ePSFs built by an earlier run and sets need[cell] = 1 for active
+ * cells still without one (a new store: every active cell). psf_grid_share:
+ * COLLECTIVE; every rank receives the ePSFs the others built. */
+int psf_grid_load(run_t *r, uint8_t *need);
+int psf_grid_share(run_t *r);
+/* The PSF of band b at tile position (x, y) for a source of cell `cell`:
+ * epsf.interpolation bilinear blends the neighbouring cells' ePSFs into *scratch
+ * (allocated on first use, same geometry); none returns the cell's own. */
+int psf_grid_at(const run_t *r, int b, int cell, double x, double y, sp_psf **scratch, const sp_psf **out);
+
+/* An error raised on a worker thread of an OpenMP region: sp_err_msg() is
+ * thread-local, so the first failing thread copies its message here and the
+ * main thread re-raises it after the region. */
+typedef struct {
+    int status;
+    char msg[1024];
+} thread_err;
+
+/* Record (first one wins; thread-safe) `st` with the calling thread's message prefixed by `what`. */
+void thread_err_record(thread_err *e, int st, const char *what);
+/* On the main thread after the region: SP_OK, or the recorded status with its message. */
+int thread_err_raise(const thread_err *e);
+
+#endif

@@ -1,0 +1,277 @@
+/* cell_fit.c — the patch fits of a cell (DESIGN §5, docs/fitting.md): for every
+ * patch, its ROI (base + halo) of every band with the band's PSF at the patch,
+ * its base sources (fitted and reported) and the halo sources around them
+ * (fitted and discarded, or held fixed: patch_run.halo_source_mode), fitted by
+ * sp_fit_patch on the rank's OpenMP threads, one patch per thread. Each source is
+ * reported by exactly one patch (its own), so the result of a source does not
+ * depend on which rank or thread ran it. */
+#include "cell.h"
+
+#include "surveyproc/sp_coord.h"
+#include "surveyproc/sp_error.h"
+#include "surveyproc/sp_prof.h"
+
+#include <math.h>
+#include <omp.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+
+/* Per-thread scratch of the patch loop; grows with the largest patch met. */
+typedef struct {
+    long *idx;
+    size_t cap_idx;
+    sp_fit_source *src;
+    size_t cap_src;
+    sp_fit_result *res;
+    size_t cap_res;
+    float *data, *ivar;
+    size_t cap_data, cap_ivar;
+    sp_psf **local;    /* per band: the PSF at the patch centre (blend of neighbouring cell ePSFs) */
+    sp_fit_image *img; /* per band */
+} fit_scratch;
+
+static void scratch_free(fit_scratch *s, int nb)
+{
+    free(s->idx);
+    free(s->src);
+    free(s->res);
+    free(s->data);
+    free(s->ivar);
+    if (s->local)
+        for (int b = 0; b < nb; b++) sp_psf_free(&s->local[b]);
+    free(s->local);
+    free(s->img);
+    memset(s, 0, sizeof *s);
+}
+
+/* Make *p hold at least n elements of elsize bytes (contents kept). */
+static int ensure(void **p, size_t n, size_t elsize, size_t *cap)
+{
+    if (n <= *cap && *p) return SP_OK;
+    size_t nc = *cap ? *cap : 64;
+    while (nc < n) nc *= 2;
+    void *q = realloc(*p, nc * elsize);
+    if (!q) return SP_FAIL(SP_ERR_NOMEM, "out of memory (%zu x %zu bytes) in the patch fit", nc, elsize);
+    *p = q;
+    *cap = nc;
+    return SP_OK;
+}
+
+/* Initial values of catalog source i (DESIGN §2: FLUX_<band>, ELL, THETA, Re);
+ * aper (may be NULL) gives the forced aperture fluxes where FLUX_<band> is absent. */
+static void source_init(const run_t *r, long i, const sp_aper_result *aper, sp_fit_source *s)
+{
+    const sp_plan *p = r->plan;
+    const sp_cfg_patch_run *pr = &r->cfg->patch_run;
+    int nb = p->nbands;
+    memset(s, 0, sizeof *s);
+    s->type = (sp_src_type)p->cat.type[i];
+    s->x = p->cat.x[i];
+    s->y = p->cat.y[i];
+    for (int b = 0; b < nb; b++) {
+        double f = p->cat.flux_init[i * nb + b];
+        if (!isfinite(f) && aper && isfinite(aper[b].flux) && aper[b].flux > 0) f = aper[b].flux;
+        s->flux[b] = isfinite(f) ? fmax(f, pr->eps_flux) : NAN;
+    }
+    double re = p->cat.re[i], ell = p->cat.ell[i], th = p->cat.theta[i], n = p->cat.sersic_n[i];
+    s->re = isfinite(re) && re > 0 ? re : pr->re_fallback_pix;
+    s->q = isfinite(ell) && ell >= 0 && ell < 1 ? 1.0 - ell : 1.0;
+    s->theta = isfinite(th) ? th * (M_PI / 180.0) : 0.0;
+    s->sersic_n = isfinite(n) && n > 0 ? n : pr->sersic_n_init;
+    s->id = i;
+}
+
+/* Fit patch pid of the cell; base sources of the patch are src[base0 ..). */
+static int fit_one(cell_t *c, fit_scratch *s, sp_fit_workspace *ws, int pid, long base0, sp_store_patchrow *row)
+{
+    int status = SP_OK;
+    run_t *r = c->run;
+    const sp_plan *p = r->plan;
+    const sp_patch *pt = &p->patches[pid];
+    int nb = p->nbands;
+    double t0 = sp_wtime();
+    /* sources in the ROI, base ones first; grow the buffer until they all fit */
+    long n;
+    SP_TRY(ensure((void **)&s->idx, 256, sizeof *s->idx, &s->cap_idx));
+    for (;;) {
+        n = sp_plan_patch_sources(p, pid, s->idx, (long)s->cap_idx);
+        if (n < (long)s->cap_idx) break;
+        SP_TRY(ensure((void **)&s->idx, 2 * s->cap_idx, sizeof *s->idx, &s->cap_idx));
+    }
+    SP_TRY(ensure((void **)&s->src, (size_t)n + 1, sizeof *s->src, &s->cap_src));
+    SP_TRY(ensure((void **)&s->res, (size_t)n + 1, sizeof *s->res, &s->cap_res));
+    for (long k = 0; k < n; k++) {
+        long i = s->idx[k];
+        int base = k < pt->nsrc;
+        source_init(r, i, base ? &c->aper[(base0 + k) * nb] : NULL, &s->src[k]);
+        if (base)
+            /* saturated sources are modelled (their wings reach the neighbours) but not reported */
+            s->src[k].role = (c->excl[base0 + k] & SP_EXCL_SATURATION) ? SP_ROLE_FIT_DISCARD : SP_ROLE_FIT_REPORT;
+        else
+            s->src[k].role = r->sp.halo_fixed ? SP_ROLE_FIXED : SP_ROLE_FIT_DISCARD;
+    }
+    /* images: the patch ROI cut out of the cell ROI, one per band */
+    long px0 = pt->rx0 - c->x0, py0 = pt->ry0 - c->y0, pnx = pt->rx1 - pt->rx0, pny = pt->ry1 - pt->ry0;
+    size_t npix = (size_t)pnx * (size_t)pny;
+    SP_TRY(ensure((void **)&s->data, npix * nb, sizeof *s->data, &s->cap_data));
+    SP_TRY(ensure((void **)&s->ivar, npix * nb, sizeof *s->ivar, &s->cap_ivar));
+    double xc = 0.5 * (pt->bx0 + pt->bx1 - 1), yc = 0.5 * (pt->by0 + pt->by1 - 1); /* tile pixels */
+    for (int b = 0; b < nb; b++) {
+        float *d = s->data + (size_t)b * npix, *w = s->ivar + (size_t)b * npix;
+        for (long y = 0; y < pny; y++) {
+            size_t off = (size_t)(py0 + y) * c->nx + px0;
+            memcpy(d + y * pnx, c->data[b] + off, pnx * sizeof *d);
+            memcpy(w + y * pnx, c->ivar[b] + off, pnx * sizeof *w);
+        }
+        sp_fit_image *im = &s->img[b];
+        sp_fit_image_aligned(im, (int)pt->rx0, (int)pt->ry0, (int)pnx, (int)pny);
+        im->data = d;
+        im->ivar = w;
+        im->band = b;
+        SP_TRY(psf_grid_at(r, b, c->cell->id, xc, yc, &s->local[b], &im->psf));
+        im->psf_fallback = im->psf->is_fallback;
+    }
+    sp_fit_patch_stats st;
+    SP_TRY(sp_fit_patch(ws, &r->sp.fit, s->img, nb, nb, s->src, (int)n, s->res, &st, NULL));
+    SP_DEBUG("patch %d: %ld source(s) (%ld base), %d group(s), largest %d, %ld render(s), %.3f s", pid, n, pt->nsrc,
+             st.ngroups, st.max_group_size, st.renders, st.seconds);
+    for (long k = 0; k < pt->nsrc; k++) {
+        if (s->src[k].role != SP_ROLE_FIT_REPORT) continue;
+        c->fit[base0 + k] = s->res[k];
+        c->fitted[base0 + k] = 1;
+    }
+    double chi2 = 0, np = 0, rms = 0;
+    for (int b = 0; b < nb; b++) {
+        chi2 += st.chi2[b];
+        np += (double)st.npix[b];
+        rms += st.rms[b];
+    }
+    row->status = SP_CELL_DONE;
+    row->nsrc_roi = n;
+    row->seconds = sp_wtime() - t0;
+    row->chi2dof = np > 0 ? chi2 / np : NAN;
+    row->resid_rms = rms / nb;
+cleanup:
+    return status;
+}
+
+int stage_fit(cell_t *c)
+{
+    int status = SP_OK;
+    run_t *r = c->run;
+    const sp_plan *p = r->plan;
+    const sp_cell *ce = c->cell;
+    int nb = p->nbands;
+    long *base0 = NULL;
+    double *px = NULL, *py = NULL;
+    thread_err te = {0};
+    SP_ALLOC(c->fit, c->nsrc + 1);
+    SP_ALLOC(c->fitted, c->nsrc + 1);
+    SP_ALLOC(c->fit_ra, c->nsrc + 1);
+    SP_ALLOC(c->fit_dec, c->nsrc + 1);
+    SP_ALLOC(c->prow, ce->npatch);
+    SP_ALLOC(base0, ce->npatch + 1);
+    for (int j = 0; j < ce->npatch; j++) {
+        const sp_patch *pt = &p->patches[ce->patch0 + j];
+        base0[j + 1] = base0[j] + pt->nsrc;
+        c->prow[j] = (sp_store_patchrow){.id = pt->id, .cell = pt->cell, .ix = pt->ix, .iy = pt->iy, .bx0 = pt->bx0,
+                                         .by0 = pt->by0, .bx1 = pt->bx1, .by1 = pt->by1, .rx0 = pt->rx0,
+                                         .ry0 = pt->ry0, .rx1 = pt->rx1, .ry1 = pt->ry1, .nsrc = pt->nsrc,
+                                         .nsrc_roi = 0, .active = (uint8_t)pt->active, .status = SP_CELL_SKIPPED,
+                                         .seconds = 0, .chi2dof = NAN, .resid_rms = NAN};
+    }
+    SP_CHECK(base0[ce->npatch] == c->nsrc, SP_ERR_INTERNAL, "cell %d: patch sources %ld != cell sources %ld", ce->id,
+             base0[ce->npatch], c->nsrc);
+#pragma omp parallel num_threads(r->threads)
+    {
+        fit_scratch s;
+        memset(&s, 0, sizeof s);
+        int tid = omp_get_thread_num();
+        s.local = calloc((size_t)nb, sizeof *s.local);
+        s.img = calloc((size_t)nb, sizeof *s.img);
+        if (!s.local || !s.img) thread_err_record(&te, SP_FAIL(SP_ERR_NOMEM, "out of memory"), "patch fit");
+#pragma omp for schedule(dynamic, 1)
+        for (int j = 0; j < ce->npatch; j++) {
+            const sp_patch *pt = &p->patches[ce->patch0 + j];
+            if (te.status != SP_OK || !pt->active || pt->nsrc == 0) continue;
+            int st = fit_one(c, &s, r->ws[tid], ce->patch0 + j, base0[j], &c->prow[j]);
+            if (st != SP_OK) {
+                char what[160];
+                snprintf(what, sizeof what, "patch %d (x %ld-%ld, y %ld-%ld)", pt->id, pt->bx0, pt->bx1, pt->by0,
+                         pt->by1);
+                thread_err_record(&te, st, what);
+            }
+            sp_coord_poll(); /* thread 0 only: answers the workers between patches */
+        }
+        scratch_free(&s, nb);
+    }
+    SP_TRY(thread_err_raise(&te));
+    /* sky positions of the fitted positions (wcslib objects are not shared across threads) */
+    SP_ALLOC(px, c->nsrc + 1);
+    SP_ALLOC(py, c->nsrc + 1);
+    for (long k = 0; k < c->nsrc; k++) {
+        px[k] = c->fitted[k] ? c->fit[k].x : NAN;
+        py[k] = c->fitted[k] ? c->fit[k].y : NAN;
+    }
+    if (c->nsrc > 0) SP_TRY(sp_wcs_pix2sky(p->wcs, c->nsrc, px, py, c->fit_ra, c->fit_dec, NULL));
+    for (int j = 0; j < ce->npatch; j++) r->nfit_patches += c->prow[j].status == SP_CELL_DONE;
+    for (long k = 0; k < c->nsrc; k++) r->nfit_sources += c->fitted[k];
+cleanup:
+    free(base0);
+    free(px);
+    free(py);
+    return status;
+}
+
+static double theta_sex(double rad)
+{
+    double d = fmod(rad * 180.0 / M_PI, 180.0);
+    if (d <= -90) d += 180;
+    if (d > 90) d -= 180;
+    return d;
+}
+
+void cell_fit_row(const cell_t *c, long k, void *rows, long row)
+{
+    const run_t *r = c->run;
+    const sp_store_catalog *s = &r->store->cat;
+    int nb = r->plan->nbands;
+    if (!c->fit || !c->fitted[k]) return;
+    const sp_fit_result *f = &c->fit[k];
+    sp_store_set_f64(s, rows, row, s->x_fit, f->x);
+    sp_store_set_f64(s, rows, row, s->y_fit, f->y);
+    sp_store_set_f64(s, rows, row, s->xerr, f->x_err);
+    sp_store_set_f64(s, rows, row, s->yerr, f->y_err);
+    sp_store_set_f64(s, rows, row, s->ra_fit, c->fit_ra[k]);
+    sp_store_set_f64(s, rows, row, s->dec_fit, c->fit_dec[k]);
+    if (f->type != SP_SRC_STAR) {
+        sp_store_set_f64(s, rows, row, s->re_fit, f->re);
+        sp_store_set_f64(s, rows, row, s->re_err, f->re_err);
+        sp_store_set_f64(s, rows, row, s->q_fit, f->q);
+        sp_store_set_f64(s, rows, row, s->q_err, f->q_err);
+        sp_store_set_f64(s, rows, row, s->theta_fit, theta_sex(f->theta));
+        sp_store_set_f64(s, rows, row, s->theta_err, f->theta_err * 180.0 / M_PI);
+    }
+    if (f->type == SP_SRC_SERSIC) sp_store_set_f64(s, rows, row, s->sersic_n, f->sersic_n);
+    sp_store_set_i32(s, rows, row, s->niter1, f->iters[0]);
+    sp_store_set_i32(s, rows, row, s->niter2, f->iters[1]);
+    sp_store_set_i32(s, rows, row, s->niter3, f->iters[2]);
+    int conv = (f->flags & SP_FITF_CONVERGED) != 0;
+    int most = f->iters[0] > f->iters[1] ? f->iters[0] : f->iters[1];
+    if (f->iters[2] > most) most = f->iters[2];
+    int hit = (f->flags & SP_FITF_MAXITER) ||
+              (!conv && most >= r->cfg->patch_run.n_opt_iters - r->cfg->patch_run.flag_maxiter_margin);
+    sp_store_set_i32(s, rows, row, s->converged, conv);
+    sp_store_set_i32(s, rows, row, s->hit_maxiter, hit);
+    sp_store_set_i32(s, rows, row, s->fit_flags, (int)f->flags);
+    for (int b = 0; b < nb; b++) {
+        const sp_store_bandcols *bc = &s->band[b];
+        sp_store_set_f64(s, rows, row, bc->flux_fit, f->flux[b]);
+        sp_store_set_f64(s, rows, row, bc->fluxerr_fit, f->flux_err[b]);
+        sp_store_set_f64(s, rows, row, bc->fluxerr_cond, f->flux_err_cond[b]);
+        sp_store_set_f64(s, rows, row, bc->chi2dof, f->chi2dof[b]);
+        sp_store_set_f64(s, rows, row, bc->blend, f->blend[b]);
+        sp_store_set_i32(s, rows, row, bc->psf_fallback, (f->band_flags[b] & SP_FITB_FALLBACK) != 0);
+    }
+}

@@ -1,0 +1,561 @@
+/* cell_psf.c — the PSF stages of a cell: background mesh per band, detection on
+ * the white stack, PSF-star selection and the ePSF of every band (docs/psf.md),
+ * and the ePSF cube written to /epsf/<band>. Also the run-level set-up of the
+ * stage parameters from the config. */
+#include "cell.h"
+
+#include "surveyproc/sp_error.h"
+#include "surveyproc/sp_mpi.h"
+#include "surveyproc/sp_prep.h"
+#include "surveyproc/sp_prof.h"
+#include "surveyproc/sp_zp.h"
+
+#include <math.h>
+#include <omp.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+
+void thread_err_record(thread_err *e, int st, const char *what)
+{
+    if (st == SP_OK) return;
+#pragma omp critical(sp_thread_err)
+    if (e->status == SP_OK) {
+        e->status = st;
+        snprintf(e->msg, sizeof e->msg, "%s: %s", what, sp_err_msg());
+    }
+}
+
+int thread_err_raise(const thread_err *e)
+{
+    return e->status == SP_OK ? SP_OK : sp_err_set(e->status, __FILE__, __LINE__, "%s", e->msg);
+}
+
+/* ---- set-up ------------------------------------------------------------------------- */
+
+static void params_from_config(const sp_config *cfg, int threads, int nbands, stage_params *s)
+{
+    const sp_cfg_epsf *e = &cfg->epsf;
+    const sp_cfg_patch_run *pr = &cfg->patch_run;
+    memset(s, 0, sizeof *s);
+
+    sp_bkg_params_default(&s->bkg);
+    s->bkg.boxsize = e->background_boxsize;
+    s->bkg.filtersize = e->background_filtersize;
+    s->bkg.mask_sigma = e->background_source_mask_sigma;
+    s->bkg.mask_dilate = e->background_mask_dilate;
+    s->subtract_bkg = e->background_subtract_patch;
+
+    sp_detect_params_default(&s->det);
+    s->det.thresh_sigma = e->thresh_sigma;
+    s->det.minarea = e->minarea;
+    s->det.deblend = e->deblend;
+    s->det.fwhm = e->fallback_fwhm_pix;
+
+    sp_starsel_params_default(&s->sel);
+    s->sel.mode = e->psfstar_mode == SP_CFG_PSFSTAR_DETECT      ? SP_PSFSTAR_DETECT
+                  : e->psfstar_mode == SP_CFG_PSFSTAR_REFERENCE ? SP_PSFSTAR_REFERENCE
+                                                                 : SP_PSFSTAR_BOTH;
+    s->sel.stamp_size = e->final_psf_size;
+    s->sel.edge_pad = e->edge_pad;
+    s->sel.q_min = e->q_range[0];
+    s->sel.q_max = e->q_range[1] < 1.0 ? e->q_range[1] : 1.0; /* q = b/a never exceeds 1 */
+    s->sel.min_sep = e->min_sep;
+    s->sel.snr_min = e->snr_min;
+    s->sel.max_stars = e->max_stars;
+    s->sel.fwhm = e->fallback_fwhm_pix;
+    if (e->star_local_bkg_subtract) {
+        s->sel.bkg_rin = e->star_local_bkg_annulus_rin_pix;
+        s->sel.bkg_rout = e->star_local_bkg_annulus_rout_pix;
+    }
+    s->sel.match_radius = e->reference_snap_to_detection ? e->reference_match_r_pix : 0.0;
+
+    sp_epsf_params_default(&s->epsf);
+    s->epsf.oversamp = e->oversamp;
+    s->epsf.final_size = e->final_psf_size;
+    s->epsf.max_iters = e->maxiters;
+    s->epsf.clip_sigma = e->do_clip ? e->clip_sigma : 0.0;
+    s->epsf.smooth = e->smoothing_kernel != SP_CFG_SMOOTH_NONE;
+    /* one ePSF per cell, applying at its centre; across the tile the PSF is the
+     * bilinear blend of neighbouring cells (psf_grid_at): measured better than a
+     * linear model within each cell for the 10-30 stars a cell typically has */
+    s->epsf.spatial_degree = 0;
+    s->epsf.local_bkg = e->star_local_bkg_subtract;
+    s->epsf.min_stars = pr->min_epsf_nstars_for_use > 0 ? pr->min_epsf_nstars_for_use : 1;
+    s->epsf.fallback_fwhm = e->fallback_fwhm_pix;
+    s->epsf.fallback_beta = e->fallback_model == SP_CFG_FALLBACK_GAUSSIAN ? 20.0 : e->fallback_moffat_beta;
+    s->epsf.keep_stamps = e->save_residual_diagnostics;
+    s->blend_psf = e->interpolation == SP_CFG_EPSF_INTERP_BILINEAR;
+
+    sp_fit_options_default(&s->fit);
+    s->fit.staged = pr->enable_staged_fit;
+    s->fit.n_opt_iters = pr->n_opt_iters;
+    s->fit.dlnp_stop = pr->dlnp_stop;
+    s->fit.multiband = pr->enable_multi_band_simultaneous_fitting;
+    s->fit.fit_sky = pr->fit_sky;
+    s->fit.max_shift = pr->max_shift_pix;
+    s->fit.pos_prior_sigma = pr->position_prior_pix;
+    s->fit.max_group = pr->max_group_size;
+    s->fit.re_max = pr->re_max_pix;
+    s->fit.q_min = pr->q_min;
+    s->fit.n_min = pr->sersic_n_min;
+    s->fit.n_max = pr->sersic_n_max;
+    s->fit.conv = pr->psf_model == SP_CFG_PSF_PIXELIZED ? SP_FIT_CONV_FFT : SP_FIT_CONV_GMIX;
+    s->fit.psf_gmix_k = pr->gaussian_mixture_n;
+    s->halo_fixed = pr->halo_source_mode == SP_CFG_HALO_FIXED;
+
+    int bt = e->max_workers == SP_CONFIG_AUTO ? threads : e->max_workers;
+    if (bt > nbands) bt = nbands;
+    if (bt > threads) bt = threads;
+    s->band_threads = e->parallel_bands && bt > 1 ? bt : 1;
+}
+
+/* Reference stars (inputs.reference_catalog) as PSF-star candidates: read by
+ * every rank (a small CSV), projected on the tile. */
+static int load_refs(run_t *r)
+{
+    int status = SP_OK;
+    const sp_plan *p = r->plan;
+    sp_zp_refcat ref;
+    memset(&ref, 0, sizeof ref);
+    const char **bands = NULL;
+    long nbad = 0;
+    if (r->sp.sel.mode == SP_PSFSTAR_DETECT || !r->cfg->inputs.reference_catalog) {
+        if (r->sp.sel.mode == SP_PSFSTAR_REFERENCE)
+            return SP_FAIL(SP_ERR_CONFIG, "epsf.psfstar_mode: reference needs inputs.reference_catalog (set it, "
+                                          "or use psfstar_mode: detect)");
+        r->sp.sel.mode = SP_PSFSTAR_DETECT;
+        return SP_OK;
+    }
+    SP_ALLOC(bands, p->nbands);
+    for (int b = 0; b < p->nbands; b++) bands[b] = p->bands[b];
+    status = sp_zp_refcat_read(r->cfg->inputs.reference_catalog, bands, p->nbands, &ref);
+    if (status != SP_OK) {
+        sp_err_context("inputs.reference_catalog (PSF-star candidates, epsf.psfstar_mode)");
+        goto cleanup;
+    }
+    r->refs.n = ref.n;
+    SP_ALLOC(r->refs.x, ref.n + 1);
+    SP_ALLOC(r->refs.y, ref.n + 1);
+    SP_ALLOC(r->refs.mag, (ref.n + 1) * p->nbands);
+    if (ref.n > 0) SP_TRY(sp_wcs_sky2pix(p->wcs, ref.n, ref.ra, ref.dec, r->refs.x, r->refs.y, &nbad));
+    memcpy(r->refs.mag, ref.mag, (size_t)ref.n * p->nbands * sizeof *ref.mag);
+cleanup:
+    sp_zp_refcat_free(&ref);
+    free(bands);
+    return status;
+}
+
+int cell_stages_setup(run_t *r)
+{
+    int status = SP_OK;
+    const sp_plan *p = r->plan;
+    params_from_config(r->cfg, r->threads, p->nbands, &r->sp);
+    if (r->cfg->epsf.interpolation == SP_CFG_EPSF_INTERP_POLYNOMIAL)
+        return SP_FAIL(SP_ERR_NOTBUILT, "epsf.interpolation: polynomial is not built yet; use bilinear (the default: "
+                                        "neighbouring cell ePSFs blended) or none");
+    long nc = p->ncells, ng = p->opts.epsf_ngrid;
+    SP_ALLOC(r->grid, nc * p->nbands);
+    SP_ALLOC(r->grid_nstars, nc * p->nbands);
+    SP_ALLOC(r->grid_kind, nc * p->nbands);
+    SP_ALLOC(r->grid_mine, nc);
+    SP_ALLOC(r->xedge, ng + 1);
+    SP_ALLOC(r->yedge, ng + 1);
+    for (long k = 0; k < nc * p->nbands; k++) r->grid_nstars[k] = -1;
+    for (long i = 0; i < ng; i++) {
+        r->xedge[i] = p->cells[i].bx0 - 0.5;
+        r->yedge[i] = p->cells[i * ng].by0 - 0.5;
+    }
+    r->xedge[ng] = p->cells[ng - 1].bx1 - 0.5;
+    r->yedge[ng] = p->cells[(ng - 1) * ng].by1 - 0.5;
+    if (r->cfg->patch_run.sky_order > 0 && r->rank == 0)
+        SP_WARN("patch_run.sky_order = %d: the fitter fits a constant sky per band and patch; the background mesh "
+                "(epsf.background_subtract_patch) takes the gradients",
+                r->cfg->patch_run.sky_order);
+    SP_ALLOC(r->band_satlevel, p->nbands);
+    for (int b = 0; b < p->nbands; b++) r->band_satlevel[b] = INFINITY;
+    for (int i = 0; i < p->nframes; i++) {
+        const sp_frame *f = &p->frames[i];
+        if (f->saturate > 0 && isfinite(f->saturate)) {
+            double s = f->saturate * f->scale;
+            if (s < r->band_satlevel[f->band_index]) r->band_satlevel[f->band_index] = s;
+        }
+    }
+    SP_TRY(load_refs(r));
+    /* FFTW plans serially, then one fit workspace per thread, reused by every patch */
+    SP_TRY(sp_fit_init());
+    SP_ALLOC(r->ws, r->threads);
+    for (int t = 0; t < r->threads; t++) SP_TRY(sp_fit_workspace_create(1 << 16, 64, p->nbands, &r->ws[t]));
+cleanup:
+    return status;
+}
+
+void cell_stages_cleanup(run_t *r)
+{
+    if (r->ws)
+        for (int t = 0; t < r->threads; t++) sp_fit_workspace_free(&r->ws[t]);
+    free(r->ws);
+    r->ws = NULL;
+    free(r->refs.x);
+    free(r->refs.y);
+    free(r->refs.mag);
+    memset(&r->refs, 0, sizeof r->refs);
+    free(r->band_satlevel);
+    r->band_satlevel = NULL;
+    if (r->grid)
+        for (long k = 0; k < (long)r->plan->ncells * r->plan->nbands; k++) sp_psf_free(&r->grid[k]);
+    free(r->grid);
+    free(r->grid_nstars);
+    free(r->grid_kind);
+    free(r->grid_mine);
+    free(r->xedge);
+    free(r->yedge);
+    r->grid = NULL;
+    r->grid_nstars = r->grid_kind = NULL;
+    r->grid_mine = NULL;
+    r->xedge = r->yedge = NULL;
+}
+
+/* ---- background --------------------------------------------------------------------- */
+
+/* Per band: the background mesh (sources masked), its RMS map, and (by
+ * default) the background subtracted, so detection, the ePSF stars and the fit
+ * see sky-free pixels. Bands run on the rank's threads. */
+int stage_background(cell_t *c)
+{
+    int status = SP_OK;
+    run_t *r = c->run;
+    int nb = r->plan->nbands;
+    thread_err te = {0};
+    SP_ALLOC(c->rms, nb);
+    for (int b = 0; b < nb; b++) SP_ALLOC(c->rms[b], c->npix);
+#pragma omp parallel for schedule(dynamic, 1) num_threads(r->sp.band_threads)
+    for (int b = 0; b < nb; b++) {
+        sp_bkg *bk = NULL;
+        int st = sp_bkg_estimate(c->data[b], c->ivar[b], c->mask[b], (int)c->nx, (int)c->ny, &r->sp.bkg, &bk);
+        if (st == SP_OK) st = sp_bkg_map(bk, NULL, c->rms[b]);
+        if (st == SP_OK && r->sp.subtract_bkg) {
+            st = sp_bkg_subtract(bk, c->data[b]);
+            /* masked pixels stay 0: they never enter a sum */
+            for (size_t k = 0; k < c->npix && st == SP_OK; k++)
+                if (c->ivar[b][k] <= 0) c->data[b][k] = 0;
+        }
+        sp_bkg_free(&bk);
+        if (st != SP_OK) {
+            char what[96];
+            snprintf(what, sizeof what, "background of band %s", r->plan->bands[b]);
+            thread_err_record(&te, st, what);
+        }
+    }
+    status = thread_err_raise(&te);
+cleanup:
+    return status;
+}
+
+/* ---- detection ---------------------------------------------------------------------- */
+
+/* Detections on the white stack: the PSF-star candidates, and the neighbours
+ * masked in the star cutouts. */
+int stage_detect(cell_t *c)
+{
+    int status = SP_OK;
+    float *wrms = NULL;
+    uint8_t *wmask = NULL;
+    SP_ALLOC(wrms, c->npix);
+    SP_ALLOC(wmask, c->npix);
+    for (size_t k = 0; k < c->npix; k++) {
+        float iv = c->white_ivar[k];
+        wrms[k] = iv > 0 ? 1.0f / sqrtf(iv) : 0.0f;
+        wmask[k] = iv > 0 ? 0 : SP_PIX_BAD;
+    }
+    status = sp_detect(c->white, wrms, wmask, (int)c->nx, (int)c->ny, NULL, &c->run->sp.det, &c->det, &c->ndet);
+cleanup:
+    free(wrms);
+    free(wmask);
+    return status;
+}
+
+/* ---- ePSF --------------------------------------------------------------------------- */
+
+/* The ePSF of band b sampled at the image-pixel grid (what /epsf/<band> holds). */
+static void sample_pixels(const sp_psf *psf, int size, float *out)
+{
+    double c = 0.5 * (size - 1);
+    for (int j = 0; j < size; j++)
+        for (int i = 0; i < size; i++) out[j * size + i] = (float)sp_psf_eval(psf, i - c, j - c);
+}
+
+static int write_epsf(cell_t *c)
+{
+    int status = SP_OK;
+    run_t *r = c->run;
+    const sp_plan *p = r->plan;
+    int size = r->cfg->epsf.final_psf_size;
+    float *buf = NULL;
+    SP_ALLOC(buf, (size_t)size * size);
+    for (int b = 0; b < p->nbands; b++) {
+        char path[160];
+        const sp_epsf_result *e = c->epsf[b];
+        sample_pixels(e->psf, size, buf);
+        long st4[4] = {c->cell->iy, c->cell->ix, 0, 0}, n4[4] = {1, 1, size, size};
+        snprintf(path, sizeof path, "/epsf/%s", p->bands[b]);
+        SP_TRY(sp_h5_array_write(r->store->h, path, SP_H5_F32, st4, n4, buf));
+        long so = e->psf->size, no[4] = {1, 1, so, so};
+        snprintf(path, sizeof path, "/epsf/%s_os", p->bands[b]);
+        SP_TRY(sp_h5_array_write(r->store->h, path, SP_H5_F32, st4, no, e->psf->data));
+        int32_t nst = e->nstars_used, kind = e->kind;
+        snprintf(path, sizeof path, "/epsf/%s_fallback", p->bands[b]);
+        SP_TRY(sp_h5_array_write(r->store->h, path, SP_H5_I32, st4, n4, &kind));
+        /* nstars last: >= 0 marks this band's ePSF of the cell as stored (resume) */
+        snprintf(path, sizeof path, "/epsf/%s_nstars", p->bands[b]);
+        SP_TRY(sp_h5_array_write(r->store->h, path, SP_H5_I32, st4, n4, &nst));
+    }
+cleanup:
+    free(buf);
+    return status;
+}
+
+/* Keep the cell's ePSFs in the run's grid (shared with the other ranks after the pass). */
+static int keep_epsf(cell_t *c)
+{
+    int status = SP_OK;
+    run_t *r = c->run;
+    const sp_plan *p = r->plan;
+    int id = c->cell->id;
+    for (int b = 0; b < p->nbands; b++) {
+        long k = (long)b * p->ncells + id;
+        sp_psf_free(&r->grid[k]);
+        SP_TRY(sp_psf_copy(c->epsf[b]->psf, &r->grid[k]));
+        r->grid_nstars[k] = c->epsf[b]->nstars_used;
+        r->grid_kind[k] = c->epsf[b]->kind;
+    }
+    r->grid_mine[id] = 1;
+cleanup:
+    return status;
+}
+
+/* Star selection + ePSF of one band. Reference stars in the cell ROI whose
+ * magnitude in this band is inside epsf.reference_mag_min..max are candidates
+ * in the reference modes. */
+static int build_band(cell_t *c, int b, sp_epsf_result **res)
+{
+    int status = SP_OK;
+    run_t *r = c->run;
+    const sp_cfg_epsf *e = &r->cfg->epsf;
+    int nb = r->plan->nbands;
+    double *rxy = NULL;
+    sp_psfstar *stars = NULL;
+    int nstars = 0, nref = 0;
+    if (r->sp.sel.mode != SP_PSFSTAR_DETECT && r->refs.n > 0) {
+        SP_ALLOC(rxy, 2 * r->refs.n);
+        for (long k = 0; k < r->refs.n; k++) {
+            double x = r->refs.x[k] - c->x0, y = r->refs.y[k] - c->y0, m = r->refs.mag[k * nb + b];
+            if (!(x >= 0 && y >= 0 && x <= c->nx - 1 && y <= c->ny - 1)) continue;
+            if (!(m >= e->reference_mag_min && m <= e->reference_mag_max)) continue;
+            rxy[2 * nref] = x;
+            rxy[2 * nref + 1] = y;
+            nref++;
+        }
+    }
+    sp_starsel_params sel = r->sp.sel;
+    double sat = r->band_satlevel[b];
+    sel.peak_max = isfinite(sat) ? e->max_peak_fraction * sat : 0.0;
+    /* a reference-only run with no reference star here falls back to detections */
+    if (sel.mode == SP_PSFSTAR_REFERENCE && nref == 0) sel.mode = SP_PSFSTAR_DETECT;
+    sp_starsel_stats ss;
+    SP_TRY(sp_starsel_select(c->data[b], c->rms[b], c->mask[b], (int)c->nx, (int)c->ny, c->det, c->ndet, rxy, nref,
+                             &sel, &stars, &nstars, &ss));
+    SP_DEBUG("cell %d band %s: %d detection(s), %d reference(s); PSF-star candidates %d: edge %d, flagged %d, snr %d, "
+             "round %d, peak %d, crowded %d -> %d selected",
+             c->cell->id, r->plan->bands[b], c->ndet, nref, ss.ncand, ss.n_edge, ss.n_flagged, ss.n_snr, ss.n_round,
+             ss.n_peak, ss.n_crowded, ss.n_selected);
+    sp_epsf_params ep = r->sp.epsf;
+    /* the ePSF applies at the centre of the cell's base region (ROI pixels) */
+    ep.x_ref = 0.5 * (c->cell->bx0 + c->cell->bx1 - 1) - c->x0;
+    ep.y_ref = 0.5 * (c->cell->by0 + c->cell->by1 - 1) - c->y0;
+    ep.neighbours = c->det;
+    ep.nneighbours = c->ndet;
+    SP_TRY(sp_epsf_build(c->data[b], c->ivar[b], c->mask[b], (int)c->nx, (int)c->ny, stars, nstars, &ep, res));
+cleanup:
+    free(rxy);
+    free(stars);
+    return status;
+}
+
+int stage_epsf(cell_t *c)
+{
+    int status = SP_OK;
+    run_t *r = c->run;
+    int nb = r->plan->nbands;
+    thread_err te = {0};
+    SP_ALLOC(c->epsf, nb);
+#pragma omp parallel for schedule(dynamic, 1) num_threads(r->sp.band_threads)
+    for (int b = 0; b < nb; b++) {
+        int st = build_band(c, b, &c->epsf[b]);
+        if (st != SP_OK) {
+            char what[96];
+            snprintf(what, sizeof what, "ePSF of band %s", r->plan->bands[b]);
+            thread_err_record(&te, st, what);
+        }
+    }
+    SP_TRY(thread_err_raise(&te));
+    for (int b = 0; b < nb; b++)
+        if (c->epsf[b]->is_fallback)
+            SP_DEBUG("cell %d band %s: fallback PSF (%s), %d star(s)", c->cell->id, r->plan->bands[b],
+                     c->epsf[b]->reason, c->epsf[b]->nstars_in);
+    SP_TRY(keep_epsf(c));
+    sp_prof_push("write");
+    status = write_epsf(c);
+    sp_prof_pop();
+cleanup:
+    return status;
+}
+
+/* ---- the grid across ranks ----------------------------------------------------------- */
+
+static int grid_set(run_t *r, long k, const float *data, int size, int os, int nstars, int kind)
+{
+    int status = SP_OK;
+    sp_psf_free(&r->grid[k]);
+    SP_TRY(sp_psf_alloc(size, os, &r->grid[k]));
+    sp_psf *q = r->grid[k];
+    memcpy(q->data, data, (size_t)size * size * sizeof *q->data);
+    double cx, cy;
+    sp_psf_moments(q, &cx, &cy, &q->fwhm);
+    q->nstars = nstars;
+    q->is_fallback = kind != SP_EPSF_EMPIRICAL;
+    r->grid_nstars[k] = nstars;
+    r->grid_kind[k] = kind;
+cleanup:
+    return status;
+}
+
+int psf_grid_load(run_t *r, uint8_t *need)
+{
+    int status = SP_OK;
+    const sp_plan *p = r->plan;
+    long nc = p->ncells;
+    int os = r->cfg->epsf.oversamp, so = os * (r->cfg->epsf.final_psf_size - 1) + 1;
+    int32_t *nst = NULL, *kind = NULL;
+    float *cube = NULL;
+    for (long k = 0; k < nc; k++) need[k] = (uint8_t)(p->cells[k].active != 0);
+    if (!r->store->resumed) return SP_OK;
+    SP_ALLOC(nst, nc);
+    SP_ALLOC(kind, nc);
+    SP_ALLOC(cube, (size_t)nc * so * so);
+    for (int b = 0; b < p->nbands; b++) {
+        char path[160];
+        snprintf(path, sizeof path, "/epsf/%s_nstars", p->bands[b]);
+        status = sp_h5_array_read(r->store->h, path, SP_H5_I32, NULL, NULL, nst);
+        snprintf(path, sizeof path, "/epsf/%s_fallback", p->bands[b]);
+        if (status == SP_OK) status = sp_h5_array_read(r->store->h, path, SP_H5_I32, NULL, NULL, kind);
+        snprintf(path, sizeof path, "/epsf/%s_os", p->bands[b]);
+        if (status == SP_OK) status = sp_h5_array_read(r->store->h, path, SP_H5_F32, NULL, NULL, cube);
+        if (status != SP_OK) break;
+        for (long k = 0; k < nc && status == SP_OK; k++) {
+            if (!p->cells[k].active || nst[k] < 0) continue;
+            status = grid_set(r, (long)b * nc + k, cube + (size_t)k * so * so, so, os, nst[k], kind[k]);
+        }
+    }
+    for (long k = 0; k < nc; k++) {
+        int all = 1;
+        for (int b = 0; b < p->nbands; b++) all &= r->grid[(long)b * nc + k] != NULL;
+        need[k] = (uint8_t)(p->cells[k].active && !all);
+    }
+cleanup:
+    free(nst);
+    free(kind);
+    free(cube);
+    return sp_mpi_agree(status, r->comm);
+}
+
+/* Every rank sends the ePSFs it built; records are [cell, band, nstars, kind, S*S samples]. */
+int psf_grid_share(run_t *r)
+{
+    int status = SP_OK;
+    const sp_plan *p = r->plan;
+    long nc = p->ncells;
+    int nb = p->nbands, os = r->cfg->epsf.oversamp, so = os * (r->cfg->epsf.final_psf_size - 1) + 1;
+    int rec = 4 + so * so, nmine = 0, *counts = NULL, *displs = NULL;
+    float *sendb = NULL, *recvb = NULL;
+    for (long k = 0; k < nc; k++) nmine += r->grid_mine[k] * nb;
+    SP_ALLOC(counts, r->nranks);
+    SP_ALLOC(displs, r->nranks);
+    SP_ALLOC(sendb, (size_t)(nmine > 0 ? nmine : 1) * rec);
+    int m = 0;
+    for (long k = 0; k < nc; k++) {
+        if (!r->grid_mine[k]) continue;
+        for (int b = 0; b < nb; b++, m++) {
+            float *o = sendb + (size_t)m * rec;
+            const sp_psf *q = r->grid[(long)b * nc + k];
+            o[0] = (float)k;
+            o[1] = (float)b;
+            o[2] = (float)r->grid_nstars[(long)b * nc + k];
+            o[3] = (float)r->grid_kind[(long)b * nc + k];
+            memcpy(o + 4, q->data, (size_t)so * so * sizeof *o);
+        }
+    }
+    int sendn = nmine * rec;
+    MPI_Allgather(&sendn, 1, MPI_INT, counts, 1, MPI_INT, r->comm);
+    long total = 0;
+    for (int i = 0; i < r->nranks; i++) {
+        displs[i] = (int)total;
+        total += counts[i];
+    }
+    SP_CHECK(total < 2147483647L, SP_ERR_RESOURCE,
+             "the ePSF grid (%ld floats) is too large to share in one message; lower epsf.oversamp or final_psf_size",
+             total);
+    SP_ALLOC(recvb, total + 1);
+    MPI_Allgatherv(sendb, sendn, MPI_FLOAT, recvb, counts, displs, MPI_FLOAT, r->comm);
+    for (long j = 0; j < total / rec && status == SP_OK; j++) {
+        const float *o = recvb + (size_t)j * rec;
+        long k = (long)o[0];
+        int b = (int)o[1];
+        if (r->grid_mine[k]) continue;
+        status = grid_set(r, (long)b * nc + k, o + 4, so, os, (int)o[2], (int)o[3]);
+    }
+cleanup:
+    free(counts);
+    free(displs);
+    free(sendb);
+    free(recvb);
+    return sp_mpi_agree(status, r->comm);
+}
+
+int psf_grid_at(const run_t *r, int b, int cell, double x, double y, sp_psf **scratch, const sp_psf **out)
+{
+    int status = SP_OK;
+    const sp_plan *p = r->plan;
+    const sp_psf *own = r->grid[(long)b * p->ncells + cell];
+    SP_CHECK(own != NULL, SP_ERR_INTERNAL, "cell %d band %s: no ePSF in the grid", cell, p->bands[b]);
+    if (!r->sp.blend_psf) {
+        *out = own;
+        return SP_OK;
+    }
+    if (!*scratch || (*scratch)->size != own->size || (*scratch)->oversamp != own->oversamp) {
+        sp_psf_free(scratch);
+        SP_TRY(sp_psf_alloc(own->size, own->oversamp, scratch));
+    }
+    int ng = p->opts.epsf_ngrid;
+    sp_epsf_grid g = {ng, ng, r->xedge, r->yedge, (const sp_psf *const *)(r->grid + (long)b * p->ncells)};
+    SP_TRY(sp_epsf_grid_at(&g, x, y, *scratch));
+    (*scratch)->is_fallback = own->is_fallback;
+    *out = *scratch;
+cleanup:
+    return status;
+}
+
+void cell_psf_free(cell_t *c)
+{
+    int nb = c->run->plan->nbands;
+    if (c->rms)
+        for (int b = 0; b < nb; b++) free(c->rms[b]);
+    free(c->rms);
+    if (c->epsf)
+        for (int b = 0; b < nb; b++) sp_epsf_result_free(&c->epsf[b]);
+    free(c->epsf);
+    free(c->det);
+    c->rms = NULL;
+    c->epsf = NULL;
+    c->det = NULL;
+}
