@@ -10,6 +10,7 @@
 
 #include "support.h"
 #include "surveyproc/sp_error.h"
+#include "surveyproc/sp_h5.h"
 #include "surveyproc/sp_score.h"
 
 #include <math.h>
@@ -190,12 +191,37 @@ static void t_bars(void **state)
     assert_int_equal(nfail, 1);
 }
 
+/* Errors name the file and what is missing. */
+static void t_run_errors(void **state)
+{
+    (void)state;
+    char store[600], truth[600];
+    sp_test_path("nocat.h5", store, sizeof store);
+    sp_test_write("truth.csv", "id,type,x,y,flags,flux_g\n1,STAR,1,2,0,10\n", truth, sizeof truth);
+    sp_score_result r;
+    /* missing store */
+    int st = sp_score_run(store, truth, NULL, &r);
+    assert_int_equal(st, SP_ERR_IO);
+    assert_non_null(strstr(sp_err_msg(), "nocat.h5"));
+    /* an HDF5 file without /catalog */
+    sp_h5 *h = NULL;
+    assert_int_equal(sp_h5_create(store, MPI_COMM_NULL, &h), SP_OK);
+    assert_int_equal(sp_h5_group_create(h, "/cells"), SP_OK);
+    assert_int_equal(sp_h5_close(&h), SP_OK);
+    st = sp_score_run(store, truth, NULL, &r);
+    assert_int_equal(st, SP_ERR_INPUT);
+    assert_non_null(strstr(sp_err_msg(), "no /catalog"));
+    assert_non_null(strstr(sp_err_msg(), "nocat.h5"));
+    sp_err_clear();
+}
+
 int main(void)
 {
     const struct CMUnitTest tests[] = {
         cmocka_unit_test(t_median_rsigma),
         cmocka_unit_test(t_crlb_gaussian),
         cmocka_unit_test(t_bars),
+        cmocka_unit_test(t_run_errors),
     };
     return cmocka_run_group_tests_name("score", tests, NULL, NULL);
 }
