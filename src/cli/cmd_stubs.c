@@ -15,5 +15,4 @@
         return SP_FAIL(SP_ERR_NOTBUILT, "surveyproc " name ": not built yet (" what ")");         \
     }
 
-NOT_BUILT(sp_cmd_score, "score", "accuracy scoring against truth")
 NOT_BUILT(sp_cmd_qa, "qa", "QA report")

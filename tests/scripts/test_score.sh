@@ -1,0 +1,156 @@
+#!/usr/bin/env bash
+# test_score.sh — `surveyproc score` end to end:
+#  1. `simulate --preset tiny`, `mpirun -np 2 surveyproc run`, `score --flux aper`: exit 0, every
+#     truth source matched, the table and the JSON report carry the documented keys, the
+#     aperture-corrected isolated-star fluxes are unbiased and their pulls finite;
+#  2. the default fit columns (NaN until the fitter fills them) are reported as such, and a bar on
+#     them fails (exit 5) instead of passing silently;
+#  3. a denser tile (tiny + 1500 stars on 512x512, ~100 isolated stars with SNR 20-500): bias,
+#     pull std and scatter/CRLB of the aperture photometry within physical bounds (an estimator
+#     cannot beat the Cramér–Rao bound), bars that pass exit 0 and bars that are missed exit 5;
+#  4. bad input: missing truth.csv (exit 4, names the file), truth without a band column, IDs that
+#     match nothing, a file that is not a store, unknown option (exit 3 / 4 with the name).
+# Prints PASS:/FAIL:/SKIP: lines (tests/run_all.sh counts them).
+set -u
+cd "$(dirname "$0")/../.."
+BIN=${SP_BIN:-$PWD/bin/surveyproc}
+export OMPI_ALLOW_RUN_AS_ROOT=1 OMPI_ALLOW_RUN_AS_ROOT_CONFIRM=1 OMPI_MCA_rmaps_base_oversubscribe=1
+export OMP_NUM_THREADS=${OMP_NUM_THREADS:-1} OPENBLAS_NUM_THREADS=1
+TMP=$(mktemp -d "${TMPDIR:-/tmp}/sptest_score.XXXXXX")
+trap 'rm -rf "$TMP"' EXIT
+pass() { echo "PASS: $1"; }
+fail() { echo "FAIL: $1${2:+ — $2}"; }
+
+if [ ! -x "$BIN" ]; then fail score_binary "$BIN missing (make first)"; exit 0; fi
+
+# top-level number of the JSON report (one key per line there); "null" stays "null"
+jget() { sed -n "s/^  \"$1\": \\([^,]*\\),\\{0,1\\}\$/\\1/p" "$2" | head -1; }
+# awk test on numbers: in_range VALUE LO HI
+in_range() { awk -v v="$1" -v lo="$2" -v hi="$3" 'BEGIN{exit !(v != "null" && v != "" && v+0 >= lo+0 && v+0 <= hi+0)}'; }
+
+# ---- 1. tiny preset, 2 ranks, aperture columns -------------------------------------------
+D=$TMP/tiny
+if ! "$BIN" -q simulate --preset tiny --out "$D" >"$TMP/sim.log" 2>&1; then
+  fail score_setup "simulate: $(tail -3 "$TMP/sim.log")"; exit 0
+fi
+if ! mpirun -np 2 --bind-to none "$BIN" -q run "$D/config.yaml" >"$TMP/run.log" 2>&1; then
+  fail score_setup "run: $(tail -3 "$TMP/run.log")"; exit 0
+fi
+S=$D/work/surveyproc.h5
+"$BIN" score "$S" "$D" --flux aper --json "$TMP/aper.json" >"$TMP/aper.out" 2>"$TMP/aper.err"; rc=$?
+sed 's/^/  | /' "$TMP/aper.out" | grep -E "summary|isolated stars|^  \|   (star|STAR  all|GAL   all)" | head -20
+if [ $rc -eq 0 ]; then pass score_aper_runs; else fail score_aper_runs "exit $rc: $(tail -3 "$TMP/aper.err")"; fi
+ntruth=$(($(wc -l <"$D/truth.csv") - 1))
+if [ "$(jget n_matched "$TMP/aper.json")" = "$ntruth" ] && [ "$(jget match_rate "$TMP/aper.json")" = "1" ]; then
+  pass score_match_all
+else
+  fail score_match_all "n_matched $(jget n_matched "$TMP/aper.json") of $ntruth"
+fi
+missing=""
+for k in match_rate star_flux_scatter_over_crlb star_pull_std star_flux_bias star_pos_scatter_over_crlb \
+         galaxy_flux_bias galaxy_pull_std zp_error_mag_max epsf_resid_rms; do
+  grep -q "^  \"$k\": " "$TMP/aper.json" || missing="$missing $k"
+done
+for k in '"per_band"' '"m400"' '"m650"' '"m875"' '"isolated_stars"' '"mag_bins"' '"STAR"' '"EXP"' '"DEV"' \
+         '"scatter_over_crlb_known"' '"aper_corr"'; do
+  grep -q "$k" "$TMP/aper.json" || missing="$missing $k"
+done
+if [ -z "$missing" ]; then pass score_json_keys; else fail score_json_keys "missing:$missing"; fi
+if python3 -c 'import json,sys; json.load(open(sys.argv[1]))' "$TMP/aper.json" 2>/dev/null ||
+   ! command -v python3 >/dev/null; then pass score_json_parses; else fail score_json_parses "python json.load failed"; fi
+b=$(jget star_flux_bias "$TMP/aper.json"); p=$(jget star_pull_std "$TMP/aper.json")
+c=$(jget star_flux_scatter_over_crlb "$TMP/aper.json")
+# few isolated stars in tiny (1-5 per band): loose bars here, tight ones in part 3
+if in_range "$b" -0.06 0.06 && in_range "$p" 0.3 3 && in_range "$c" 0.3 4; then
+  pass "score_tiny_aper_sensible (bias $b, pull std $p, scatter/CRLB $c)"
+else
+  fail score_tiny_aper_sensible "bias $b, pull std $p, scatter/CRLB $c"
+fi
+for w in "FLUX_<band>_APER" "band m400" "band m875" "STAR  all" "isolated stars, SNR 20-500" "encircled energy"; do
+  grep -qF "$w" "$TMP/aper.out" || { fail score_table "no '$w' in the table"; w=x; break; }
+done
+[ "$w" != x ] && pass score_table
+
+# ---- 2. fit columns: NaN until the fitter fills them ---------------------------------------
+"$BIN" score "$S" "$D" --json "$TMP/fit.json" >"$TMP/fit.out" 2>"$TMP/fit.err"; rc=$?
+nconv=$(grep -c '"flux_all_nan": true' "$TMP/fit.json" 2>/dev/null)
+if [ $rc -eq 0 ] && [ "$nconv" = 3 ] && grep -q "FLUX_m400_fit is NaN on every matched row" "$TMP/fit.out" &&
+   [ "$(jget star_pull_std "$TMP/fit.json")" = null ]; then
+  pass score_fit_nan_reported
+elif [ $rc -eq 0 ] && [ "$nconv" = 0 ] && in_range "$(jget star_pull_std "$TMP/fit.json")" 0.3 3; then
+  pass "score_fit_nan_reported (the store has fitted fluxes: star_pull_std $(jget star_pull_std "$TMP/fit.json"))"
+else
+  fail score_fit_nan_reported "exit $rc, flux_all_nan bands $nconv: $(tail -3 "$TMP/fit.out") $(tail -2 "$TMP/fit.err")"
+fi
+if [ "$nconv" = 3 ]; then
+  "$BIN" score "$S" "$D" --require-pull-std 0.8:1.2 >"$TMP/fitbar.out" 2>"$TMP/fitbar.err"; rc=$?
+  if [ $rc -eq 5 ] && grep -q "FAIL star_pull_std = null" "$TMP/fitbar.out" && grep -q "bar(s) missed" "$TMP/fitbar.err"; then
+    pass score_bar_on_null_fails
+  else
+    fail score_bar_on_null_fails "exit $rc: $(cat "$TMP/fitbar.out" | tail -2) $(tail -1 "$TMP/fitbar.err")"
+  fi
+fi
+
+# ---- 3. a denser tile: the statistics mean something ---------------------------------------
+cat >"$TMP/dense.yaml" <<'EOF'
+preset: tiny
+seed: 7
+nx: 512
+ny: 512
+n_stars: 1500
+n_galaxies: 100
+n_clusters: 1
+EOF
+E=$TMP/dense
+if "$BIN" -q simulate "$TMP/dense.yaml" --out "$E" >"$TMP/sim2.log" 2>&1 &&
+   mpirun -np 2 --bind-to none "$BIN" -q run "$E/config.yaml" >"$TMP/run2.log" 2>&1; then
+  "$BIN" score "$E/work/surveyproc.h5" --flux aper --json "$TMP/dense.json" >"$TMP/dense.out" 2>&1; rc=$?
+  grep -E "summary|isolated stars" -A1 "$TMP/dense.out" | sed 's/^/  | /'
+  n=$(grep -o '"isolated_stars": {"n_truth": [0-9]*, "n_matched": [0-9]*, "n_measured": [0-9]*, "n_flagged": [0-9]*, "n_used": [0-9]*' \
+      "$TMP/dense.json" | sed 's/.*n_used": //' | sort -n | head -1)
+  b=$(jget star_flux_bias "$TMP/dense.json"); p=$(jget star_pull_std "$TMP/dense.json")
+  c=$(jget star_flux_scatter_over_crlb "$TMP/dense.json")
+  if [ $rc -eq 0 ] && in_range "${n:-0}" 15 100000; then pass "score_dense_sample (>= ${n} isolated stars per band)"
+  else fail score_dense_sample "exit $rc, isolated stars used per band: ${n:-none}"; fi
+  # aperture photometry corrected by the true encircled energy: no bias; its errors are honest;
+  # an aperture cannot beat the CRLB (scatter/CRLB >= 1 within the sample noise) nor be far off it
+  if in_range "$b" -0.02 0.02; then pass "score_dense_bias ($b)"; else fail score_dense_bias "$b"; fi
+  if in_range "$p" 0.8 1.35; then pass "score_dense_pull_std ($p)"; else fail score_dense_pull_std "$p"; fi
+  if in_range "$c" 0.95 1.8; then pass "score_dense_scatter_over_crlb ($c)"; else fail score_dense_scatter_over_crlb "$c"; fi
+  # the uncorrected aperture loses the light outside r_ap: a clear negative bias
+  "$BIN" score "$E/work/surveyproc.h5" "$E" --flux aper --aper-correct none --json "$TMP/raw.json" >/dev/null 2>&1
+  b0=$(jget star_flux_bias "$TMP/raw.json")
+  if in_range "$b0" -0.3 -0.04; then pass "score_aper_uncorrected_biased ($b0)"; else fail score_aper_uncorrected_biased "$b0"; fi
+  # bars
+  "$BIN" score "$E/work/surveyproc.h5" "$E" --flux aper --quiet-table --require-bias 0.03 \
+    --require-pull-std 0.7:1.5 --require-scatter-crlb 3 --require-match-rate 0.99 >"$TMP/bar1.out" 2>&1; rc=$?
+  if [ $rc -eq 0 ] && [ "$(grep -c '^PASS' "$TMP/bar1.out")" = 4 ]; then pass score_bars_pass
+  else fail score_bars_pass "exit $rc: $(tail -5 "$TMP/bar1.out" | tr '\n' ' ')"; fi
+  "$BIN" score "$E/work/surveyproc.h5" "$E" --flux aper --quiet-table --require-scatter-crlb 0.5 \
+    --require-bias 0.03 >"$TMP/bar2.out" 2>"$TMP/bar2.err"; rc=$?
+  if [ $rc -eq 5 ] && grep -q "^FAIL star_flux_scatter_over_crlb" "$TMP/bar2.out" && grep -q "^PASS |star_flux_bias|" "$TMP/bar2.out" &&
+     grep -q "1 bar(s) missed" "$TMP/bar2.err"; then
+    pass score_bars_fail_exit5
+  else
+    fail score_bars_fail_exit5 "exit $rc: $(tail -3 "$TMP/bar2.out" | tr '\n' ' ') $(tail -1 "$TMP/bar2.err")"
+  fi
+else
+  fail score_dense_setup "$(tail -3 "$TMP/sim2.log") $(tail -3 "$TMP/run2.log")"
+fi
+
+# ---- 4. bad input ----------------------------------------------------------------------
+expect_err() { # name expected_rc text -- command...
+  local name=$1 want=$2 text=$3; shift 4
+  "$@" >"$TMP/e.out" 2>"$TMP/e.err"; local rc=$?
+  if [ $rc -eq "$want" ] && grep -qF -- "$text" "$TMP/e.err"; then pass "$name"
+  else fail "$name" "exit $rc (want $want), stderr: $(tail -2 "$TMP/e.err" | tr '\n' ' ')"; fi
+}
+mkdir -p "$TMP/empty"
+expect_err score_err_missing_truth 4 "$TMP/empty/truth.csv" -- "$BIN" score "$S" "$TMP/empty"
+mkdir -p "$TMP/nocol" && cut -d, -f1-7,9- "$D/truth.csv" >"$TMP/nocol/truth.csv"  # drops flux_m650
+expect_err score_err_truth_column 3 "flux_m650" -- "$BIN" score "$S" --truth "$TMP/nocol/truth.csv" --flux aper
+mkdir -p "$TMP/noid" && awk -F, -v OFS=, 'NR>1{$1=$1+100000}1' "$D/truth.csv" >"$TMP/noid/truth.csv"
+expect_err score_err_no_match 3 "matches" -- "$BIN" score "$S" --truth "$TMP/noid/truth.csv" --flux aper
+expect_err score_err_not_store 4 "$D/truth.csv" -- "$BIN" score "$D/truth.csv" "$D"
+expect_err score_err_option 3 "--bogus" -- "$BIN" score "$S" "$D" --bogus
+if "$BIN" score --help | grep -q -- "--require-scatter-crlb"; then pass score_help; else fail score_help; fi
