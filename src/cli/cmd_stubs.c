@@ -16,4 +16,3 @@
     }
 
 NOT_BUILT(sp_cmd_score, "score", "accuracy scoring against truth")
-NOT_BUILT(sp_cmd_qa, "qa", "QA report")
