@@ -109,15 +109,20 @@ $(BUILD)/bench/%: tests/bench/%.c $(LIBA)
 	@$(CC) $(CFLAGS) $< $(LIBA) $(PKG_LIBS) $(LDFLAGS) -o $@
 
 install: $(BIN) $(LIBA)
-	install -d $(DESTDIR)$(PREFIX)/bin $(DESTDIR)$(PREFIX)/lib $(DESTDIR)$(PREFIX)/include/surveyproc
+	install -d $(DESTDIR)$(PREFIX)/bin $(DESTDIR)$(PREFIX)/lib $(DESTDIR)$(PREFIX)/include/surveyproc \
+	           $(DESTDIR)$(PREFIX)/share/surveyproc
 	install -m 755 $(BIN) $(DESTDIR)$(PREFIX)/bin/surveyproc
 	install -m 644 $(LIBA) $(DESTDIR)$(PREFIX)/lib/libsurveyproc.a
 	install -m 644 include/surveyproc/*.h $(DESTDIR)$(PREFIX)/include/surveyproc/
+	install -m 755 scripts/qa.py $(DESTDIR)$(PREFIX)/share/surveyproc/qa.py
 
 format:
 	clang-format -i $$(git ls-files '*.c' '*.h')
 
 clean:
 	rm -rf build bin lib
+
+# `surveyproc qa` also looks for the script where `make install` puts it (besides <bindir>/../share)
+$(BUILD)/src/cli/cmd_qa.o: CFLAGS += -DSP_DATADIR='"$(PREFIX)/share/surveyproc"'
 
 -include $(LIB_OBJ:.o=.d) $(CLI_OBJ:.o=.d)

@@ -6,7 +6,8 @@ set -euo pipefail
 
 PKGS=(build-essential pkg-config libopenmpi-dev openmpi-bin libcfitsio-dev wcslib-dev
       libfftw3-dev libfftw3-mpi-dev libopenblas-dev liblapacke-dev libhdf5-openmpi-dev
-      hdf5-tools libyaml-dev libcmocka-dev python3-numpy python3-h5py python3-astropy)
+      hdf5-tools libyaml-dev libcmocka-dev python3-numpy python3-h5py python3-astropy
+      python3-matplotlib)
 for a in "$@"; do
   case "$a" in
     --with-peers) PKGS+=(source-extractor psfex python3-photutils python3-sep python3-scipy python3-matplotlib) ;;
