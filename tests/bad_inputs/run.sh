@@ -153,6 +153,14 @@ if want yaml; then
   head -c 400 "$F0" >"$CFG"; run 1
   expect yaml_not_a_mapping 3 none "config.yaml:1: the config must be a mapping of sections"
 
+  new_case yaml_required_key_missing
+  sed -i '/^  input_catalog:/d' "$CFG"; run 1
+  expect yaml_required_key_missing 3 none "config.yaml: inputs.input_catalog: not set; the source catalog CSV is required"
+
+  new_case yaml_empty_file
+  : >"$CFG"; run 1
+  expect yaml_empty_file 3 none "config.yaml: inputs.image_list_file: not set"
+
   new_case yaml_missing_file
   rm "$CFG"; run 1
   expect yaml_missing_file 4 none "config.yaml: cannot open config file: No such file or directory"
@@ -196,6 +204,11 @@ if want image; then
   new_case image_is_directory
   rm "$F1"; mkdir "$F1"; run 1
   expect image_is_directory 4 none "image_list.txt:3: " "m650_0.fits: not a regular file"
+
+  new_case image_table_only   # a FITS file with no 2-D image HDU
+  printf 'SIMPLE  =                    T%50sBITPIX  =                    8%50sNAXIS   =                    0%50sEND%77s' '' '' '' '' >"$F1"
+  truncate -s 2880 "$F1"; run 1
+  expect image_table_only 3 none "image_list.txt:3: " "m650_0.fits: no 2-D image found in the primary HDU"
 
   new_case image_not_fits
   echo "this is not a FITS file" >"$F1"; run 1
@@ -248,6 +261,31 @@ elif want 'frame|header|nan'; then
   new_case header_egain_not_number
   $DAMAGE setkey "$F1" EGAIN abc; run 1
   expect header_egain_not_number 3 none "m650_0.fits[HDU 1]: header key EGAIN = 'abc" "is not a valid number"
+
+  new_case frame_cube   # NAXIS = 3
+  /usr/bin/python3 -c "
+from astropy.io import fits; import numpy as np, sys
+h = fits.open(sys.argv[1])[0]; fits.PrimaryHDU(np.stack([h.data, h.data]), h.header).writeto(sys.argv[1], overwrite=True)" "$F1"
+  run 1
+  expect frame_cube 3 none "image_list.txt:3: " "m650_0.fits: no 2-D image found" "NAXIS = 2"
+
+  new_case frame_in_extension_ok   # DESIGN §2: the primary HDU or the first image HDU
+  /usr/bin/python3 -c "
+from astropy.io import fits; import sys
+h = fits.open(sys.argv[1])[0]; fits.HDUList([fits.PrimaryHDU(), fits.ImageHDU(h.data, h.header)]).writeto(sys.argv[1], overwrite=True)" "$F1"
+  run "$NP2"
+  expect frame_in_extension_ok 0 valid
+
+  new_case frame_int16_ok   # integer pixels are read as float
+  /usr/bin/python3 -c "
+from astropy.io import fits; import numpy as np, sys
+h = fits.open(sys.argv[1])[0]; fits.PrimaryHDU(np.round(h.data + 100).astype(np.int16), h.header).writeto(sys.argv[1], overwrite=True)" "$F1"
+  run 1
+  expect frame_int16_ok 0 valid
+
+  new_case header_filter_too_long
+  $DAMAGE setkey "$F1" FILTER abcdefghijklmnopqrstuvwxyz0123; run 1
+  expect header_filter_too_long 3 none "image_list.txt:3: " "FILTER 'abcdefghijklmnopqrstuvwxyz0123' is empty or longer than 23 characters"
 
   new_case frame_all_nan
   $DAMAGE allnan "$F1"; run "$NP2"
@@ -308,6 +346,14 @@ if want catalog; then
   awk -F, 'BEGIN{OFS=","} NR>1{$2=$2+10} {print}' "$CAT" >"$D/x" && mv "$D/x" "$CAT"; run 1
   expect catalog_outside_tile 3 none "input_catalog.csv: none of the $NROWS sources falls on the tile" "centred on RA 150.0" "the catalog spans RA 159.98"
 
+  new_case catalog_is_directory
+  rm "$CAT"; mkdir "$CAT"; run 1
+  expect catalog_is_directory 4 none "input catalog (inputs.input_catalog)" "input_catalog.csv: read error: Is a directory"
+
+  new_case catalog_unterminated_quote
+  sed -i '25s/^\([^,]*\),/\1,"/' "$CAT"; run 1
+  expect catalog_unterminated_quote 3 none "input_catalog.csv:25: unterminated quoted field (column 2"
+
   new_case catalog_crlf_ok   # Windows line ends are not an error
   sed -i 's/$/\r/' "$CAT"; run 1
   expect catalog_crlf_ok 0 valid
@@ -352,6 +398,20 @@ if want store; then
   run 1; cp "$D/work/surveyproc.h5" "$D/first.h5"; run "$NP2"
   expect store_exists 5 valid "surveyproc.h5 already exists; use \`surveyproc run --resume\`"
   cmp -s "$D/first.h5" "$D/work/surveyproc.h5" && pass store_exists_untouched || fail store_exists_untouched "the store changed"
+
+  new_case store_overwrite_bad_input   # overwrite: true, but the new inputs are bad: the old store stays
+  run 1; cp "$D/work/surveyproc.h5" "$D/first.h5"
+  sed -i 's/^  work_dir: work/  work_dir: work\n  overwrite: true/' "$CFG"; sed -i '40s/^[^,]*,/7,/' "$CAT"; run "$NP2"
+  expect store_overwrite_bad_input 3 valid "input_catalog.csv:40: duplicate ID '7'"
+  cmp -s "$D/first.h5" "$D/work/surveyproc.h5" && pass store_overwrite_bad_input_untouched || fail store_overwrite_bad_input_untouched "the old store changed"
+
+  new_case store_is_directory
+  sed -i "s#^  work_dir: work#  work_dir: work\n  store: $D/images\n  overwrite: true#" "$CFG"; run 1
+  expect store_is_directory 4 none "images: cannot create the file: the path exists and is not a regular file"
+
+  new_case work_dir_not_a_directory
+  sed -i 's#^  work_dir: work#  work_dir: config.yaml/work#' "$CFG"; run 1
+  expect work_dir_not_a_directory 4 none "config.yaml/work: cannot create directory (outputs.work_dir): Not a directory"
 
   new_case store_resume_other_config
   run 1; sed -i 's/^  zp_ref: 25.0/  zp_ref: 24.0/' "$CFG"; EXTRA_ARGS=(--resume); run "$NP2"
