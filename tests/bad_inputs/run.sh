@@ -409,6 +409,16 @@ if want store; then
   sed -i "s#^  work_dir: work#  work_dir: work\n  store: $D/images\n  overwrite: true#" "$CFG"; run 1
   expect store_is_directory 4 none "images: cannot create the file: the path exists and is not a regular file"
 
+  new_case store_is_an_input   # overwrite: true must never truncate an input
+  cp "$CAT" "$D/cat.orig"
+  sed -i "s#^  work_dir: work#  work_dir: work\n  store: $CAT\n  overwrite: true#" "$CFG"; run "$NP2"
+  expect store_is_an_input 3 none "outputs.store = " "input_catalog.csv is the inputs.input_catalog of this run"
+  cmp -s "$CAT" "$D/cat.orig" && pass store_is_an_input_untouched || fail store_is_an_input_untouched "the catalog changed"
+
+  new_case store_is_a_frame
+  sed -i "s#^  work_dir: work#  work_dir: work\n  store: $F2\n  overwrite: true#" "$CFG"; run 1
+  expect store_is_a_frame 3 none "m875_0.fits is frame 2 of the image list (line 4)"
+
   new_case work_dir_not_a_directory
   sed -i 's#^  work_dir: work#  work_dir: config.yaml/work#' "$CFG"; run 1
   expect work_dir_not_a_directory 4 none "config.yaml/work: cannot create directory (outputs.work_dir): Not a directory"
