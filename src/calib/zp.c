@@ -48,7 +48,7 @@ int sp_zp_refcat_read(const char *path, const char *const *bands, int nbands, sp
     }
     int cra = sp_csv_col(t, "RA"), cdec = sp_csv_col(t, "DEC");
     SP_CHECK(cra >= 0 && cdec >= 0, SP_ERR_INPUT,
-             "%s: the reference catalog needs RA and DEC columns (degrees); it has no %s column", path,
+             "%s:1: the reference catalog needs RA and DEC columns (degrees); it has no %s column", path,
              cra < 0 ? "RA" : "DEC");
     long nr = t->nrow;
     SP_ALLOC(ra, nr);

@@ -165,7 +165,11 @@ static int read_frame(const char *path, double zp_ref, sp_frame *fr)
     if (!found) fr->saturate = NAN;
     SP_TRY(sp_fits_key_double(f, "EXPTIME", 0, &fr->exptime, &found));
     if (!found) fr->exptime = NAN;
-    SP_CHECK(isfinite(fr->zp_auto), SP_ERR_INPUT, "%s[HDU %d]: ZP_AUTO is not finite", path, fr->hdu);
+    /* an implausible zero point scales the frame to 0 or infinity: every flux silently 0 or NaN */
+    SP_CHECK(isfinite(fr->zp_auto) && fr->zp_auto > 0 && fr->zp_auto < 60, SP_ERR_INPUT,
+             "%s[HDU %d]: ZP_AUTO = %g is not a plausible AB zero point (expected 0 < ZP_AUTO < 60; with "
+             "image_scaling.zp_ref = %g the frame would be scaled by 10^%.3g): fix the header",
+             path, fr->hdu, fr->zp_auto, zp_ref, -0.4 * (fr->zp_auto - zp_ref));
     SP_CHECK(fr->skysig > 0 && isfinite(fr->skysig), SP_ERR_INPUT,
              "%s[HDU %d]: SKYSIG = %g; it must be a positive sky noise in ADU", path, fr->hdu, fr->skysig);
     SP_CHECK(fr->egain > 0 && isfinite(fr->egain), SP_ERR_INPUT,

@@ -258,6 +258,29 @@ elif want 'frame|header|nan'; then
   $DAMAGE setkey "$F1" SKYSIG -1; run 1
   expect header_bad_skysig 3 none "image_list.txt:3: " "m650_0.fits[HDU 1]: SKYSIG = -1; it must be a positive"
 
+  new_case header_zp_implausible   # used to run, with every flux of the band 0
+  $DAMAGE setkey "$F1" ZP_AUTO 1e30; run 1
+  expect header_zp_implausible 3 none "image_list.txt:3: " "m650_0.fits[HDU 1]: ZP_AUTO = 1e+30 is not a plausible AB zero point"
+
+  new_case frame_partly_nan_ok   # a NaN quadrant in every band: rows flagged, run completes
+  /usr/bin/python3 -c "
+from astropy.io import fits; import numpy as np, sys
+for f in sys.argv[1:]:
+    with fits.open(f, mode='update') as hl: hl[0].data[:128, :128] = np.nan
+" "$F0" "$F1" "$F2"
+  run "$NP2"
+  expect frame_partly_nan_ok 0 valid
+  if [ -n "$PY" ] && [ "$RC" -eq 0 ]; then
+    if "$PY" - "$D/work/surveyproc.h5" >"$D/flags.out" 2>&1 <<'EOF'
+import sys, h5py, numpy as np
+a = h5py.File(sys.argv[1], "r")["catalog"][...]
+bad = np.isnan(a["FLUX_m650_APER"]) & (a["excluded_any"] == 0)
+assert bad.sum() > 0, "no source lost its aperture flux?"
+assert np.all(a["APER_FLAGS_m650"][bad] & 8), "a NaN flux without the all-masked flag"
+EOF
+    then pass frame_partly_nan_flagged; else fail frame_partly_nan_flagged "$(tail -1 "$D/flags.out")"; fi
+  fi
+
   new_case header_egain_not_number
   $DAMAGE setkey "$F1" EGAIN abc; run 1
   expect header_egain_not_number 3 none "m650_0.fits[HDU 1]: header key EGAIN = 'abc" "is not a valid number"
@@ -381,7 +404,7 @@ EOF
 
   new_case refcat_no_ra
   sed -i '1s/^RA,/R_A,/' "$REF"; run 1
-  expect refcat_no_ra 3 none "reference_catalog.csv: the reference catalog needs RA and DEC columns" "no RA column"
+  expect refcat_no_ra 3 none "reference_catalog.csv:1: the reference catalog needs RA and DEC columns" "no RA column"
 
   new_case refcat_short_row
   sed -i '3s/,[^,]*$//' "$REF"; run 1
