@@ -28,6 +28,8 @@ TIMEOUT=60
 npass=0; nfail=0; nskip=0; t_start=$SECONDS
 
 if [ ! -x "$BIN" ]; then echo "FAIL: bad_inputs_setup ($BIN missing: run make)"; exit 0; fi
+# a private copy: a concurrent `make` relinking bin/surveyproc cannot pull it away mid-suite
+cp "$BIN" "$TMP/surveyproc" && BIN=$TMP/surveyproc && chmod 755 "$BIN"
 PY=""
 if /usr/bin/python3 -c 'import astropy, h5py, numpy' 2>/dev/null; then PY=/usr/bin/python3; fi
 HAVE_MPI=0; command -v mpirun >/dev/null 2>&1 && HAVE_MPI=1
