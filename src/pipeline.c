@@ -381,6 +381,8 @@ static void plan_opts_from_config(const sp_config *cfg, int threads, sp_plan_opt
     o->crop_margin = cfg->crop.enabled ? cfg->crop.margin : 0;
     /* alignment in pixels: the seed's CRPIX tolerance is the natural pixel scale of the check */
     o->wcs_tolerance = cfg->checks.require_wcs_alignment ? cfg->checks.wcs_tolerance.crpix : INFINITY;
+    o->allow_unknown_bands = !cfg->checks.require_catalog_bands;
+    o->shape_check_off = !cfg->checks.require_same_shape;
     o->epsf_ngrid = cfg->epsf.epsf_ngrid;
     o->ngrid = cfg->epsf.ngrid;
     o->psf_size = cfg->epsf.final_psf_size;

@@ -28,6 +28,8 @@ typedef struct {
     double zp_ref;
     double crop_margin;       /* pixels from the tile edge that are excluded_crop */
     double wcs_tolerance;     /* pixels */
+    int allow_unknown_bands;  /* !checks.require_catalog_bands: FLUX_<band> of a band no frame has is ignored */
+    int shape_check_off;      /* !checks.require_same_shape: asked for, not supported (the message says so) */
     int epsf_ngrid;           /* cells per side */
     int ngrid;                /* patches per cell side */
     int psf_size;             /* final PSF stamp size (pixels, odd) */

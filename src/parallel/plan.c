@@ -301,9 +301,12 @@ static int build_frames(const sp_plan_opts *o, MPI_Comm comm, sp_plan *p)
         sp_frame *fr = &p->frames[i];
         SP_CHECK(fr->nx == p->nx && fr->ny == p->ny, SP_ERR_INPUT,
                  "%s:%ld: %s[HDU %d]: shape %ldx%ld differs from %s (line %ld: %ldx%ld); all frames of a tile must "
-                 "share one pixel grid (resample the frame onto the tile, or list it in another tile's image list)",
+                 "share one pixel grid (resample the frame onto the tile, or list it in another tile's image list)%s",
                  o->image_list, fr->list_line, fr->path, fr->hdu, fr->nx, fr->ny, p->frames[0].path,
-                 p->frames[0].list_line, p->nx, p->ny);
+                 p->frames[0].list_line, p->nx, p->ny,
+                 o->shape_check_off ? "; checks.require_same_shape: false is accepted by the config, but frames of "
+                                      "different shapes are not supported yet"
+                                    : "");
         SP_CHECK(fr->wcs_offset_pix <= o->wcs_tolerance, SP_ERR_INPUT,
                  "%s:%ld: %s[HDU %d]: WCS differs from %s (line %ld) by up to %.3f pixels "
                  "(checks.wcs_tolerance.crpix = %g); all frames of a tile must be aligned on one pixel grid",
@@ -389,13 +392,21 @@ static int build_catalog(const sp_plan_opts *o, sp_plan *p, uint64_t *cat_hash)
         int b;
         for (b = 0; b < p->nbands; b++)
             if (!strcasecmp(p->bands[b], band)) break;
+        if (b == p->nbands && o->allow_unknown_bands) {
+            if (sp_log_rank() == 0) /* every rank reads the catalog: say it once */
+                SP_WARN("%s:1: column %s names band '%s', but no frame has FILTER = '%s': column ignored "
+                    "(checks.require_catalog_bands: false)",
+                    path, t->colnames[k], band, band);
+            continue;
+        }
         if (b == p->nbands) {
             char have[512] = "";
             for (int j = 0; j < p->nbands; j++)
                 snprintf(have + strlen(have), sizeof have - strlen(have), "%s%s", j ? ", " : "", p->bands[j]);
             SP_CHECK(0, SP_ERR_INPUT,
                      "%s:1: column %s names band '%s', but no frame has FILTER = '%s' (frame bands: %s); "
-                     "remove the column or add the band's frames to the image list",
+                     "remove the column, add the band's frames to the image list, or set checks.require_catalog_bands: "
+                     "false to ignore it",
                      path, t->colnames[k], band, band, have);
         }
         fluxcol[b] = k;

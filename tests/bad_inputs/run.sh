@@ -249,6 +249,10 @@ elif want 'frame|header|nan'; then
   $DAMAGE shiftwcs "$F2" 3.5; run 1
   expect frame_wcs_differs 3 none "image_list.txt:4: " "m875_0.fits[HDU 1]: WCS differs from" "by up to 3.500 pixels" "checks.wcs_tolerance.crpix"
 
+  new_case frame_shape_check_off   # checks.require_same_shape: false is not supported: said so
+  $DAMAGE crop "$F2" 200 256; printf 'checks:\n  require_same_shape: false\n' >>"$CFG"; run 1
+  expect frame_shape_check_off 3 none "shape 200x256 differs" "checks.require_same_shape: false is accepted by the config, but frames of different shapes are not supported yet"
+
   new_case frame_shape_differs
   $DAMAGE crop "$F2" 200 256; run "$NP2"
   expect frame_shape_differs 3 none "image_list.txt:4: " "m875_0.fits[HDU 1]: shape 200x256 differs" "(line 2: 256x256)"
@@ -368,6 +372,11 @@ if want catalog; then
   new_case catalog_band_not_in_frames
   sed -i '1s/$/,FLUX_m999/; 2,$s/$/,1.0/' "$CAT"; run 1
   expect catalog_band_not_in_frames 3 none "input_catalog.csv:1: column FLUX_m999 names band 'm999'" "frame bands: m400, m650, m875"
+
+  new_case catalog_band_not_in_frames_allowed   # checks.require_catalog_bands: false -> ignored, warned once
+  sed -i '1s/$/,FLUX_m999/; 2,$s/$/,1.0/' "$CAT"; printf 'checks:\n  require_catalog_bands: false\n' >>"$CFG"; run "$NP2"
+  expect catalog_band_not_in_frames_allowed 0 valid "input_catalog.csv:1: column FLUX_m999 names band 'm999'" "column ignored"
+  [ "$(grep -c 'column FLUX_m999' "$D/err")" -eq 1 ] && pass catalog_band_warned_once || fail catalog_band_warned_once "warned $(grep -c 'column FLUX_m999' "$D/err") times"
 
   new_case catalog_header_only
   sed -i '2,$d' "$CAT"; run 1
