@@ -398,9 +398,13 @@ if want catalog; then
   sed -i '25s/^\([^,]*\),/\1,"/' "$CAT"; run 1
   expect catalog_unterminated_quote 3 none "input_catalog.csv:25: unterminated quoted field (column 2"
 
-  new_case catalog_crlf_ok   # Windows line ends are not an error
-  sed -i 's/$/\r/' "$CAT"; run 1
-  expect catalog_crlf_ok 0 valid
+  new_case catalog_crlf_bom_ok   # a spreadsheet's CSV: Windows line ends and a UTF-8 BOM are not errors
+  sed -i 's/$/\r/; 1s/^/\xef\xbb\xbf/; 2s/^1,/src1,/' "$CAT"; run 1
+  expect catalog_crlf_bom_ok 0 valid
+  if [ -n "$PY" ] && [ "$RC" -eq 0 ]; then
+    "$PY" -c "import h5py, sys; a = h5py.File(sys.argv[1], 'r')['catalog'][...]; assert a['ID'][0] == b'src1', a['ID'][0]" \
+      "$D/work/surveyproc.h5" 2>"$D/id.out" && pass catalog_bom_keeps_id_column || fail catalog_bom_keeps_id_column "$(tail -1 "$D/id.out")"
+  fi
 fi
 
 # ---- 5. reference catalog -------------------------------------------------------------------------
