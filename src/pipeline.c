@@ -380,10 +380,14 @@ static void plan_opts_from_config(const sp_config *cfg, int threads, sp_plan_opt
     memset(o, 0, sizeof *o);
     snprintf(o->image_list, sizeof o->image_list, "%s", cfg->inputs.image_list_file);
     snprintf(o->input_catalog, sizeof o->input_catalog, "%s", cfg->inputs.input_catalog);
+    if (cfg->zp.enabled && cfg->inputs.reference_catalog) /* checked in the plan, used in finish */
+        snprintf(o->reference_catalog, sizeof o->reference_catalog, "%s", cfg->inputs.reference_catalog);
     o->zp_ref = cfg->image_scaling.zp_ref;
     o->crop_margin = cfg->crop.enabled ? cfg->crop.margin : 0;
     /* alignment in pixels: the seed's CRPIX tolerance is the natural pixel scale of the check */
     o->wcs_tolerance = cfg->checks.require_wcs_alignment ? cfg->checks.wcs_tolerance.crpix : INFINITY;
+    o->allow_unknown_bands = !cfg->checks.require_catalog_bands;
+    o->shape_check_off = !cfg->checks.require_same_shape;
     o->epsf_ngrid = cfg->epsf.epsf_ngrid;
     o->ngrid = cfg->epsf.ngrid;
     o->psf_size = cfg->epsf.final_psf_size;

@@ -24,9 +24,12 @@
 typedef struct {
     char image_list[SP_PATH_MAX];
     char input_catalog[SP_PATH_MAX];
+    char reference_catalog[SP_PATH_MAX]; /* "" when zero points are off: not checked */
     double zp_ref;
     double crop_margin;       /* pixels from the tile edge that are excluded_crop */
     double wcs_tolerance;     /* pixels */
+    int allow_unknown_bands;  /* !checks.require_catalog_bands: FLUX_<band> of a band no frame has is ignored */
+    int shape_check_off;      /* !checks.require_same_shape: asked for, not supported (the message says so) */
     int epsf_ngrid;           /* cells per side */
     int ngrid;                /* patches per cell side */
     int psf_size;             /* final PSF stamp size (pixels, odd) */
@@ -49,6 +52,8 @@ typedef struct {
     long long file_size;
     double wcs_offset_pix;        /* max offset against frame 0's WCS */
     double median, rsigma, nan_frac; /* from sampled rows, raw ADU */
+    long list_line;               /* line of the image list that names it */
+    unsigned long long dev, ino;  /* file identity: the same file listed twice is refused */
 } sp_frame;
 
 /* source types (SP_SRC_STAR, SP_SRC_EXP, SP_SRC_DEV, SP_SRC_SERSIC) are the fitter's */
@@ -125,8 +130,11 @@ int sp_plan_build(const sp_plan_opts *opts, MPI_Comm comm, sp_plan *plan);
 void sp_plan_free(sp_plan *plan);
 
 /* Read an image list: one path per line, '#' comments and blanks ignored,
- * relative paths resolved against the list's folder. Not collective. */
+ * relative paths resolved against the list's folder. Not collective.
+ * sp_plan_read_image_list_lines also returns each path's line number
+ * (*lines, malloc'ed, may be NULL to skip). */
 int sp_plan_read_image_list(const char *list, char ***paths, int *n);
+int sp_plan_read_image_list_lines(const char *list, char ***paths, long **lines, int *n);
 
 /* Print the plan (frames, bands, grid, cells, costs, memory) — rank 0 usually. */
 void sp_plan_print(const sp_plan *plan, FILE *f, int verbose);

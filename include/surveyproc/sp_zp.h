@@ -97,7 +97,8 @@ void sp_zp_refcat_free(sp_zp_refcat *ref);
 enum {
     SP_ZP_F_FEW_STARS = 1,   /* fewer than zp.min_stars stars survived: no ZP, MAG columns NaN */
     SP_ZP_F_NO_REF_BAND = 2, /* the reference catalog has no mag_<band> column: no ZP */
-    SP_ZP_F_HIGH_CLIP = 4    /* more than half of the selected stars were clipped (ZP kept: check the QA plot) */
+    SP_ZP_F_HIGH_CLIP = 4,   /* more than half of the selected stars were clipped (ZP kept: check the QA plot) */
+    SP_ZP_F_NO_MATCH = 8     /* no reference star matched a catalog source (no overlap): no ZP; with FEW_STARS */
 };
 
 typedef struct {

@@ -48,7 +48,7 @@ int sp_zp_refcat_read(const char *path, const char *const *bands, int nbands, sp
     }
     int cra = sp_csv_col(t, "RA"), cdec = sp_csv_col(t, "DEC");
     SP_CHECK(cra >= 0 && cdec >= 0, SP_ERR_INPUT,
-             "%s: the reference catalog needs RA and DEC columns (degrees); it has no %s column", path,
+             "%s:1: the reference catalog needs RA and DEC columns (degrees); it has no %s column", path,
              cra < 0 ? "RA" : "DEC");
     long nr = t->nrow;
     SP_ALLOC(ra, nr);
@@ -129,6 +129,7 @@ void sp_zp_result_free(sp_zp_result *res)
 const char *sp_zp_flag_text(int flag)
 {
     if (flag & SP_ZP_F_NO_REF_BAND) return "no mag column in the reference catalog";
+    if (flag & SP_ZP_F_NO_MATCH) return "no reference star matched";
     if (flag & SP_ZP_F_FEW_STARS) return "too few stars";
     if (flag & SP_ZP_F_HIGH_CLIP) return "more than half clipped";
     return "ok";
@@ -416,6 +417,19 @@ int sp_zp_calibrate(sp_h5 *h, const sp_cfg_zp *z, const char *refcat_path, sp_zp
     SP_ALLOC(mrow, (size_t)(nmatch > 0 ? nmatch : 1) * nsel);
     SP_TRY(sp_h5_table_read_rows(h, "/catalog", spec, nsel, mcat, nmatch, mrow));
 
+    /* no overlap at all: one clear warning for the run (the bands are flagged below) */
+    if (nmatch == 0) {
+        if (ref.n == 0)
+            SP_WARN("zp: the reference catalog %s has no star with a finite RA/DEC: no zero points (/zp flag "
+                    "'no reference star matched', MAG columns NaN)",
+                    refcat_path);
+        else
+            SP_WARN("zp: none of the %ld star(s) of the reference catalog %s lies within zp.match_radius_arcsec = "
+                    "%g of a catalog source (the reference catalog does not overlap the tile?): no zero points "
+                    "(/zp flag 'no reference star matched', MAG columns NaN)",
+                    ref.n, refcat_path, z->match_radius_arcsec);
+    }
+
     /* per band: cuts, estimate */
     res.nbands = nb;
     res.ncat = ncat;
@@ -475,6 +489,7 @@ int sp_zp_calibrate(sp_h5 *h, const sp_cfg_zp *z, const char *refcat_path, sp_zp
         br->niter = est.niter;
         br->flag = est.flag;
         if (!(br->flag & SP_ZP_F_FEW_STARS) && 2 * est.n_clipped > est.n_in) br->flag |= SP_ZP_F_HIGH_CLIP;
+        if (nmatch == 0) br->flag |= SP_ZP_F_NO_MATCH;
         for (long c = 0; c < nc; c++) {
             long k = cand[c], j = mref[k];
             const double *m = mrow + k * nsel;
@@ -495,14 +510,14 @@ int sp_zp_calibrate(sp_h5 *h, const sp_cfg_zp *z, const char *refcat_path, sp_zp
             s->zp_err = erri[c];
             s->clipped = (uint8_t)(clip[c] || (br->flag & SP_ZP_F_FEW_STARS));
         }
-        if (br->flag & SP_ZP_F_FEW_STARS)
+        if ((br->flag & SP_ZP_F_FEW_STARS) && nmatch > 0)
             SP_WARN("zp %s: %ld usable star(s) (zp.min_stars = %d; %ld matched, %ld selected, %ld clipped; rejected: "
                     "%ld not converged, %ld excluded, %ld not isolated, %ld outside mag %.1f..%.1f, %ld bad flux): "
                     "no zero point, MAG_%s_fit stays NaN",
                     bands[b], est.n_used, z->min_stars, nmatch, nc, est.n_clipped, br->nrej_converged,
                     br->nrej_excluded, br->nrej_isolation, br->nrej_magrange, z->gaia_mag_min, z->gaia_mag_max,
                     br->nrej_flux, bands[b]);
-        else
+        else if (!(br->flag & SP_ZP_F_FEW_STARS))
             SP_INFO("zp %s: ZP %.4f +- %.4f mag from %ld star(s) (%ld clipped of %ld selected, %ld matched; scatter "
                     "%.4f)%s",
                     bands[b], br->zp, br->zp_err, br->nused, br->nclipped, nc, nmatch, br->scatter,

@@ -516,6 +516,11 @@ static int create_local(sp_h5 *h)
              "%s: cannot create the file: directory %s does not exist", h->path, dir);
     SP_CHECK(access(dir, W_OK) == 0, SP_ERR_IO, "%s: cannot create the file: directory %s is not writable (%s)",
              h->path, dir, strerror(errno));
+    /* only a regular file is ever replaced: never a directory, a device or a pipe */
+    SP_CHECK(stat(h->path, &st) != 0 || S_ISREG(st.st_mode), SP_ERR_IO,
+             "%s: cannot create the file: the path exists and is not a regular file (a directory?); give "
+             "outputs.store a file name",
+             h->path);
     H5ID(fapl, make_fapl(h), h, NULL, "cannot set up file access (MPI-IO)");
     H5ID(h->fid, H5Fcreate(h->path, H5F_ACC_TRUNC, H5P_DEFAULT, fapl), h, NULL, "cannot create the file");
 cleanup:

@@ -9,6 +9,7 @@
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#include <sys/stat.h>
 #include <time.h>
 
 #define CELLCOL(n, t, u, d) {n, t, 0, u, d, 0, 0}
@@ -426,11 +427,36 @@ cleanup:
     return status;
 }
 
+/* outputs.store must not name one of the run's inputs: with outputs.overwrite: true the file
+ * would be truncated before anything else happens. Rank 0 looks, every rank agrees. */
+static int check_not_an_input(const char *path, const sp_plan *p, MPI_Comm comm)
+{
+    int status = SP_OK, rank = 0;
+    if (comm != MPI_COMM_NULL) MPI_Comm_rank(comm, &rank);
+    struct stat st, si;
+    if (rank == 0 && stat(path, &st) == 0) {
+        const char *what[3] = {"inputs.image_list_file", "inputs.input_catalog", "inputs.reference_catalog"};
+        const char *inp[3] = {p->opts.image_list, p->opts.input_catalog, p->opts.reference_catalog};
+        for (int k = 0; k < 3 && status == SP_OK; k++)
+            if (inp[k][0] && stat(inp[k], &si) == 0 && si.st_dev == st.st_dev && si.st_ino == st.st_ino)
+                status = SP_FAIL(SP_ERR_CONFIG, "outputs.store = %s is the %s of this run; choose another store path",
+                                 path, what[k]);
+        for (int i = 0; i < p->nframes && status == SP_OK; i++)
+            if (p->frames[i].ino && p->frames[i].dev == (unsigned long long)st.st_dev &&
+                p->frames[i].ino == (unsigned long long)st.st_ino)
+                status = SP_FAIL(SP_ERR_CONFIG, "outputs.store = %s is frame %d of the image list (line %ld); choose "
+                                 "another store path",
+                                 path, i, p->frames[i].list_line);
+    }
+    return comm != MPI_COMM_NULL ? sp_mpi_agree(status, comm) : status;
+}
+
 int sp_store_create(const char *path, const sp_plan *p, const sp_store_meta *m, MPI_Comm comm, sp_store *s)
 {
     int status = SP_OK;
     memset(s, 0, sizeof *s);
     SP_TRY(check_struct_layout());
+    SP_TRY(check_not_an_input(path, p, comm));
     SP_TRY(sp_store_catalog_spec(p, &s->cat));
     SP_TRY(sp_h5_create(path, comm, &s->h));
     SP_TRY(sp_h5_table_create(s->h, "/catalog", s->cat.cols, s->cat.ncol, p->cat.n));

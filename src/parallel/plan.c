@@ -7,6 +7,7 @@
 #include "surveyproc/sp_log.h"
 #include "surveyproc/sp_mpi.h"
 #include "surveyproc/sp_prof.h"
+#include "surveyproc/sp_zp.h"
 
 #include <ctype.h>
 #include <errno.h>
@@ -62,8 +63,14 @@ const char *sp_plan_type_name(int type)
 
 int sp_plan_read_image_list(const char *list, char ***paths_out, int *n_out)
 {
+    return sp_plan_read_image_list_lines(list, paths_out, NULL, n_out);
+}
+
+int sp_plan_read_image_list_lines(const char *list, char ***paths_out, long **lines_out, int *n_out)
+{
     int status = SP_OK, n = 0, cap = 0;
     char **paths = NULL, line[4096], dir[SP_PATH_MAX];
+    long *lines = NULL;
     FILE *f = fopen(list, "r");
     SP_CHECK(f, SP_ERR_IO, "%s: cannot open image list: %s (check inputs.image_list_file)", list, strerror(errno));
     snprintf(dir, sizeof dir, "%s", list);
@@ -82,19 +89,28 @@ int sp_plan_read_image_list(const char *list, char ***paths_out, int *n_out)
             char **np = realloc(paths, (size_t)cap * sizeof *np);
             SP_CHECK(np, SP_ERR_NOMEM, "out of memory reading %s", list);
             paths = np;
+            long *nl = realloc(lines, (size_t)cap * sizeof *nl);
+            SP_CHECK(nl, SP_ERR_NOMEM, "out of memory reading %s", list);
+            lines = nl;
         }
         char full[SP_PATH_MAX];
         int w = p[0] == '/' ? snprintf(full, sizeof full, "%s", p) : snprintf(full, sizeof full, "%s/%s", d, p);
         SP_CHECK(w > 0 && (size_t)w < sizeof full, SP_ERR_INPUT, "%s:%ld: path too long", list, lineno);
         paths[n] = strdup(full);
         SP_CHECK(paths[n], SP_ERR_NOMEM, "out of memory reading %s", list);
+        lines[n] = lineno;
         n++;
     }
     SP_CHECK(n > 0, SP_ERR_INPUT, "%s: the image list has no image paths (one FITS path per line expected)", list);
     *paths_out = paths;
     *n_out = n;
     paths = NULL;
+    if (lines_out) {
+        *lines_out = lines;
+        lines = NULL;
+    }
 cleanup:
+    free(lines);
     if (f) fclose(f);
     if (paths) {
         for (int i = 0; i < n; i++) free(paths[i]);
@@ -107,6 +123,20 @@ static int cmp_double(const void *a, const void *b)
 {
     double x = *(const double *)a, y = *(const double *)b;
     return (x > y) - (x < y);
+}
+
+/* A required key that is missing or unreadable: say what it is for and what to do. */
+static int key_advice(int status, const char *key)
+{
+    if (status == SP_OK) return status;
+    char msg[1536];
+    snprintf(msg, sizeof msg, "%s", sp_err_msg());
+    const char *why = !strcmp(key, "FILTER")    ? "the band name"
+                      : !strcmp(key, "ZP_AUTO") ? "the AB zero point that scales the frame to image_scaling.zp_ref"
+                      : !strcmp(key, "SKYSIG")  ? "the sky noise in ADU, for the noise model"
+                                                : "the gain in e-/ADU, for the source variance";
+    return SP_FAIL(status, "%s; every frame needs %s (%s): add it to the header or remove the frame from the image list",
+                   msg, key, why);
 }
 
 /* Header keys, shape and a cheap statistic from up to 32 evenly spaced rows. */
@@ -123,26 +153,34 @@ static int read_frame(const char *path, double zp_ref, sp_frame *fr)
     fr->hdu = sp_fits_hdu(f);
     sp_fits_shape(f, &fr->nx, &fr->ny);
     char filt[80] = "";
-    SP_TRY(sp_fits_key_string(f, "FILTER", 1, filt, sizeof filt, NULL));
+    SP_TRY(key_advice(sp_fits_key_string(f, "FILTER", 1, filt, sizeof filt, NULL), "FILTER"));
     char *b = trim(filt);
     SP_CHECK(*b && strlen(b) < SP_BAND_MAX, SP_ERR_INPUT, "%s[HDU %d]: FILTER '%s' is empty or longer than %d characters",
              path, fr->hdu, b, SP_BAND_MAX - 1);
     snprintf(fr->band, sizeof fr->band, "%s", b);
-    SP_TRY(sp_fits_key_double(f, "ZP_AUTO", 1, &fr->zp_auto, NULL));
-    SP_TRY(sp_fits_key_double(f, "SKYSIG", 1, &fr->skysig, NULL));
-    SP_TRY(sp_fits_key_double(f, "EGAIN", 1, &fr->egain, NULL));
+    SP_TRY(key_advice(sp_fits_key_double(f, "ZP_AUTO", 1, &fr->zp_auto, NULL), "ZP_AUTO"));
+    SP_TRY(key_advice(sp_fits_key_double(f, "SKYSIG", 1, &fr->skysig, NULL), "SKYSIG"));
+    SP_TRY(key_advice(sp_fits_key_double(f, "EGAIN", 1, &fr->egain, NULL), "EGAIN"));
     SP_TRY(sp_fits_key_double(f, "SATURATE", 0, &fr->saturate, &found));
     if (!found) fr->saturate = NAN;
     SP_TRY(sp_fits_key_double(f, "EXPTIME", 0, &fr->exptime, &found));
     if (!found) fr->exptime = NAN;
-    SP_CHECK(isfinite(fr->zp_auto), SP_ERR_INPUT, "%s[HDU %d]: ZP_AUTO is not finite", path, fr->hdu);
+    /* an implausible zero point scales the frame to 0 or infinity: every flux silently 0 or NaN */
+    SP_CHECK(isfinite(fr->zp_auto) && fr->zp_auto > 0 && fr->zp_auto < 60, SP_ERR_INPUT,
+             "%s[HDU %d]: ZP_AUTO = %g is not a plausible AB zero point (expected 0 < ZP_AUTO < 60; with "
+             "image_scaling.zp_ref = %g the frame would be scaled by 10^%.3g): fix the header",
+             path, fr->hdu, fr->zp_auto, zp_ref, -0.4 * (fr->zp_auto - zp_ref));
     SP_CHECK(fr->skysig > 0 && isfinite(fr->skysig), SP_ERR_INPUT,
              "%s[HDU %d]: SKYSIG = %g; it must be a positive sky noise in ADU", path, fr->hdu, fr->skysig);
     SP_CHECK(fr->egain > 0 && isfinite(fr->egain), SP_ERR_INPUT,
              "%s[HDU %d]: EGAIN = %g; it must be a positive gain in e-/ADU", path, fr->hdu, fr->egain);
     fr->scale = pow(10.0, -0.4 * (fr->zp_auto - zp_ref));
     SP_TRY(sp_fits_header_checksum(f, &fr->hdr_checksum));
-    if (stat(path, &st) == 0) fr->file_size = (long long)st.st_size;
+    if (stat(path, &st) == 0) {
+        fr->file_size = (long long)st.st_size;
+        fr->dev = (unsigned long long)st.st_dev;
+        fr->ino = (unsigned long long)st.st_ino;
+    }
 
     /* statistics from sampled rows; an all-NaN sample triggers a full scan */
     int nrows = fr->ny < 32 ? (int)fr->ny : 32;
@@ -187,6 +225,7 @@ static int build_frames(const sp_plan_opts *o, MPI_Comm comm, sp_plan *p)
 {
     int status = SP_OK, rank, size;
     char **paths = NULL;
+    long *lines = NULL;
     int n = 0;
     sp_frame *mine = NULL;
     int *counts = NULL, *displs = NULL;
@@ -195,7 +234,7 @@ static int build_frames(const sp_plan_opts *o, MPI_Comm comm, sp_plan *p)
     MPI_Comm_size(comm, &size);
 
     /* every rank reads the (small) list; errors are identical, agreed below */
-    status = sp_plan_read_image_list(o->image_list, &paths, &n);
+    status = sp_plan_read_image_list_lines(o->image_list, &paths, &lines, &n);
     SP_TRY(sp_mpi_agree(status, comm));
 
     /* frame 0's header defines the tile WCS: rank 0 reads and broadcasts it */
@@ -209,6 +248,8 @@ static int build_frames(const sp_plan_opts *o, MPI_Comm comm, sp_plan *p)
             sp_wcs_free(&w0);
         }
         sp_fits_close(&f);
+        if (status != SP_OK)
+            sp_err_context("%s:%ld (the first frame, which defines the tile WCS)", o->image_list, lines[0]);
     }
     SP_TRY(sp_mpi_agree(status, comm));
     size_t hlen = rank == 0 ? strlen(p->wcs_header) : 0;
@@ -233,6 +274,8 @@ static int build_frames(const sp_plan_opts *o, MPI_Comm comm, sp_plan *p)
             if (status == SP_OK) status = sp_wcs_max_offset(p->wcs, w, fr->nx, fr->ny, &fr->wcs_offset_pix);
             sp_wcs_free(&w);
         }
+        fr->list_line = lines[i];
+        if (status != SP_OK) sp_err_context("%s:%ld", o->image_list, lines[i]);
     }
     SP_TRY(sp_mpi_agree(status, comm));
 
@@ -257,12 +300,28 @@ static int build_frames(const sp_plan_opts *o, MPI_Comm comm, sp_plan *p)
     for (int i = 1; i < n; i++) {
         sp_frame *fr = &p->frames[i];
         SP_CHECK(fr->nx == p->nx && fr->ny == p->ny, SP_ERR_INPUT,
-                 "%s: shape %ldx%ld differs from %s (%ldx%ld); all frames of a tile must share one pixel grid",
-                 fr->path, fr->nx, fr->ny, p->frames[0].path, p->nx, p->ny);
+                 "%s:%ld: %s[HDU %d]: shape %ldx%ld differs from %s (line %ld: %ldx%ld); all frames of a tile must "
+                 "share one pixel grid (resample the frame onto the tile, or list it in another tile's image list)%s",
+                 o->image_list, fr->list_line, fr->path, fr->hdu, fr->nx, fr->ny, p->frames[0].path,
+                 p->frames[0].list_line, p->nx, p->ny,
+                 o->shape_check_off ? "; checks.require_same_shape: false is accepted by the config, but frames of "
+                                      "different shapes are not supported yet"
+                                    : "");
         SP_CHECK(fr->wcs_offset_pix <= o->wcs_tolerance, SP_ERR_INPUT,
-                 "%s: WCS differs from %s by up to %.3f pixels (checks.wcs_tolerance = %g); frames must be aligned",
-                 fr->path, p->frames[0].path, fr->wcs_offset_pix, o->wcs_tolerance);
+                 "%s:%ld: %s[HDU %d]: WCS differs from %s (line %ld) by up to %.3f pixels "
+                 "(checks.wcs_tolerance.crpix = %g); all frames of a tile must be aligned on one pixel grid",
+                 o->image_list, fr->list_line, fr->path, fr->hdu, p->frames[0].path, p->frames[0].list_line,
+                 fr->wcs_offset_pix, o->wcs_tolerance);
     }
+    /* the same file twice (a repeated line, a symlink, another spelling of the path) would count its
+     * pixels twice in the coadd */
+    for (int i = 1; i < n; i++)
+        for (int j = 0; j < i; j++) {
+            const sp_frame *a = &p->frames[j], *b = &p->frames[i];
+            SP_CHECK(!(a->ino != 0 && a->dev == b->dev && a->ino == b->ino), SP_ERR_INPUT,
+                     "%s:%ld: %s is the same file as line %ld (%s); list each frame once", o->image_list,
+                     b->list_line, b->path, a->list_line, a->path);
+        }
     /* bands in order of first appearance */
     SP_ALLOC(p->bands, n);
     SP_ALLOC(p->band_nframes, n);
@@ -280,6 +339,7 @@ cleanup:
         for (int i = 0; i < n; i++) free(paths[i]);
         free(paths);
     }
+    free(lines);
     free(mine);
     free(counts);
     free(displs);
@@ -288,7 +348,17 @@ cleanup:
 
 /* ---- catalog ------------------------------------------------------------------ */
 
-static int cmp_strp(const void *a, const void *b) { return strcmp(*(char *const *)a, *(char *const *)b); }
+typedef struct {
+    const char *id;
+    long row;
+} id_ref;
+
+static int cmp_id_ref(const void *a, const void *b)
+{
+    const id_ref *x = a, *y = b;
+    int c = strcmp(x->id, y->id);
+    return c ? c : (x->row > y->row) - (x->row < y->row);
+}
 
 static int build_catalog(const sp_plan_opts *o, sp_plan *p, uint64_t *cat_hash)
 {
@@ -299,8 +369,13 @@ static int build_catalog(const sp_plan_opts *o, sp_plan *p, uint64_t *cat_hash)
     double *col = NULL;
     const char *path = o->input_catalog;
 
-    SP_TRY(sp_csv_read(path, &t));
-    SP_CHECK(t->nrow > 0, SP_ERR_INPUT, "%s: the catalog has a header but no rows; give at least one source", path);
+    status = sp_csv_read(path, &t);
+    if (status != SP_OK) {
+        sp_err_context("input catalog (inputs.input_catalog)");
+        goto cleanup;
+    }
+    SP_CHECK(t->nrow > 0, SP_ERR_INPUT,
+             "%s:1: the catalog has a header but no rows (inputs.input_catalog); give at least one source", path);
     int cra = sp_csv_col(t, "RA"), cdec = sp_csv_col(t, "DEC");
     SP_CHECK(cra >= 0 && cdec >= 0, SP_ERR_INPUT, "%s:%ld: the catalog needs RA and DEC columns (degrees); found: %s%s",
              path, 1L, cra < 0 ? "no RA" : "RA", cdec < 0 ? ", no DEC" : ", DEC");
@@ -317,13 +392,21 @@ static int build_catalog(const sp_plan_opts *o, sp_plan *p, uint64_t *cat_hash)
         int b;
         for (b = 0; b < p->nbands; b++)
             if (!strcasecmp(p->bands[b], band)) break;
+        if (b == p->nbands && o->allow_unknown_bands) {
+            if (sp_log_rank() == 0) /* every rank reads the catalog: say it once */
+                SP_WARN("%s:1: column %s names band '%s', but no frame has FILTER = '%s': column ignored "
+                    "(checks.require_catalog_bands: false)",
+                    path, t->colnames[k], band, band);
+            continue;
+        }
         if (b == p->nbands) {
             char have[512] = "";
             for (int j = 0; j < p->nbands; j++)
                 snprintf(have + strlen(have), sizeof have - strlen(have), "%s%s", j ? ", " : "", p->bands[j]);
             SP_CHECK(0, SP_ERR_INPUT,
                      "%s:1: column %s names band '%s', but no frame has FILTER = '%s' (frame bands: %s); "
-                     "remove the column or add the band's frames to the image list",
+                     "remove the column, add the band's frames to the image list, or set checks.require_catalog_bands: "
+                     "false to ignore it",
                      path, t->colnames[k], band, band, have);
         }
         fluxcol[b] = k;
@@ -377,27 +460,53 @@ static int build_catalog(const sp_plan_opts *o, sp_plan *p, uint64_t *cat_hash)
         int ty = ctype >= 0 ? sp_plan_parse_type(sp_csv_cell(t, i, ctype)) : -1;
         c->type_given[i] = ty >= 0;
         c->type[i] = ty >= 0 ? ty : o->gal_model;
-        if (!isfinite(c->ra[i]) || !isfinite(c->dec[i])) c->excl[i] |= SP_EXCL_NANCOORD;
+        if (!isfinite(c->ra[i]) || !isfinite(c->dec[i]) || fabs(c->dec[i]) > 90) c->excl[i] |= SP_EXCL_NANCOORD;
         c->cell[i] = c->patch[i] = -1;
     }
-    /* duplicate IDs make rows ambiguous for users joining on ID */
+    /* DESIGN §8: a source without a position is a bad input, not a row to flag silently. Name the
+     * first lines so the user can fix them all at once. */
+    {
+        long nnan = 0;
+        char where[256] = "";
+        for (long i = 0; i < n; i++) {
+            if (!(c->excl[i] & SP_EXCL_NANCOORD)) continue;
+            if (nnan < 5)
+                snprintf(where + strlen(where), sizeof where - strlen(where), "%s%ld", nnan ? ", " : "", c->line[i]);
+            nnan++;
+        }
+        if (nnan > 5) snprintf(where + strlen(where), sizeof where - strlen(where), ", ...");
+        for (long i = 0; i < n && nnan; i++) {
+            if (!(c->excl[i] & SP_EXCL_NANCOORD)) continue;
+            SP_CHECK(0, SP_ERR_INPUT,
+                     "%s:%ld: source '%s' has no valid position (RA = '%s', DEC = '%s'); %ld row(s) have blank, NaN "
+                     "or out-of-range RA/DEC (lines %s): give every source finite coordinates in degrees "
+                     "(|DEC| <= 90), or remove those rows",
+                     path, c->line[i], c->id[i], sp_csv_cell(t, i, cra), sp_csv_cell(t, i, cdec), nnan, where);
+        }
+    }
+    /* duplicate IDs make rows ambiguous for users joining on ID: refused (docs/troubleshooting.md) */
     if (cid >= 0) {
-        char **sorted = NULL;
+        id_ref *sorted = NULL;
         SP_ALLOC(sorted, n);
-        memcpy(sorted, c->id, (size_t)n * sizeof *sorted);
-        qsort(sorted, (size_t)n, sizeof *sorted, cmp_strp);
+        for (long i = 0; i < n; i++) sorted[i] = (id_ref){c->id[i], i};
+        qsort(sorted, (size_t)n, sizeof *sorted, cmp_id_ref); /* by ID, then by row */
+        long ndup = 0, k1 = -1, k2 = -1;
         for (long i = 1; i < n; i++) {
-            if (strcmp(sorted[i], sorted[i - 1]) != 0) continue;
-            long l1 = -1, l2 = -1;
-            for (long k = 0; k < n; k++)
-                if (!strcmp(c->id[k], sorted[i])) { if (l1 < 0) l1 = c->line[k]; else { l2 = c->line[k]; break; } }
-            char dup[256];
-            snprintf(dup, sizeof dup, "%s", sorted[i]);
-            free(sorted);
-            SP_CHECK(0, SP_ERR_INPUT, "%s:%ld: duplicate ID '%s' (first at line %ld); IDs must be unique", path, l2,
-                     dup, l1);
+            if (strcmp(sorted[i].id, sorted[i - 1].id) != 0) continue;
+            ndup++;
+            /* report the pair whose second row comes first in the file */
+            if (k2 < 0 || sorted[i].row < k2) {
+                long j = i - 1;
+                while (j > 0 && !strcmp(sorted[j - 1].id, sorted[i].id)) j--;
+                k1 = sorted[j].row;
+                k2 = sorted[i].row;
+            }
         }
         free(sorted);
+        SP_CHECK(ndup == 0, SP_ERR_INPUT,
+                 "%s:%ld: duplicate ID '%s' (first at line %ld; %ld duplicate row(s) in all); IDs must be unique so "
+                 "that output rows can be joined on ID: make them unique, or drop the ID column to number the rows",
+                 path, c->line[k2], c->id[k2], c->line[k1], ndup);
     }
 
     /* project onto the tile */
@@ -415,10 +524,25 @@ static int build_catalog(const sp_plan_opts *o, sp_plan *p, uint64_t *cat_hash)
         double m = o->crop_margin;
         if (x < m - 0.5 || y < m - 0.5 || x >= p->nx - 0.5 - m || y >= p->ny - 0.5 - m) c->excl[i] |= SP_EXCL_CROP;
     }
-    SP_CHECK(ninside > 0, SP_ERR_INPUT,
-             "%s: none of the %ld sources falls on the tile (%ldx%ld pixels around RA %.5f, Dec %.5f); check that the "
-             "catalog and the images cover the same field",
-             path, n, p->nx, p->ny, c->ra[0], c->dec[0]);
+    if (ninside == 0) {
+        /* say where the tile is and where the catalog is, so the mismatch is obvious */
+        double cx = 0.5 * (double)(p->nx - 1), cy = 0.5 * (double)(p->ny - 1), tra = NAN, tdec = NAN;
+        long nb2 = 0;
+        sp_wcs_pix2sky(p->wcs, 1, &cx, &cy, &tra, &tdec, &nb2);
+        double ra0 = INFINITY, ra1 = -INFINITY, de0 = INFINITY, de1 = -INFINITY;
+        for (long i = 0; i < n; i++) {
+            if (c->ra[i] < ra0) ra0 = c->ra[i];
+            if (c->ra[i] > ra1) ra1 = c->ra[i];
+            if (c->dec[i] < de0) de0 = c->dec[i];
+            if (c->dec[i] > de1) de1 = c->dec[i];
+        }
+        SP_CHECK(0, SP_ERR_INPUT,
+                 "%s: none of the %ld sources falls on the tile: the %ldx%ld-pixel tile (%.1f x %.1f arcmin) is "
+                 "centred on RA %.5f, Dec %.5f, the catalog spans RA %.5f..%.5f, Dec %.5f..%.5f; check that "
+                 "inputs.input_catalog and the images (%s) cover the same field",
+                 path, n, p->nx, p->ny, p->nx * p->pixscale / 60, p->ny * p->pixscale / 60, tra, tdec, ra0, ra1, de0,
+                 de1, o->image_list);
+    }
     /* the catalog's bytes are part of the inputs' identity */
     uint64_t h = 0xcbf29ce484222325ULL;
     for (long i = 0; i < n; i++)
@@ -594,6 +718,60 @@ long sp_plan_patch_sources(const sp_plan *p, int pid, long *idx, long cap)
     return n;
 }
 
+/* ---- reference catalog ---------------------------------------------------------- */
+
+/* The zero points are computed at the very end; a reference catalog that cannot be read must not
+ * cost the user the whole run, so it is read and checked here, before any pixel is touched (rank 0
+ * reads, the outcome is agreed). No star on the tile is not an error: the run completes with the
+ * zero points flagged, and the user is told now rather than after the run. */
+static int check_reference(const sp_plan_opts *o, const sp_plan *p, MPI_Comm comm)
+{
+    int status = SP_OK, rank;
+    sp_zp_refcat ref;
+    const char **bands = NULL;
+    double *x = NULL, *y = NULL;
+    memset(&ref, 0, sizeof ref);
+    MPI_Comm_rank(comm, &rank);
+    if (!o->reference_catalog[0]) return SP_OK;
+    if (rank == 0) {
+        bands = calloc((size_t)(p->nbands > 0 ? p->nbands : 1), sizeof *bands);
+        status = bands ? SP_OK : SP_FAIL(SP_ERR_NOMEM, "out of memory");
+        for (int b = 0; b < p->nbands && bands; b++) bands[b] = p->bands[b];
+        if (status == SP_OK) status = sp_zp_refcat_read(o->reference_catalog, bands, p->nbands, &ref);
+        if (status == SP_OK) {
+            long ninside = 0, nbad = 0;
+            x = malloc((size_t)(ref.n > 0 ? ref.n : 1) * sizeof *x);
+            y = malloc((size_t)(ref.n > 0 ? ref.n : 1) * sizeof *y);
+            if (!x || !y) status = SP_FAIL(SP_ERR_NOMEM, "out of memory");
+            if (status == SP_OK && ref.n > 0) status = sp_wcs_sky2pix(p->wcs, ref.n, ref.ra, ref.dec, x, y, &nbad);
+            for (long j = 0; status == SP_OK && j < ref.n; j++)
+                ninside += isfinite(x[j]) && isfinite(y[j]) && x[j] >= -0.5 && y[j] >= -0.5 &&
+                           x[j] < p->nx - 0.5 && y[j] < p->ny - 0.5;
+            if (status == SP_OK && ninside == 0)
+                SP_WARN("%s: none of its %ld reference star(s) falls on the tile (inputs.reference_catalog does not "
+                        "overlap the images): the run goes on, but no band gets a zero point (/zp flag 'no reference "
+                        "star matched', MAG columns NaN)",
+                        o->reference_catalog, ref.n);
+            int nmiss = 0;
+            char miss[256] = "";
+            for (int b = 0; status == SP_OK && b < p->nbands; b++)
+                if (!ref.has_band[b])
+                    snprintf(miss + strlen(miss), sizeof miss - strlen(miss), "%smag_%s", nmiss++ ? ", " : "",
+                             p->bands[b]);
+            if (nmiss)
+                SP_WARN("%s: no %s column: %s no zero point", o->reference_catalog, miss,
+                        nmiss == 1 ? "that band gets" : "those bands get");
+        }
+        if (status != SP_OK) sp_err_context("checking the reference catalog before the run");
+    }
+    status = sp_mpi_agree(status, comm);
+    free(bands);
+    free(x);
+    free(y);
+    sp_zp_refcat_free(&ref);
+    return status;
+}
+
 /* ---- public --------------------------------------------------------------------- */
 
 int sp_plan_build(const sp_plan_opts *o, MPI_Comm comm, sp_plan *p)
@@ -610,6 +788,7 @@ int sp_plan_build(const sp_plan_opts *o, MPI_Comm comm, sp_plan *p)
     status = build_catalog(o, p, &cat_hash);
     sp_prof_pop();
     SP_TRY(sp_mpi_agree(status, comm));
+    SP_TRY(check_reference(o, p, comm));
     SP_TRY(sp_mpi_agree(build_grid(o, p), comm));
     uint64_t h = 0xcbf29ce484222325ULL;
     for (int i = 0; i < p->nframes; i++) {

@@ -88,7 +88,6 @@ static int setup(void **s)
             snprintf(cat + strlen(cat), sizeof cat - strlen(cat), "s%03d,%.10f,%.10f,%s,%g,\n", i, ra, dec, types[i],
                      100.0 * (i + 1));
         }
-        strcat(cat, "snan,,2.0,STAR,1,1\n");
         strcat(cat, "sfar,151.0,2.0,STAR,1,1\n");
         write_text("cat.csv", cat);
         write_text("cat_band.csv", "RA,DEC,FLUX_z\n150.0,2.0,1\n");
@@ -96,6 +95,8 @@ static int setup(void **s)
         write_text("cat_empty.csv", "RA,DEC\n");
         write_text("cat_nora.csv", "ID,DEC\n1,2.0\n");
         write_text("cat_out.csv", "RA,DEC\n10.0,-30.0\n11.0,-30.0\n");
+        write_text("cat_nan.csv", "ID,RA,DEC\nx1,150.0,2.0\nsnan,,2.0\nx3,nan,2.0\n");
+        write_text("list_twice.txt", "a_g.fits\nb_r.fits\n./a_g.fits\n");
     }
     MPI_Bcast(dir, sizeof dir, MPI_CHAR, 0, MPI_COMM_WORLD);
     return 0;
@@ -142,7 +143,7 @@ static void t_plan_good(void **s)
     assert_float_equal(p.frames[1].median, 103.0, 1.01);
     assert_float_equal(p.pixscale, 1.0, 1e-6);
     const sp_catalog *c = &p.cat;
-    assert_int_equal(c->n, 8);
+    assert_int_equal(c->n, 7);
     assert_float_equal(c->x[1], 63.5, 1e-6);
     assert_float_equal(c->y[1], 47.5, 1e-6);
     assert_int_equal(c->type[0], SP_SRC_STAR);
@@ -154,10 +155,10 @@ static void t_plan_good(void **s)
     assert_true(isnan(c->flux_init[0 * 2 + 1]));
     assert_int_equal(c->excl[0], 0);
     assert_int_equal(c->excl[3], SP_EXCL_CROP);
-    assert_int_equal(c->excl[6], SP_EXCL_NANCOORD);
-    assert_int_equal(c->excl[7], SP_EXCL_OUTSIDE);
-    assert_string_equal(c->id[6], "snan");
+    assert_int_equal(c->excl[6], SP_EXCL_OUTSIDE);
+    assert_string_equal(c->id[6], "sfar");
     assert_int_equal(c->line[6], 8);
+    assert_int_equal(p.frames[1].list_line, 4); /* after a comment and a blank line */
     /* grid: 2x2 cells of 2x2 patches of 32x24 pixels */
     assert_int_equal(p.ncells, 4);
     assert_int_equal(p.npatches, 16);
@@ -224,6 +225,10 @@ static void t_plan_bad_inputs(void **s)
     expect_fail("list.txt", "cat_empty.csv", SP_ERR_INPUT, "cat_empty.csv", "no rows");
     expect_fail("list.txt", "cat_nora.csv", SP_ERR_INPUT, "cat_nora.csv", "RA and DEC");
     expect_fail("list.txt", "cat_out.csv", SP_ERR_INPUT, "cat_out.csv", "none of the 2 sources");
+    /* DESIGN §8: a source without a position is refused, naming the first bad line and the rest */
+    expect_fail("list.txt", "cat_nan.csv", SP_ERR_INPUT, "cat_nan.csv:3: source 'snan'", "lines 3, 4");
+    expect_fail("list_twice.txt", "cat.csv", SP_ERR_INPUT, "list_twice.txt:3:", "same file as line 1");
+    expect_fail("list_key.txt", "cat.csv", SP_ERR_INPUT, "list_key.txt:3:", "every frame needs SKYSIG");
 }
 
 int main(int argc, char **argv)

@@ -52,7 +52,9 @@ if ! grep -qw -e avx2 -e avx512f /proc/cpuinfo; then
   skip "resources_blas_core (this CPU has neither avx2 nor avx512f: generic kernels are all it can run)"
 else
   want=Haswell; grep -qw avx512f /proc/cpuinfo && want=SkylakeX
-  "$BIN" -q plan "$CFG" >"$T/p0.txt" 2>&1
+  # p0/p3 must not inherit an OPENBLAS_CORETYPE from the caller's shell (some machines export one):
+  # it would be reported as "from the environment" instead of the default / the forced setting
+  env -u OPENBLAS_CORETYPE "$BIN" -q plan "$CFG" >"$T/p0.txt" 2>&1
   OPENBLAS_CORETYPE=Prescott "$BIN" -q plan "$CFG" >"$T/p1.txt" 2>&1
   c0=$(core_of "$T/p0.txt"); c1=$(core_of "$T/p1.txt")
   if [ -n "$c0" ] && [ "$c0" != Prescott ] && [ "$c1" = "$want" ] && grep -q "re-executed with OPENBLAS_CORETYPE=$want" "$T/p1.txt"; then
@@ -62,7 +64,7 @@ else
     fail resources_blas_core "default core '$c0', with OPENBLAS_CORETYPE=Prescott '$c1' (want $want)" "$(grep BLAS "$T/p1.txt")"
   fi
   OPENBLAS_CORETYPE=Prescott "$BIN" -q plan "$CFG" --set performance.blas_coretype=none >"$T/p2.txt" 2>&1
-  "$BIN" -q plan "$CFG" --set performance.blas_coretype=Haswell >"$T/p3.txt" 2>&1
+  env -u OPENBLAS_CORETYPE "$BIN" -q plan "$CFG" --set performance.blas_coretype=Haswell >"$T/p3.txt" 2>&1
   if [ "$(core_of "$T/p2.txt")" = Prescott ] && grep -q "warning .*generic Prescott kernels.*blas_coretype is none" "$T/p2.txt" &&
      [ "$(core_of "$T/p3.txt")" = Haswell ] && grep -q "forced by performance.blas_coretype" "$T/p3.txt"; then
     pass "resources_blas_coretype_setting (none: left alone with a warning; Haswell: forced)"
