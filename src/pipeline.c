@@ -221,6 +221,7 @@ static const cell_stage psf_stages[] = {
     {"white", stage_white},           /* inverse-variance white stack */
     {"detect", stage_detect},         /* detections on the white stack (cell_psf.c) */
     {"epsf", stage_epsf},             /* PSF stars + ePSF per band -> grid, /epsf (cell_psf.c) */
+    {"qa", stage_qa_maps},            /* block-averaged white stack and background maps -> /qa */
 };
 
 static const cell_stage fit_stages[] = {
@@ -253,6 +254,28 @@ static void cell_free(cell_t *c, int nb)
     free(c->fit_ra);
     free(c->fit_dec);
     free(c->prow);
+}
+
+/* A cell that failed is marked so in /cells (resume retries it); the cell's own
+ * error stays the one reported. */
+static void mark_failed(run_t *r, const sp_cell *ce, double seconds)
+{
+    char msg[2048], where[256];
+    int code = sp_err_code(), line = 0;
+    snprintf(msg, sizeof msg, "%s", sp_err_msg());
+    snprintf(where, sizeof where, "%s", sp_err_where());
+    char *colon = strrchr(where, ':');
+    if (colon) {
+        line = atoi(colon + 1);
+        *colon = '\0';
+    }
+    sp_store_cellrow row = {.id = ce->id, .ix = ce->ix, .iy = ce->iy, .bx0 = ce->bx0, .by0 = ce->by0,
+                            .bx1 = ce->bx1, .by1 = ce->by1, .rx0 = ce->rx0, .ry0 = ce->ry0, .rx1 = ce->rx1,
+                            .ry1 = ce->ry1, .nsrc = ce->nsrc, .active = 1, .status = SP_CELL_FAILED,
+                            .rank = r->rank, .seconds = seconds, .cost = ce->cost, .mem_est = ce->mem_bytes,
+                            .bytes_read = 0};
+    (void)sp_store_write_cell(r->store, &row);
+    sp_err_set(code, where, line, "%s", msg);
 }
 
 static int process_cell(int cid, void *arg)
@@ -304,6 +327,7 @@ static int process_cell(int cid, void *arg)
     if (status != SP_OK) {
         sp_err_context("cell %d (x %ld-%ld, y %ld-%ld), %s pass", cid, ce->bx0, ce->bx1, ce->by0, ce->by1,
                        psf_pass ? "PSF" : "fit");
+        if (!psf_pass) mark_failed(r, ce, sp_wtime() - t0);
         goto cleanup;
     }
     if (psf_pass) {
@@ -609,6 +633,14 @@ int sp_pipeline_run(const sp_run_opts *o, int *agreed)
     sp_store_meta meta = {.config_yaml = yaml, .command = o->command_line, .science_hash = sh,
                           .inputs_hash = plan.inputs_hash, .mpi_size = r.nranks, .threads = r.threads,
                           .epsf_size = cfg.epsf.final_psf_size, .epsf_oversamp = cfg.epsf.oversamp};
+    {
+        long side = plan.nx > plan.ny ? plan.nx : plan.ny;
+        meta.qa_white_ds = (int)((side + 2047) / 2048);
+        meta.qa_bkg_ds = cfg.epsf.save_patch_background_diagnostics ? (int)((side + 511) / 512) : 0;
+        meta.qa_growth_n = cfg.epsf.save_growth_curve ? cfg.epsf.final_psf_size - 1 : 0;
+        meta.qa_resid = cfg.epsf.save_residual_diagnostics;
+        r.qa = meta;
+    }
     SP_ALLOC(cstat, plan.ncells);
     int exists = access(cfg.outputs.store, F_OK) == 0;
     sp_prof_push("store");
@@ -628,6 +660,22 @@ int sp_pipeline_run(const sp_run_opts *o, int *agreed)
     SP_TRY(status);
     have_store = 1;
     r.store = &store;
+    if (store.resumed) {
+        /* the QA diagnostics are the ones the store was created with (their toggles are not
+         * part of the science hash, so they may differ in this run's config) */
+        int ex = 0;
+        char q[160];
+        SP_TRY(sp_h5_exists(store.h, "/qa/white", &ex));
+        if (!ex) r.qa.qa_white_ds = 0;
+        SP_TRY(sp_h5_exists(store.h, "/qa/background", &ex));
+        if (!ex) r.qa.qa_bkg_ds = 0;
+        snprintf(q, sizeof q, "/epsf/%s_growth_ee", plan.bands[0]);
+        SP_TRY(sp_h5_exists(store.h, q, &ex));
+        if (!ex) r.qa.qa_growth_n = 0;
+        snprintf(q, sizeof q, "/epsf/%s_resid", plan.bands[0]);
+        SP_TRY(sp_h5_exists(store.h, q, &ex));
+        if (!ex) r.qa.qa_resid = 0;
+    }
 
     /* cells to do, most expensive first */
     SP_ALLOC(order, plan.ncells);

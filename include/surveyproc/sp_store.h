@@ -8,7 +8,9 @@
  *   /epsf/<band> [ncell_y, ncell_x, size, size] (sampled at image pixels) + <band>_nstars
  *                (-1 until built), <band>_fallback (0 ePSF, 1 Moffat fitted, 2 configured Moffat),
  *                <band>_os [ncell_y, ncell_x, S, S] the oversampled ePSF the fit uses
- *                (S = oversamp (size - 1) + 1; attribute /epsf oversamp)
+ *                (S = oversamp (size - 1) + 1; attribute /epsf oversamp); QA: <band>_growth_r,
+ *                <band>_growth_ee (encircled energy), <band>_resid (mean star minus ePSF)
+ *   /qa          white (block-averaged white stack), background/<band>[_rms] (docs/qa.md)
  *   /zp          per band: ZP, error, stars used / clipped (filled by the zp stage)
  *   /timing      per rank per region, written at the end of the run
  *   /provenance  attributes: config (YAML), command, version, git, MPI size, threads, hashes
@@ -98,6 +100,11 @@ typedef struct {
     int mpi_size, threads;
     int epsf_size;      /* stamp size of /epsf/<band> cubes */
     int epsf_oversamp;  /* oversampling of the /epsf/<band>_os cubes (<= 0: 1) */
+    /* QA diagnostics (docs/qa.md); each is created only when its count/factor is > 0 */
+    int qa_white_ds;    /* /qa/white [ceil(ny/ds), ceil(nx/ds)], block means of the white stack */
+    int qa_bkg_ds;      /* /qa/background/<band>, <band>_rms: block means of the background maps */
+    int qa_growth_n;    /* /epsf/<band>_growth_r [n], <band>_growth_ee [ncy, ncx, n] */
+    int qa_resid;       /* /epsf/<band>_resid [ncy, ncx, size, size]: mean star - ePSF per cell */
 } sp_store_meta;
 
 /* COLLECTIVE. Create the store with every dataset, write the static tables
@@ -121,6 +128,11 @@ int sp_store_write_patches(sp_store *s, const sp_store_patchrow *rows, long n);
 
 /* COLLECTIVE. Close (flush first). */
 int sp_store_close(sp_store *s);
+
+/* Radius of growth-curve point k (pixels): 0.5 (k + 1). */
+double sp_store_growth_r(int k);
+/* Shape of a block-averaged tile map with factor ds. */
+void sp_store_qa_map_dims(const sp_plan *plan, int ds, long *ny, long *nx);
 
 /* The cells / patches table specs (for readers). */
 const sp_h5_col *sp_store_cell_cols(int *ncol);

@@ -451,6 +451,66 @@ static int check_not_an_input(const char *path, const sp_plan *p, MPI_Comm comm)
     return comm != MPI_COMM_NULL ? sp_mpi_agree(status, comm) : status;
 }
 
+double sp_store_growth_r(int k) { return 0.5 * (k + 1); }
+
+void sp_store_qa_map_dims(const sp_plan *p, int ds, long *ny, long *nx)
+{
+    *ny = (p->ny + ds - 1) / ds;
+    *nx = (p->nx + ds - 1) / ds;
+}
+
+/* COLLECTIVE. The QA diagnostics datasets (filled by the cells; NaN until then). */
+static int create_qa(sp_store *s, const sp_plan *p, const sp_store_meta *m)
+{
+    int status = SP_OK;
+    char path[160];
+    long ng = p->opts.epsf_ngrid, sz = m->epsf_size > 0 ? m->epsf_size : p->opts.psf_size;
+    double *r = NULL;
+    SP_TRY(sp_h5_group_create(s->h, "/qa"));
+    if (m->qa_white_ds > 0) {
+        long d[2];
+        sp_store_qa_map_dims(p, m->qa_white_ds, &d[0], &d[1]);
+        SP_TRY(sp_h5_array_create(s->h, "/qa/white", SP_H5_F32, 2, d, NULL, NULL));
+        SP_TRY(sp_h5_attr_set_long(s->h, "/qa/white", "downsample", m->qa_white_ds));
+        SP_TRY(sp_h5_attr_set_str(s->h, "/qa/white", "description",
+                                  "inverse-variance white stack of the background-subtracted bands, block means"));
+    }
+    if (m->qa_bkg_ds > 0) {
+        long d[2];
+        sp_store_qa_map_dims(p, m->qa_bkg_ds, &d[0], &d[1]);
+        SP_TRY(sp_h5_group_create(s->h, "/qa/background"));
+        SP_TRY(sp_h5_attr_set_long(s->h, "/qa/background", "downsample", m->qa_bkg_ds));
+        for (int b = 0; b < p->nbands; b++) {
+            snprintf(path, sizeof path, "/qa/background/%s", p->bands[b]);
+            SP_TRY(sp_h5_array_create(s->h, path, SP_H5_F32, 2, d, NULL, NULL));
+            snprintf(path, sizeof path, "/qa/background/%s_rms", p->bands[b]);
+            SP_TRY(sp_h5_array_create(s->h, path, SP_H5_F32, 2, d, NULL, NULL));
+        }
+    }
+    for (int b = 0; b < p->nbands; b++) {
+        if (m->qa_growth_n > 0) {
+            long n = m->qa_growth_n, d3[3] = {ng, ng, n};
+            SP_ALLOC(r, n);
+            for (long k = 0; k < n; k++) r[k] = sp_store_growth_r((int)k);
+            snprintf(path, sizeof path, "/epsf/%s_growth_r", p->bands[b]);
+            SP_TRY(sp_h5_array_create(s->h, path, SP_H5_F64, 1, &n, NULL, NULL));
+            SP_TRY(sp_h5_array_write(s->h, path, SP_H5_F64, NULL, NULL, r));
+            free(r);
+            r = NULL;
+            snprintf(path, sizeof path, "/epsf/%s_growth_ee", p->bands[b]);
+            SP_TRY(sp_h5_array_create(s->h, path, SP_H5_F32, 3, d3, NULL, NULL));
+        }
+        if (m->qa_resid) {
+            long d4[4] = {ng, ng, sz, sz}, c4[4] = {1, 1, sz, sz};
+            snprintf(path, sizeof path, "/epsf/%s_resid", p->bands[b]);
+            SP_TRY(sp_h5_array_create(s->h, path, SP_H5_F32, 4, d4, c4, NULL));
+        }
+    }
+cleanup:
+    free(r);
+    return status;
+}
+
 int sp_store_create(const char *path, const sp_plan *p, const sp_store_meta *m, MPI_Comm comm, sp_store *s)
 {
     int status = SP_OK;
@@ -483,6 +543,7 @@ int sp_store_create(const char *path, const sp_plan *p, const sp_store_meta *m, 
         snprintf(path_b, sizeof path_b, "/epsf/%s_fallback", p->bands[b]);
         SP_TRY(sp_h5_array_create(s->h, path_b, SP_H5_I32, 2, dims, NULL, NULL));
     }
+    SP_TRY(create_qa(s, p, m));
     SP_TRY(sp_h5_attr_set_long(s->h, "/epsf", "oversamp", m->epsf_oversamp > 0 ? m->epsf_oversamp : 1));
     SP_TRY(sp_h5_attr_set_long(s->h, "/epsf", "size", m->epsf_size > 0 ? m->epsf_size : p->opts.psf_size));
     SP_TRY(sp_h5_group_create(s->h, "/provenance"));

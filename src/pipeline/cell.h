@@ -63,6 +63,7 @@ typedef struct {
     int32_t *grid_nstars, *grid_kind; /* same index: stars used, SP_EPSF_* kind */
     uint8_t *grid_mine;             /* ncells: built by this rank in this run */
     double *xedge, *yedge;          /* cell edges in tile pixels (epsf_ngrid + 1 each) */
+    sp_store_meta qa;               /* which QA diagnostics the store holds (qa_* fields) */
     long nfit_sources, nfit_patches; /* this rank's totals (summary) */
 } run_t;
 
@@ -74,6 +75,7 @@ typedef struct {
     float **data, **ivar;        /* per band, ROI-sized */
     uint8_t **mask;
     float **rms;                 /* per band background RMS map (NULL until the background stage) */
+    float **back;                /* per band background map, kept only for the QA maps (else NULL) */
     float *white, *white_ivar;
     long *src;                   /* base sources of the cell (catalog indices), patch by patch */
     long nsrc;
@@ -98,6 +100,7 @@ int stage_background(cell_t *c);
 int stage_detect(cell_t *c);
 int stage_epsf(cell_t *c);
 int stage_fit(cell_t *c);
+int stage_qa_maps(cell_t *c);
 
 /* Fill the fit columns of catalog row `row` from the fit of base source k (cell_fit.c). */
 void cell_fit_row(const cell_t *c, long k, void *rows, long row);

@@ -227,13 +227,18 @@ int stage_background(cell_t *c)
     run_t *r = c->run;
     int nb = r->plan->nbands;
     thread_err te = {0};
+    int keep_back = r->phase == RUN_PSF_PASS && r->qa.qa_bkg_ds > 0;
     SP_ALLOC(c->rms, nb);
     for (int b = 0; b < nb; b++) SP_ALLOC(c->rms[b], c->npix);
+    if (keep_back) {
+        SP_ALLOC(c->back, nb);
+        for (int b = 0; b < nb; b++) SP_ALLOC(c->back[b], c->npix);
+    }
 #pragma omp parallel for schedule(dynamic, 1) num_threads(r->sp.band_threads)
     for (int b = 0; b < nb; b++) {
         sp_bkg *bk = NULL;
         int st = sp_bkg_estimate(c->data[b], c->ivar[b], c->mask[b], (int)c->nx, (int)c->ny, &r->sp.bkg, &bk);
-        if (st == SP_OK) st = sp_bkg_map(bk, NULL, c->rms[b]);
+        if (st == SP_OK) st = sp_bkg_map(bk, keep_back ? c->back[b] : NULL, c->rms[b]);
         if (st == SP_OK && r->sp.subtract_bkg) {
             st = sp_bkg_subtract(bk, c->data[b]);
             /* masked pixels stay 0: they never enter a sum */
@@ -285,6 +290,29 @@ static void sample_pixels(const sp_psf *psf, int size, float *out)
         for (int i = 0; i < size; i++) out[j * size + i] = (float)sp_psf_eval(psf, i - c, j - c);
 }
 
+/* Mean of the used stars' residual stamps ((star - bkg)/flux - ePSF, NaN where
+ * unusable) into out[size^2]; 0 if there is none (nothing to store). */
+static int mean_resid(const sp_epsf_result *e, int size, float *out)
+{
+    if (!e->resid_stamps || e->stamp_size != size || e->nstars_in <= 0) return 0;
+    size_t np = (size_t)size * size;
+    int any = 0;
+    for (size_t k = 0; k < np; k++) {
+        double s = 0;
+        int n = 0;
+        for (int j = 0; j < e->nstars_in; j++) {
+            if (e->star_used && !e->star_used[j]) continue;
+            float v = e->resid_stamps[(size_t)j * np + k];
+            if (!isfinite(v)) continue;
+            s += v;
+            n++;
+        }
+        out[k] = n > 0 ? (float)(s / n) : NAN;
+        any |= n > 0;
+    }
+    return any;
+}
+
 static int write_epsf(cell_t *c)
 {
     int status = SP_OK;
@@ -303,6 +331,18 @@ static int write_epsf(cell_t *c)
         long so = e->psf->size, no[4] = {1, 1, so, so};
         snprintf(path, sizeof path, "/epsf/%s_os", p->bands[b]);
         SP_TRY(sp_h5_array_write(r->store->h, path, SP_H5_F32, st4, no, e->psf->data));
+        if (r->qa.qa_growth_n > 0) {
+            int ngr = r->qa.qa_growth_n;
+            float ee[1024];
+            for (int k = 0; k < ngr && k < 1024; k++) ee[k] = (float)sp_epsf_encircled(e->psf, sp_store_growth_r(k));
+            long s3[3] = {c->cell->iy, c->cell->ix, 0}, n3[3] = {1, 1, ngr < 1024 ? ngr : 1024};
+            snprintf(path, sizeof path, "/epsf/%s_growth_ee", p->bands[b]);
+            SP_TRY(sp_h5_array_write(r->store->h, path, SP_H5_F32, s3, n3, ee));
+        }
+        if (r->qa.qa_resid && mean_resid(e, size, buf)) {
+            snprintf(path, sizeof path, "/epsf/%s_resid", p->bands[b]);
+            SP_TRY(sp_h5_array_write(r->store->h, path, SP_H5_F32, st4, n4, buf));
+        }
         int32_t nst = e->nstars_used, kind = e->kind;
         snprintf(path, sizeof path, "/epsf/%s_fallback", p->bands[b]);
         SP_TRY(sp_h5_array_write(r->store->h, path, SP_H5_I32, st4, n4, &kind));
@@ -407,6 +447,58 @@ int stage_epsf(cell_t *c)
     sp_prof_push("write");
     status = write_epsf(c);
     sp_prof_pop();
+cleanup:
+    return status;
+}
+
+/* ---- QA maps ------------------------------------------------------------------------- */
+
+/* Block means (factor ds) of a ROI image over the output pixels this cell owns:
+ * those whose block starts in its base region. Pixels with weight <= 0 (w may be
+ * NULL) or not finite are left out; a block with none is NaN. */
+static int write_block_means(cell_t *c, const char *path, const float *img, const float *w, int ds)
+{
+    int status = SP_OK;
+    const sp_cell *ce = c->cell;
+    const sp_plan *p = c->run->plan;
+    long X0 = (ce->bx0 + ds - 1) / ds, X1 = (ce->bx1 + ds - 1) / ds;
+    long Y0 = (ce->by0 + ds - 1) / ds, Y1 = (ce->by1 + ds - 1) / ds;
+    float *out = NULL;
+    if (X1 <= X0 || Y1 <= Y0) return SP_OK;
+    SP_ALLOC(out, (size_t)(X1 - X0) * (Y1 - Y0));
+    for (long Y = Y0; Y < Y1; Y++)
+        for (long X = X0; X < X1; X++) {
+            double s = 0;
+            long n = 0;
+            for (long y = Y * ds; y < (Y + 1) * ds && y < p->ny && y < c->y0 + c->ny; y++)
+                for (long x = X * ds; x < (X + 1) * ds && x < p->nx && x < c->x0 + c->nx; x++) {
+                    size_t k = (size_t)(y - c->y0) * c->nx + (size_t)(x - c->x0);
+                    if ((w && !(w[k] > 0)) || !isfinite(img[k])) continue;
+                    s += img[k];
+                    n++;
+                }
+            out[(Y - Y0) * (X1 - X0) + (X - X0)] = n > 0 ? (float)(s / n) : NAN;
+        }
+    long st[2] = {Y0, X0}, n2[2] = {Y1 - Y0, X1 - X0};
+    SP_TRY(sp_h5_array_write(c->run->store->h, path, SP_H5_F32, st, n2, out));
+cleanup:
+    free(out);
+    return status;
+}
+
+int stage_qa_maps(cell_t *c)
+{
+    int status = SP_OK;
+    run_t *r = c->run;
+    const sp_plan *p = r->plan;
+    char path[160];
+    if (r->qa.qa_white_ds > 0) SP_TRY(write_block_means(c, "/qa/white", c->white, c->white_ivar, r->qa.qa_white_ds));
+    for (int b = 0; b < p->nbands && r->qa.qa_bkg_ds > 0 && c->back; b++) {
+        snprintf(path, sizeof path, "/qa/background/%s", p->bands[b]);
+        SP_TRY(write_block_means(c, path, c->back[b], NULL, r->qa.qa_bkg_ds));
+        snprintf(path, sizeof path, "/qa/background/%s_rms", p->bands[b]);
+        SP_TRY(write_block_means(c, path, c->rms[b], NULL, r->qa.qa_bkg_ds));
+    }
 cleanup:
     return status;
 }
@@ -548,6 +640,10 @@ cleanup:
 void cell_psf_free(cell_t *c)
 {
     int nb = c->run->plan->nbands;
+    if (c->back)
+        for (int b = 0; b < nb; b++) free(c->back[b]);
+    free(c->back);
+    c->back = NULL;
     if (c->rms)
         for (int b = 0; b < nb; b++) free(c->rms[b]);
     free(c->rms);

@@ -139,8 +139,9 @@ else
 fi
 
 # 10. an independent WCS reader (astropy) agrees with truth.csv
-if python3 -c 'import astropy, numpy' 2>/dev/null; then
-  if python3 - "$D" <<'EOF'
+PY=/usr/bin/python3; [ -x "$PY" ] || PY=python3
+if "$PY" -c 'import astropy, numpy' 2>/dev/null; then
+  if "$PY" - "$D" <<'EOF'
 import sys, csv
 from astropy.io import fits
 from astropy.wcs import WCS
