@@ -201,6 +201,7 @@ static int stage_write(cell_t *c)
     }
     SP_TRY(sp_store_write_catalog_rows(r->store, c->src, c->nsrc, rows));
     if (c->prow) SP_TRY(sp_store_write_patches(r->store, c->prow, c->cell->npatch));
+    SP_TRY(cell_qa_write(c));
 cleanup:
     free(rows);
     return status;
@@ -254,6 +255,12 @@ static void cell_free(cell_t *c, int nb)
     free(c->fit_ra);
     free(c->fit_dec);
     free(c->prow);
+    free(c->cut_slot);
+    free(c->cut_slots);
+    free(c->cut);
+    free(c->ov_slot);
+    free(c->ov_slots);
+    free(c->ov);
 }
 
 /* A cell that failed is marked so in /cells (resume retries it); the cell's own
@@ -639,6 +646,13 @@ int sp_pipeline_run(const sp_run_opts *o, int *agreed)
         meta.qa_bkg_ds = cfg.epsf.save_patch_background_diagnostics ? (int)((side + 511) / 512) : 0;
         meta.qa_growth_n = cfg.epsf.save_growth_curve ? cfg.epsf.final_psf_size - 1 : 0;
         meta.qa_resid = cfg.epsf.save_residual_diagnostics;
+        const sp_cfg_patch_run *pr = &cfg.patch_run;
+        long left = plan.cat.n - pr->cutout_start;
+        long ncut = pr->cutout_max_sources == SP_CONFIG_NULL_INT ? left : pr->cutout_max_sources;
+        meta.qa_cut_start = pr->cutout_start;
+        meta.qa_cut_n = pr->no_cutouts || left <= 0 ? 0 : (ncut < left ? ncut : left);
+        meta.qa_cut_size = pr->cutout_size;
+        meta.qa_overview = !pr->no_patch_overview;
         r.qa = meta;
     }
     SP_ALLOC(cstat, plan.ncells);
@@ -675,6 +689,21 @@ int sp_pipeline_run(const sp_run_opts *o, int *agreed)
         snprintf(q, sizeof q, "/epsf/%s_resid", plan.bands[0]);
         SP_TRY(sp_h5_exists(store.h, q, &ex));
         if (!ex) r.qa.qa_resid = 0;
+        SP_TRY(sp_h5_exists(store.h, "/qa/cutouts", &ex));
+        if (!ex) r.qa.qa_cut_n = 0;
+        else {
+            long dims[8] = {0};
+            int ndim = 0;
+            SP_TRY(sp_h5_dims(store.h, "/qa/cutouts/data", &ndim, dims));
+            r.qa.qa_cut_n = dims[0];
+            r.qa.qa_cut_size = (int)dims[2];
+            long first = -1;
+            long st1 = 0, n1 = 1;
+            if (dims[0] > 0) SP_TRY(sp_h5_array_read(store.h, "/qa/cutouts/row", SP_H5_I64, &st1, &n1, &first));
+            r.qa.qa_cut_start = first;
+        }
+        SP_TRY(sp_h5_exists(store.h, "/qa/patch_overview", &ex));
+        if (!ex) r.qa.qa_overview = 0;
     }
 
     /* cells to do, most expensive first */

@@ -105,6 +105,10 @@ typedef struct {
     int qa_bkg_ds;      /* /qa/background/<band>, <band>_rms: block means of the background maps */
     int qa_growth_n;    /* /epsf/<band>_growth_r [n], <band>_growth_ee [ncy, ncx, n] */
     int qa_resid;       /* /epsf/<band>_resid [ncy, ncx, size, size]: mean star - ePSF per cell */
+    long qa_cut_start, qa_cut_n; /* /qa/cutouts {data,model,resid} [n, nbands, s, s] of catalog rows
+                                  * start .. start+n-1, and row [n] */
+    int qa_cut_size;             /* s */
+    int qa_overview;             /* /qa/patch_overview {data,model,resid} [n, nbands, h, w], patch [n] */
 } sp_store_meta;
 
 /* COLLECTIVE. Create the store with every dataset, write the static tables
@@ -128,6 +132,13 @@ int sp_store_write_patches(sp_store *s, const sp_store_patchrow *rows, long n);
 
 /* COLLECTIVE. Close (flush first). */
 int sp_store_close(sp_store *s);
+
+/* The patches whose data/model/residual the store keeps (/qa/patch_overview):
+ * up to SP_STORE_OVERVIEW_MAX active patches with sources, evenly spread over
+ * the tile. Returns the count; ids[SP_STORE_OVERVIEW_MAX]. *ds, *h, *w: the
+ * block-mean factor and the stored image size (the largest patch ROI / ds). */
+#define SP_STORE_OVERVIEW_MAX 24
+int sp_store_overview_patches(const sp_plan *plan, int *ids, int *ds, int *h, int *w);
 
 /* Radius of growth-curve point k (pixels): 0.5 (k + 1). */
 double sp_store_growth_r(int k);

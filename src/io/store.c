@@ -453,6 +453,33 @@ static int check_not_an_input(const char *path, const sp_plan *p, MPI_Comm comm)
 
 double sp_store_growth_r(int k) { return 0.5 * (k + 1); }
 
+int sp_store_overview_patches(const sp_plan *p, int *ids, int *ds, int *h, int *w)
+{
+    long nact = 0, mx = 1, my = 1;
+    for (int k = 0; k < p->npatches; k++) {
+        const sp_patch *pt = &p->patches[k];
+        if (!pt->active || pt->nsrc == 0) continue;
+        nact++;
+        if (pt->rx1 - pt->rx0 > mx) mx = pt->rx1 - pt->rx0;
+        if (pt->ry1 - pt->ry0 > my) my = pt->ry1 - pt->ry0;
+    }
+    long side = mx > my ? mx : my;
+    *ds = (int)((side + 127) / 128);
+    *w = (int)((mx + *ds - 1) / *ds);
+    *h = (int)((my + *ds - 1) / *ds);
+    int n = nact < SP_STORE_OVERVIEW_MAX ? (int)nact : SP_STORE_OVERVIEW_MAX;
+    long j = 0;
+    int m = 0;
+    for (int k = 0; k < p->npatches && m < n; k++) {
+        const sp_patch *pt = &p->patches[k];
+        if (!pt->active || pt->nsrc == 0) continue;
+        /* the (m)th pick is the active patch of rank floor(m * nact / n) */
+        if (j == (long)((double)m * nact / n)) ids[m++] = pt->id;
+        j++;
+    }
+    return m;
+}
+
 void sp_store_qa_map_dims(const sp_plan *p, int ds, long *ny, long *nx)
 {
     *ny = (p->ny + ds - 1) / ds;
@@ -485,6 +512,41 @@ static int create_qa(sp_store *s, const sp_plan *p, const sp_store_meta *m)
             SP_TRY(sp_h5_array_create(s->h, path, SP_H5_F32, 2, d, NULL, NULL));
             snprintf(path, sizeof path, "/qa/background/%s_rms", p->bands[b]);
             SP_TRY(sp_h5_array_create(s->h, path, SP_H5_F32, 2, d, NULL, NULL));
+        }
+    }
+    static const char *const kinds[3] = {"data", "model", "resid"};
+    if (m->qa_cut_n > 0) {
+        long s0 = m->qa_cut_size, d4[4] = {m->qa_cut_n, p->nbands, s0, s0}, c4[4] = {1, p->nbands, s0, s0};
+        long n = m->qa_cut_n;
+        SP_TRY(sp_h5_group_create(s->h, "/qa/cutouts"));
+        for (int k = 0; k < 3; k++) {
+            snprintf(path, sizeof path, "/qa/cutouts/%s", kinds[k]);
+            SP_TRY(sp_h5_array_create(s->h, path, SP_H5_F32, 4, d4, c4, NULL));
+        }
+        SP_ALLOC(r, n);
+        for (long k = 0; k < n; k++) r[k] = (double)(m->qa_cut_start + k);
+        SP_TRY(sp_h5_array_create(s->h, "/qa/cutouts/row", SP_H5_I64, 1, &n, NULL, NULL));
+        SP_TRY(sp_h5_array_write(s->h, "/qa/cutouts/row", SP_H5_F64, NULL, NULL, r));
+        free(r);
+        r = NULL;
+    }
+    if (m->qa_overview) {
+        int ids[SP_STORE_OVERVIEW_MAX], ds, hh, ww;
+        long n = sp_store_overview_patches(p, ids, &ds, &hh, &ww);
+        if (n > 0) {
+            long d4[4] = {n, p->nbands, hh, ww}, c4[4] = {1, p->nbands, hh, ww};
+            SP_TRY(sp_h5_group_create(s->h, "/qa/patch_overview"));
+            SP_TRY(sp_h5_attr_set_long(s->h, "/qa/patch_overview", "downsample", ds));
+            for (int k = 0; k < 3; k++) {
+                snprintf(path, sizeof path, "/qa/patch_overview/%s", kinds[k]);
+                SP_TRY(sp_h5_array_create(s->h, path, SP_H5_F32, 4, d4, c4, NULL));
+            }
+            SP_ALLOC(r, n);
+            for (long k = 0; k < n; k++) r[k] = ids[k];
+            SP_TRY(sp_h5_array_create(s->h, "/qa/patch_overview/patch", SP_H5_I64, 1, &n, NULL, NULL));
+            SP_TRY(sp_h5_array_write(s->h, "/qa/patch_overview/patch", SP_H5_F64, NULL, NULL, r));
+            free(r);
+            r = NULL;
         }
     }
     for (int b = 0; b < p->nbands; b++) {

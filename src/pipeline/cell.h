@@ -88,6 +88,17 @@ typedef struct {
     uint8_t *fitted;             /* nsrc: 1 where fit[] holds a reported result */
     double *fit_ra, *fit_dec;    /* nsrc: sky position of the fitted position */
     sp_store_patchrow *prow;     /* the cell's patch rows */
+    /* QA: cutouts of the cell's sources among /qa/cutouts' rows, and overviews of its patches
+     * among /qa/patch_overview's (filled by the fit threads, written by the main thread) */
+    int ncut;
+    long *cut_slot;              /* nsrc: slot in /qa/cutouts, -1 if none */
+    float *cut;                  /* ncut x 3 (data, model, resid) x nbands x s x s */
+    long *cut_slots;             /* ncut: the slots, in cell order */
+    int nov;
+    int *ov_slot;                /* npatch: slot in /qa/patch_overview, -1 if none */
+    float *ov;                   /* nov x 3 x nbands x h x w */
+    int *ov_slots;               /* nov */
+    int ov_ds, ov_h, ov_w;
     double bytes_read;
 } cell_t;
 
@@ -104,6 +115,8 @@ int stage_qa_maps(cell_t *c);
 
 /* Fill the fit columns of catalog row `row` from the fit of base source k (cell_fit.c). */
 void cell_fit_row(const cell_t *c, long k, void *rows, long row);
+/* Write the cell's QA cutouts and patch overviews (main thread; cell_fit.c). */
+int cell_qa_write(cell_t *c);
 
 void cell_psf_free(cell_t *c);
 

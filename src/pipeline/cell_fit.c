@@ -25,8 +25,9 @@ typedef struct {
     size_t cap_src;
     sp_fit_result *res;
     size_t cap_res;
-    float *data, *ivar;
-    size_t cap_data, cap_ivar;
+    float *data, *ivar, *model;
+    size_t cap_data, cap_ivar, cap_model;
+    float **mptr;      /* per band: model buffer or NULL */
     sp_psf **local;    /* per band: the PSF at the patch centre (blend of neighbouring cell ePSFs) */
     sp_fit_image *img; /* per band */
 } fit_scratch;
@@ -38,6 +39,8 @@ static void scratch_free(fit_scratch *s, int nb)
     free(s->res);
     free(s->data);
     free(s->ivar);
+    free(s->model);
+    free(s->mptr);
     if (s->local)
         for (int b = 0; b < nb; b++) sp_psf_free(&s->local[b]);
     free(s->local);
@@ -80,6 +83,64 @@ static void source_init(const run_t *r, long i, const sp_aper_result *aper, sp_f
     s->theta = isfinite(th) ? th * (M_PI / 180.0) : 0.0;
     s->sersic_n = isfinite(n) && n > 0 ? n : pr->sersic_n_init;
     s->id = i;
+}
+
+/* QA: the s x s cutout of data, model, residual around base source k of the
+ * patch (patch ROI arrays of every band) into the cell's slot buffer. */
+static void qa_cutout(cell_t *c, const fit_scratch *s, const sp_patch *pt, long ck, int slot_i)
+{
+    const run_t *r = c->run;
+    int nb = r->plan->nbands, S = r->qa.qa_cut_size;
+    long pnx = pt->rx1 - pt->rx0, pny = pt->ry1 - pt->ry0;
+    size_t npix = (size_t)pnx * pny, ss = (size_t)S * S;
+    long i = c->src[ck];
+    long cx = lround(r->plan->cat.x[i]) - pt->rx0 - S / 2, cy = lround(r->plan->cat.y[i]) - pt->ry0 - S / 2;
+    float *out = c->cut + (size_t)slot_i * 3 * nb * ss;
+    for (int b = 0; b < nb; b++)
+        for (int y = 0; y < S; y++)
+            for (int x = 0; x < S; x++) {
+                long u = cx + x, v = cy + y;
+                float d = NAN, m = NAN;
+                if (u >= 0 && v >= 0 && u < pnx && v < pny) {
+                    size_t k = (size_t)b * npix + (size_t)v * pnx + u;
+                    m = s->model[k];
+                    d = s->ivar[k] > 0 ? s->data[k] : NAN;
+                }
+                size_t o = (size_t)b * ss + (size_t)y * S + x;
+                out[o] = d;
+                out[(size_t)nb * ss + o] = m;
+                out[(size_t)2 * nb * ss + o] = d - m;
+            }
+}
+
+/* QA: block means of the patch's data, model and residual into overview slot slot_i. */
+static void qa_overview(cell_t *c, const fit_scratch *s, const sp_patch *pt, int slot_i)
+{
+    int nb = c->run->plan->nbands, ds = c->ov_ds, H = c->ov_h, W = c->ov_w;
+    long pnx = pt->rx1 - pt->rx0, pny = pt->ry1 - pt->ry0;
+    size_t npix = (size_t)pnx * pny, hw = (size_t)H * W;
+    float *out = c->ov + (size_t)slot_i * 3 * nb * hw;
+    for (int b = 0; b < nb; b++)
+        for (int Y = 0; Y < H; Y++)
+            for (int X = 0; X < W; X++) {
+                double sd = 0, sm = 0;
+                int nd = 0, nm = 0;
+                for (long y = (long)Y * ds; y < (long)(Y + 1) * ds && y < pny; y++)
+                    for (long x = (long)X * ds; x < (long)(X + 1) * ds && x < pnx; x++) {
+                        size_t k = (size_t)b * npix + (size_t)y * pnx + x;
+                        sm += s->model[k];
+                        nm++;
+                        if (s->ivar[k] > 0) {
+                            sd += s->data[k] - s->model[k];
+                            nd++;
+                        }
+                    }
+                size_t o = (size_t)b * hw + (size_t)Y * W + X;
+                float m = nm ? (float)(sm / nm) : NAN, rr = nd ? (float)(sd / nd) : NAN;
+                out[o] = nd ? rr + m : NAN;
+                out[(size_t)nb * hw + o] = m;
+                out[(size_t)2 * nb * hw + o] = rr;
+            }
 }
 
 /* Fit patch pid of the cell; base sources of the patch are src[base0 ..). */
@@ -132,8 +193,20 @@ static int fit_one(cell_t *c, fit_scratch *s, sp_fit_workspace *ws, int pid, lon
         SP_TRY(psf_grid_at(r, b, c->cell->id, xc, yc, &s->local[b], &im->psf));
         im->psf_fallback = im->psf->is_fallback;
     }
+    /* the model image only where QA keeps a cutout or an overview of this patch */
+    int jp = pid - c->cell->patch0, want = c->ov_slot && c->ov_slot[jp] >= 0;
+    for (long k = 0; k < pt->nsrc && !want; k++) want = c->cut_slot && c->cut_slot[base0 + k] >= 0;
+    if (want) {
+        SP_TRY(ensure((void **)&s->model, npix * nb, sizeof *s->model, &s->cap_model));
+        for (int b = 0; b < nb; b++) s->mptr[b] = s->model + (size_t)b * npix;
+    }
     sp_fit_patch_stats st;
-    SP_TRY(sp_fit_patch(ws, &r->sp.fit, s->img, nb, nb, s->src, (int)n, s->res, &st, NULL));
+    SP_TRY(sp_fit_patch(ws, &r->sp.fit, s->img, nb, nb, s->src, (int)n, s->res, &st, want ? s->mptr : NULL));
+    if (want) {
+        for (long k = 0; k < pt->nsrc; k++)
+            if (c->cut_slot[base0 + k] >= 0) qa_cutout(c, s, pt, base0 + k, (int)c->cut_slot[base0 + k]);
+        if (c->ov_slot[jp] >= 0) qa_overview(c, s, pt, c->ov_slot[jp]);
+    }
     SP_DEBUG("patch %d: %ld source(s) (%ld base), %d group(s), largest %d, %ld render(s), %.3f s", pid, n, pt->nsrc,
              st.ngroups, st.max_group_size, st.renders, st.seconds);
     for (long k = 0; k < pt->nsrc; k++) {
@@ -152,6 +225,71 @@ static int fit_one(cell_t *c, fit_scratch *s, sp_fit_workspace *ws, int pid, lon
     row->seconds = sp_wtime() - t0;
     row->chi2dof = np > 0 ? chi2 / np : NAN;
     row->resid_rms = rms / nb;
+cleanup:
+    return status;
+}
+
+/* Which of the cell's sources and patches QA keeps, and their buffers. The
+ * cutout slots of a cell are local (0 .. ncut-1) with cut_slots[] mapping them
+ * to rows of /qa/cutouts; likewise for the overviews. */
+static int qa_slots(cell_t *c)
+{
+    int status = SP_OK;
+    const run_t *r = c->run;
+    const sp_plan *p = r->plan;
+    int nb = p->nbands;
+    SP_ALLOC(c->cut_slot, c->nsrc + 1);
+    SP_ALLOC(c->cut_slots, c->nsrc + 1);
+    SP_ALLOC(c->ov_slot, c->cell->npatch + 1);
+    SP_ALLOC(c->ov_slots, c->cell->npatch + 1);
+    c->ncut = c->nov = 0;
+    for (long k = 0; k < c->nsrc; k++) {
+        long row = c->src[k] - r->qa.qa_cut_start;
+        c->cut_slot[k] = -1;
+        if (r->qa.qa_cut_n > 0 && row >= 0 && row < r->qa.qa_cut_n) {
+            c->cut_slots[c->ncut] = row;
+            c->cut_slot[k] = c->ncut++;
+        }
+    }
+    int ids[SP_STORE_OVERVIEW_MAX], nid = 0;
+    if (r->qa.qa_overview) nid = sp_store_overview_patches(p, ids, &c->ov_ds, &c->ov_h, &c->ov_w);
+    for (int j = 0; j < c->cell->npatch; j++) {
+        c->ov_slot[j] = -1;
+        for (int q = 0; q < nid; q++)
+            if (ids[q] == c->cell->patch0 + j) {
+                c->ov_slots[c->nov] = q;
+                c->ov_slot[j] = c->nov++;
+            }
+    }
+    size_t S = (size_t)r->qa.qa_cut_size;
+    if (c->ncut > 0) SP_ALLOC(c->cut, (size_t)c->ncut * 3 * nb * S * S);
+    if (c->nov > 0) SP_ALLOC(c->ov, (size_t)c->nov * 3 * nb * c->ov_h * c->ov_w);
+cleanup:
+    return status;
+}
+
+int cell_qa_write(cell_t *c)
+{
+    int status = SP_OK;
+    const run_t *r = c->run;
+    int nb = r->plan->nbands;
+    static const char *const kinds[3] = {"data", "model", "resid"};
+    char path[96];
+    size_t S = (size_t)r->qa.qa_cut_size;
+    for (int q = 0; q < c->ncut; q++)
+        for (int k = 0; k < 3; k++) {
+            long st[4] = {c->cut_slots[q], 0, 0, 0}, n4[4] = {1, nb, (long)S, (long)S};
+            snprintf(path, sizeof path, "/qa/cutouts/%s", kinds[k]);
+            SP_TRY(sp_h5_array_write(r->store->h, path, SP_H5_F32, st, n4,
+                                     c->cut + ((size_t)q * 3 + k) * nb * S * S));
+        }
+    size_t hw = (size_t)c->ov_h * c->ov_w;
+    for (int q = 0; q < c->nov; q++)
+        for (int k = 0; k < 3; k++) {
+            long st[4] = {c->ov_slots[q], 0, 0, 0}, n4[4] = {1, nb, c->ov_h, c->ov_w};
+            snprintf(path, sizeof path, "/qa/patch_overview/%s", kinds[k]);
+            SP_TRY(sp_h5_array_write(r->store->h, path, SP_H5_F32, st, n4, c->ov + ((size_t)q * 3 + k) * nb * hw));
+        }
 cleanup:
     return status;
 }
@@ -181,6 +319,7 @@ int stage_fit(cell_t *c)
                                          .nsrc_roi = 0, .active = (uint8_t)pt->active, .status = SP_CELL_SKIPPED,
                                          .seconds = 0, .chi2dof = NAN, .resid_rms = NAN};
     }
+    SP_TRY(qa_slots(c));
     SP_CHECK(base0[ce->npatch] == c->nsrc, SP_ERR_INTERNAL, "cell %d: patch sources %ld != cell sources %ld", ce->id,
              base0[ce->npatch], c->nsrc);
 #pragma omp parallel num_threads(r->threads)
@@ -190,7 +329,8 @@ int stage_fit(cell_t *c)
         int tid = omp_get_thread_num();
         s.local = calloc((size_t)nb, sizeof *s.local);
         s.img = calloc((size_t)nb, sizeof *s.img);
-        if (!s.local || !s.img) thread_err_record(&te, SP_FAIL(SP_ERR_NOMEM, "out of memory"), "patch fit");
+        s.mptr = calloc((size_t)nb, sizeof *s.mptr);
+        if (!s.local || !s.img || !s.mptr) thread_err_record(&te, SP_FAIL(SP_ERR_NOMEM, "out of memory"), "patch fit");
 #pragma omp for schedule(dynamic, 1)
         for (int j = 0; j < ce->npatch; j++) {
             const sp_patch *pt = &p->patches[ce->patch0 + j];

@@ -321,7 +321,7 @@ h = fits.open(sys.argv[1])[0]; fits.PrimaryHDU(np.round(h.data + 100).astype(np.
 
   new_case frame_damaged_tile   # found only by the cell that reads it: the cell phase's abort path
   $DAMAGE fzcorrupt "$F1"; run "$NP2"
-  ALLOW_ABORT=1 expect frame_damaged_tile 3 valid "cell 0 (x 0-128, y 0-128): " \
+  ALLOW_ABORT=1 expect frame_damaged_tile 3 valid "cell 0 (x 0-128, y 0-128), PSF pass: " \
     "m650_0.fits[HDU 2]: cannot read pixels [0:150, 0:150) (truncated or damaged file?)" "decompression error"
   "$BIN" -q inspect "$D/work/surveyproc.h5" 2>&1 | grep -q 'to do' && pass frame_damaged_tile_store_resumable ||
     fail frame_damaged_tile_store_resumable "inspect does not show cells to do"
