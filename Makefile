@@ -91,7 +91,7 @@ check-unit: tests
 	@SP_SKIP_SANITIZE=1 bash tests/run_all.sh $(BUILD)
 
 check-slurm: all
-	@bash tests/scripts/slurm_job.sh
+	@bash tests/scripts/test_slurm.sh
 
 demo: deps
 	@$(MAKE) --no-print-directory all

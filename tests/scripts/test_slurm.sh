@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# slurm_job.sh — `make check-slurm`: the job scripts of jobs/ on a real single-node SLURM.
+# test_slurm.sh — part of `make check` (alone: `make check-slurm`): the job scripts of jobs/ on a real single-node SLURM.
 #
 # Starts a private SLURM cluster on localhost (its own slurm.conf, ports, state and log folders under
 # a temporary directory; nothing in /etc/slurm is touched, a slurmctld already running is left
@@ -30,7 +30,7 @@ FAILED=0
 if [ ! -x "$BIN" ]; then skip "slurm (no $BIN; run make)"; exit 0; fi
 if [ "$(id -u)" -ne 0 ]; then skip "slurm (starting slurmctld/slurmd/munged needs root)"; exit 0; fi
 if ! command -v slurmctld >/dev/null || ! command -v qsub >/dev/null || ! command -v munged >/dev/null; then
-  echo "slurm_job: installing slurm-wlm, munge, slurm-wlm-torque"
+  echo "test_slurm: installing slurm-wlm, munge, slurm-wlm-torque"
   if ! bash scripts/install-deps.sh --with-slurm; then skip "slurm (could not install slurm-wlm/munge)"; exit 0; fi
 fi
 if ! compgen -G '/usr/lib/*/slurm*/mpi_pmix*.so' >/dev/null && ! compgen -G '/usr/lib*/slurm/mpi_pmix*.so' >/dev/null; then
@@ -49,14 +49,14 @@ cleanup() {
   for f in "$T/slurmd.pid" "$T/slurmctld.pid"; do stop_pid "$f"; done
   [ "$STARTED_MUNGE" = 1 ] && stop_pid /run/munge/munged.pid
   if [ -n "${SP_KEEP_TMP:-}" ]; then echo "kept $T"; else rm -rf "$T"; fi
-  echo "slurm_job: $((SECONDS - T0)) s in all, daemons stopped"
+  echo "test_slurm: $((SECONDS - T0)) s in all, daemons stopped"
 }
 stop_pid() {
   [ -s "$1" ] || return 0
   local pid; pid=$(cat "$1")
   kill -TERM "$pid" 2>/dev/null || return 0
   for _ in $(seq 1 100); do kill -0 "$pid" 2>/dev/null || return 0; sleep 0.1; done
-  echo "slurm_job: $1 ($pid) did not stop; sending KILL"; kill -KILL "$pid" 2>/dev/null
+  echo "test_slurm: $1 ($pid) did not stop; sending KILL"; kill -KILL "$pid" 2>/dev/null
 }
 trap cleanup EXIT
 trap 'exit 130' INT TERM
@@ -82,7 +82,7 @@ NCPU=$(env -u OMP_NUM_THREADS -u OMP_THREAD_LIMIT nproc)
 MEMMB=$(awk '/MemTotal/ {printf "%d", $2 / 1024 * 0.8}' /proc/meminfo)
 mkdir -p "$T/state" "$T/spool" "$T/jobs"
 cat >"$T/slurm.conf" <<EOF
-# private single-node cluster of tests/scripts/slurm_job.sh
+# private single-node cluster of tests/scripts/test_slurm.sh
 ClusterName=sptest
 SlurmctldHost=localhost
 SlurmctldPort=$P1
