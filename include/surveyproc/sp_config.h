@@ -195,6 +195,11 @@ typedef struct {
     int cutout_size;
     int edge_pad;
     double min_sep;
+    double min_sep_flux_ratio;
+    bool psfstar_use_catalog;
+    double neighbour_mask_sigma;
+    bool fallback_borrow;
+    double empirical_core_fwhm;
     int max_stars;
     double q_range[2];
     double snr_min;

@@ -63,7 +63,15 @@ typedef struct {
     double q_min, q_max;       /* roundness q = b/a (q_range); default 0.8 .. 1.0 */
     double min_sep;            /* isolation: no other detection / reference within this (pixels); default 30 */
     double min_sep_flux_ratio; /* neighbours fainter than this fraction of the star's flux do not count
-                                * for isolation (0: every neighbour counts); default 0 */
+                                * for isolation (0: every neighbour counts); the star's flux is its
+                                * list flux (detection or catalog) when > 0, else the one measured
+                                * here; default 0 */
+    double min_sep_always;     /* with a flux ratio: any neighbour closer than this counts, however
+                                * faint (pixels; <= 0: 1.5 fwhm); default 0 */
+    const double *others;      /* more sources for the isolation test only (e.g. the input catalog):
+                                * nothers triples (x, y, flux) in image pixels; flux <= 0 or NaN:
+                                * always counts; may be NULL */
+    int nothers;
     double snr_min;            /* SNR floor (matched filter, this band); default 20 */
     double peak_max;           /* reject peaks above this (non-linearity; <= 0: off); default 0 */
     int max_stars;             /* keep at most this many, brightest first; default 30 */
@@ -110,7 +118,10 @@ int sp_starsel_select(const float *img, const float *rms, const uint8_t *mask, i
 /* ------------------------------------------------------------------------ */
 /* ePSF builder                                                               */
 
-enum { SP_EPSF_EMPIRICAL = 0, SP_EPSF_MOFFAT_FIT = 1, SP_EPSF_MOFFAT_DEFAULT = 2 };
+/* SP_EPSF_BORROWED: set by the run (epsf.fallback_borrow), never by sp_epsf_build: a
+ * cell whose own build fell back takes the star-weighted mean of its neighbouring
+ * cells' empirical ePSFs (src/pipeline/cell_psf.c, psf_grid_borrow). */
+enum { SP_EPSF_EMPIRICAL = 0, SP_EPSF_MOFFAT_FIT = 1, SP_EPSF_MOFFAT_DEFAULT = 2, SP_EPSF_BORROWED = 3 };
 
 typedef struct {
     int oversamp;             /* samples per image pixel, 1..8 (1..4 typical); default 2 */
@@ -147,6 +158,12 @@ typedef struct {
     const sp_source *neighbours;
     int nneighbours;
     double neighbour_rscale;  /* default 3 */
+    /* Analytic wings: > 0: the result is the elliptical Moffat fitted to the used
+     * stars plus the empirical ePSF's difference from it within core_fwhm x the
+     * Moffat's FWHM, tapered to 0 over core_taper_fwhm FWHM more (moffat_* of
+     * the result then hold that fit); <= 0: purely empirical; default 0 */
+    double core_fwhm;
+    double core_taper_fwhm;   /* default 1 */
 } sp_epsf_params;
 
 typedef struct {

@@ -194,6 +194,25 @@ const sp_config_key sp_cfg_schema[] = {
        "Candidates whose cutout comes closer than this to the tile edge are rejected."),
     KD("epsf.min_sep", epsf.min_sep, SC, "30.0", 0, 10000, "pix",
        "Candidates with another source closer than this are rejected (not isolated)."),
+    KD("epsf.min_sep_flux_ratio", epsf.min_sep_flux_ratio, SC, "0", 0, 1, "",
+       "Neighbours within min_sep fainter than this fraction of the candidate's flux do not make it crowded "
+       "(they are masked in its cutout instead); any neighbour within 1.5 FWHM still counts; 0: every "
+       "neighbour counts (default). docs/psf.md has the measurements behind the defaults."),
+    KB("epsf.psfstar_use_catalog", epsf.psfstar_use_catalog, SC, "false",
+       "PSF-star candidates are the input catalog's sources of TYPE STAR (at their projected positions) "
+       "instead of the white-stack detections, and isolation and neighbour masking use every catalog "
+       "source with its FLUX_<band>; false (default): detections only (measured better for the photometry "
+       "on the demo and on a crowded tile, docs/psf.md)."),
+    KD("epsf.neighbour_mask_sigma", epsf.neighbour_mask_sigma, SC | GT, "0.25", 0, 1000, "sigma",
+       "Catalog neighbours are masked in the PSF-star cutouts out to the radius where their expected "
+       "light (FLUX_<band> x a Moffat of fallback_fwhm_pix) falls below this many noise sigma."),
+    KD("epsf.empirical_core_fwhm", epsf.empirical_core_fwhm, SC, "0", 0, 100, "",
+       "The ePSF is empirical within this many FWHM of its centre and an elliptical Moffat fitted to the "
+       "same stars beyond (cosine taper over one more FWHM): the noise of a few stars' faint pixels "
+       "otherwise dominates the ePSF error 0 (default): empirical everywhere. A Moffat outside the core suits Moffat-like PSFs only (docs/psf.md)."),
+    KB("epsf.fallback_borrow", epsf.fallback_borrow, SC, "true",
+       "A cell whose ePSF fails its quality gate borrows the star-weighted mean of its neighbouring cells' "
+       "empirical ePSFs (else of every empirical ePSF of the band) before the analytic fallback_model."),
     KI("epsf.max_stars", epsf.max_stars, SC, "30", 1, 100000, "", "Most PSF stars used per band per cell."),
     KDV("epsf.q_range", epsf.q_range, SC | ORD, "[0.7, 1.3]", 0, 10, "",
         "Allowed [min, max] axis ratio of a candidate from its second moments (round stars are near 1)."),

@@ -30,6 +30,9 @@ typedef struct {
                            * centre (epsf.interpolation bilinear); 0: its cell's own ePSF */
     int halo_fixed;       /* patch_run.halo_source_mode == fixed */
     int band_threads;     /* threads building the bands of a cell (epsf.parallel_bands) */
+    int use_catalog;      /* epsf.psfstar_use_catalog: catalog STARs as candidates, catalog isolation/masking */
+    double nb_mask_sigma; /* epsf.neighbour_mask_sigma */
+    int borrow;           /* epsf.fallback_borrow */
 } stage_params;
 
 /* Reference-catalog stars projected on the tile (PSF-star candidates). */
@@ -83,6 +86,7 @@ typedef struct {
     sp_aper_result *aper;        /* nsrc * nbands */
     sp_source *det;              /* detections on the white stack (ROI pixels) */
     int ndet;
+    long *cat, ncat;             /* catalog rows near the ROI (psfstar_use_catalog) */
     sp_epsf_result **epsf;       /* per band */
     sp_fit_result *fit;          /* nsrc: the fit of each base source */
     uint8_t *fitted;             /* nsrc: 1 where fit[] holds a reported result */
@@ -120,12 +124,19 @@ int cell_qa_write(cell_t *c);
 
 void cell_psf_free(cell_t *c);
 
+/* Radius (pixels) out to which a source of flux f adds more than k_sigma per
+ * pixel, for a beta-3 Moffat of the given FWHM (0: never); cell_psf.c. */
+double psf_mask_radius(double f, double fwhm, double k_sigma);
+
 /* The ePSF grid (cell_psf.c). psf_grid_load: COLLECTIVE; on a resumed store
  * reads the ePSFs built by an earlier run and sets need[cell] = 1 for active
  * cells still without one (a new store: every active cell). psf_grid_share:
  * COLLECTIVE; every rank receives the ePSFs the others built. */
 int psf_grid_load(run_t *r, uint8_t *need);
 int psf_grid_share(run_t *r);
+/* epsf.fallback_borrow (called by psf_grid_share): fallback cells take their
+ * empirical neighbours' mean ePSF; not collective, same result on every rank. */
+int psf_grid_borrow(run_t *r);
 /* The PSF of band b at tile position (x, y) for a source of cell `cell`:
  * epsf.interpolation bilinear blends the neighbouring cells' ePSFs into *scratch
  * (allocated on first use, same geometry); none returns the cell's own. */

@@ -61,6 +61,7 @@ static void params_from_config(const sp_config *cfg, int threads, int nbands, st
     s->sel.q_min = e->q_range[0];
     s->sel.q_max = e->q_range[1] < 1.0 ? e->q_range[1] : 1.0; /* q = b/a never exceeds 1 */
     s->sel.min_sep = e->min_sep;
+    s->sel.min_sep_flux_ratio = e->min_sep_flux_ratio;
     s->sel.snr_min = e->snr_min;
     s->sel.max_stars = e->max_stars;
     s->sel.fwhm = e->fallback_fwhm_pix;
@@ -85,7 +86,11 @@ static void params_from_config(const sp_config *cfg, int threads, int nbands, st
     s->epsf.fallback_fwhm = e->fallback_fwhm_pix;
     s->epsf.fallback_beta = e->fallback_model == SP_CFG_FALLBACK_GAUSSIAN ? 20.0 : e->fallback_moffat_beta;
     s->epsf.keep_stamps = e->save_residual_diagnostics;
+    s->epsf.core_fwhm = e->empirical_core_fwhm;
     s->blend_psf = e->interpolation == SP_CFG_EPSF_INTERP_BILINEAR;
+    s->use_catalog = e->psfstar_use_catalog;
+    s->nb_mask_sigma = e->neighbour_mask_sigma;
+    s->borrow = e->fallback_borrow;
 
     sp_fit_options_default(&s->fit);
     s->fit.staged = pr->enable_staged_fit;
@@ -313,42 +318,55 @@ static int mean_resid(const sp_epsf_result *e, int size, float *out)
     return any;
 }
 
+/* One band of one cell to /epsf/<band>, <band>_os, _fallback, _nstars (nstars last). */
+static int write_epsf_band(run_t *r, const sp_cell *ce, int b, const sp_psf *psf, int32_t nst, int32_t kind,
+                           float *buf)
+{
+    int status = SP_OK;
+    const sp_plan *p = r->plan;
+    int size = r->cfg->epsf.final_psf_size;
+    char path[160];
+    sample_pixels(psf, size, buf);
+    long st4[4] = {ce->iy, ce->ix, 0, 0}, n4[4] = {1, 1, size, size};
+    snprintf(path, sizeof path, "/epsf/%s", p->bands[b]);
+    SP_TRY(sp_h5_array_write(r->store->h, path, SP_H5_F32, st4, n4, buf));
+    long so = psf->size, no[4] = {1, 1, so, so};
+    snprintf(path, sizeof path, "/epsf/%s_os", p->bands[b]);
+    SP_TRY(sp_h5_array_write(r->store->h, path, SP_H5_F32, st4, no, psf->data));
+    snprintf(path, sizeof path, "/epsf/%s_fallback", p->bands[b]);
+    SP_TRY(sp_h5_array_write(r->store->h, path, SP_H5_I32, st4, n4, &kind));
+    /* nstars last: >= 0 marks this band's ePSF of the cell as stored (resume) */
+    snprintf(path, sizeof path, "/epsf/%s_nstars", p->bands[b]);
+    SP_TRY(sp_h5_array_write(r->store->h, path, SP_H5_I32, st4, n4, &nst));
+cleanup:
+    return status;
+}
+
 static int write_epsf(cell_t *c)
 {
     int status = SP_OK;
     run_t *r = c->run;
-    const sp_plan *p = r->plan;
     int size = r->cfg->epsf.final_psf_size;
     float *buf = NULL;
     SP_ALLOC(buf, (size_t)size * size);
-    for (int b = 0; b < p->nbands; b++) {
-        char path[160];
+    for (int b = 0; b < r->plan->nbands; b++) {
         const sp_epsf_result *e = c->epsf[b];
-        sample_pixels(e->psf, size, buf);
+        char path[160];
         long st4[4] = {c->cell->iy, c->cell->ix, 0, 0}, n4[4] = {1, 1, size, size};
-        snprintf(path, sizeof path, "/epsf/%s", p->bands[b]);
-        SP_TRY(sp_h5_array_write(r->store->h, path, SP_H5_F32, st4, n4, buf));
-        long so = e->psf->size, no[4] = {1, 1, so, so};
-        snprintf(path, sizeof path, "/epsf/%s_os", p->bands[b]);
-        SP_TRY(sp_h5_array_write(r->store->h, path, SP_H5_F32, st4, no, e->psf->data));
         if (r->qa.qa_growth_n > 0) {
             int ngr = r->qa.qa_growth_n;
             float ee[1024];
             for (int k = 0; k < ngr && k < 1024; k++) ee[k] = (float)sp_epsf_encircled(e->psf, sp_store_growth_r(k));
             long s3[3] = {c->cell->iy, c->cell->ix, 0}, n3[3] = {1, 1, ngr < 1024 ? ngr : 1024};
-            snprintf(path, sizeof path, "/epsf/%s_growth_ee", p->bands[b]);
+            snprintf(path, sizeof path, "/epsf/%s_growth_ee", r->plan->bands[b]);
             SP_TRY(sp_h5_array_write(r->store->h, path, SP_H5_F32, s3, n3, ee));
         }
         if (r->qa.qa_resid && mean_resid(e, size, buf)) {
-            snprintf(path, sizeof path, "/epsf/%s_resid", p->bands[b]);
+            snprintf(path, sizeof path, "/epsf/%s_resid", r->plan->bands[b]);
             SP_TRY(sp_h5_array_write(r->store->h, path, SP_H5_F32, st4, n4, buf));
         }
-        int32_t nst = e->nstars_used, kind = e->kind;
-        snprintf(path, sizeof path, "/epsf/%s_fallback", p->bands[b]);
-        SP_TRY(sp_h5_array_write(r->store->h, path, SP_H5_I32, st4, n4, &kind));
-        /* nstars last: >= 0 marks this band's ePSF of the cell as stored (resume) */
-        snprintf(path, sizeof path, "/epsf/%s_nstars", p->bands[b]);
-        SP_TRY(sp_h5_array_write(r->store->h, path, SP_H5_I32, st4, n4, &nst));
+        /* the stamps and nstars last: nstars >= 0 marks the band's ePSF of the cell as stored */
+        SP_TRY(write_epsf_band(r, c->cell, b, e->psf, e->nstars_used, e->kind, buf));
     }
 cleanup:
     free(buf);
@@ -374,18 +392,148 @@ cleanup:
     return status;
 }
 
-/* Star selection + ePSF of one band. Reference stars in the cell ROI whose
- * magnitude in this band is inside epsf.reference_mag_min..max are candidates
- * in the reference modes. */
+/* Radius (pixels) out to which a source of flux f (this band) adds more than
+ * k sigma per pixel, for a Moffat of the given FWHM and beta 3 (the catalog
+ * neighbours masked in the star cutouts); 0 when its peak is below that. */
+double psf_mask_radius(double f, double fwhm, double k_sigma)
+{
+    const double beta = 3.0;
+    if (!(f > 0) || !(k_sigma > 0) || !(fwhm > 0)) return 0.0;
+    double alpha = fwhm / (2.0 * sqrt(pow(2.0, 1.0 / beta) - 1.0));
+    double i0 = f * (beta - 1.0) / (M_PI * alpha * alpha);
+    if (i0 <= k_sigma) return 0.0;
+    return alpha * sqrt(pow(i0 / k_sigma, 1.0 / beta) - 1.0);
+}
+
+/* The catalog sources near the cell ROI (within half a stamp), once per cell. */
+static int cell_catalog(cell_t *c)
+{
+    int status = SP_OK;
+    const sp_catalog *cat = &c->run->plan->cat;
+    double m = 0.5 * c->run->cfg->epsf.final_psf_size + 2;
+    c->ncat = 0;
+    SP_ALLOC(c->cat, cat->n + 1);
+    for (long k = 0; k < cat->n; k++) {
+        if (cat->excl[k] & (SP_EXCL_NANCOORD | SP_EXCL_OUTSIDE)) continue;
+        double x = cat->x[k] - c->x0, y = cat->y[k] - c->y0;
+        if (x < -m || y < -m || x > c->nx - 1 + m || y > c->ny - 1 + m) continue;
+        c->cat[c->ncat++] = k;
+    }
+cleanup:
+    return status;
+}
+
+static int cmp_float(const void *a, const void *b)
+{
+    float x = *(const float *)a, y = *(const float *)b;
+    return (x > y) - (x < y);
+}
+
+/* Catalog-driven candidate lists of band b (epsf.psfstar_use_catalog):
+ * cand: the catalog STARs inside the ROI (flux FLUX_<band>); others: (x, y,
+ * flux) of every other catalog source near the ROI, and of detections with no
+ * catalog source within 3 pixels (flux unknown: always counts); nb: every one
+ * of them as a neighbour to mask, with a = radius / rscale so that the builder
+ * masks out to psf_mask_radius. */
+static int catalog_lists(cell_t *c, int b, const sp_epsf_params *ep, sp_source **cand, int *ncand, double **others,
+                         int *nothers, sp_source **nb, int *nnb)
+{
+    int status = SP_OK;
+    run_t *r = c->run;
+    const sp_catalog *cat = &r->plan->cat;
+    int nbd = r->plan->nbands;
+    float *tmp = NULL;
+    /* the band's typical noise per pixel */
+    size_t stride = c->npix / 20000 + 1, ns = 0;
+    SP_ALLOC(tmp, c->npix / stride + 1);
+    for (size_t k = 0; k < c->npix; k += stride)
+        if (c->rms[b][k] > 0 && isfinite(c->rms[b][k])) tmp[ns++] = c->rms[b][k];
+    double sigma = 0;
+    if (ns > 0) {
+        qsort(tmp, ns, sizeof *tmp, cmp_float);
+        sigma = tmp[ns / 2];
+    }
+    long nmax = c->ncat + c->ndet + 1;
+    SP_ALLOC(*cand, nmax);
+    SP_ALLOC(*others, 3 * nmax);
+    SP_ALLOC(*nb, nmax);
+    *ncand = *nothers = *nnb = 0;
+    double fw = r->sp.sel.fwhm, rs = ep->neighbour_rscale > 0 ? ep->neighbour_rscale : 3.0;
+    for (long q = 0; q < c->ncat; q++) {
+        long k = c->cat[q];
+        double x = cat->x[k] - c->x0, y = cat->y[k] - c->y0, f = cat->flux_init[k * nbd + b];
+        int inside = x >= 0 && y >= 0 && x <= c->nx - 1 && y <= c->ny - 1;
+        int star = cat->type[k] == SP_SRC_STAR && cat->type_given[k] && !(cat->excl[k] & SP_EXCL_SATURATION);
+        double rad = psf_mask_radius(f, fw, r->sp.nb_mask_sigma * sigma);
+        if (cat->type[k] != SP_SRC_STAR && isfinite(cat->re[k]) && cat->re[k] > 0 && rad > 0) rad += 1.5 * cat->re[k];
+        if (!isfinite(f) || f <= 0) rad = 2.0 * fw; /* no flux: a fixed radius */
+        if (rad > 0) {
+            sp_source *o = &(*nb)[(*nnb)++];
+            memset(o, 0, sizeof *o);
+            o->x = x;
+            o->y = y;
+            o->flux = f;
+            o->a = rad > 1 ? (rad - 1.0) / rs : 0.0;
+        }
+        if (star && inside) {
+            sp_source *o = &(*cand)[(*ncand)++];
+            memset(o, 0, sizeof *o);
+            o->x = x;
+            o->y = y;
+            o->flux = isfinite(f) && f > 0 ? f : 0.0;
+            o->q = 1;
+        } else {
+            double *o = *others + 3 * (*nothers)++;
+            o[0] = x;
+            o[1] = y;
+            o[2] = isfinite(f) && f > 0 ? f : -1.0;
+        }
+    }
+    /* detections the catalog does not explain (e.g. an incomplete catalog) */
+    for (int d = 0; d < c->ndet; d++) {
+        double x = c->det[d].x, y = c->det[d].y;
+        int found = 0;
+        for (long q = 0; q < c->ncat && !found; q++) {
+            long k = c->cat[q];
+            double dx = cat->x[k] - c->x0 - x, dy = cat->y[k] - c->y0 - y;
+            found = dx * dx + dy * dy < 9.0;
+        }
+        if (found) continue;
+        double *o = *others + 3 * (*nothers)++;
+        o[0] = x;
+        o[1] = y;
+        o[2] = -1.0;
+        (*nb)[(*nnb)++] = c->det[d];
+    }
+cleanup:
+    free(tmp);
+    return status;
+}
+
+/* Star selection + ePSF of one band. Candidates: the catalog STARs
+ * (epsf.psfstar_use_catalog) or the white-stack detections; reference stars in
+ * the cell ROI whose magnitude in this band is inside
+ * epsf.reference_mag_min..max are candidates in the reference modes. */
 static int build_band(cell_t *c, int b, sp_epsf_result **res)
 {
     int status = SP_OK;
     run_t *r = c->run;
     const sp_cfg_epsf *e = &r->cfg->epsf;
     int nb = r->plan->nbands;
-    double *rxy = NULL;
+    double *rxy = NULL, *others = NULL;
     sp_psfstar *stars = NULL;
-    int nstars = 0, nref = 0;
+    sp_source *cand = NULL, *nbl = NULL;
+    int nstars = 0, nref = 0, ncand = c->ndet, nothers = 0, nnb = c->ndet;
+    const sp_source *candl = c->det, *nbs = c->det;
+    sp_epsf_params ep = r->sp.epsf;
+    sp_starsel_params sel = r->sp.sel;
+    if (r->sp.use_catalog) {
+        SP_TRY(catalog_lists(c, b, &ep, &cand, &ncand, &others, &nothers, &nbl, &nnb));
+        candl = cand;
+        nbs = nbl;
+        sel.others = others;
+        sel.nothers = nothers;
+    }
     if (r->sp.sel.mode != SP_PSFSTAR_DETECT && r->refs.n > 0) {
         SP_ALLOC(rxy, 2 * r->refs.n);
         for (long k = 0; k < r->refs.n; k++) {
@@ -397,28 +545,29 @@ static int build_band(cell_t *c, int b, sp_epsf_result **res)
             nref++;
         }
     }
-    sp_starsel_params sel = r->sp.sel;
     double sat = r->band_satlevel[b];
     sel.peak_max = isfinite(sat) ? e->max_peak_fraction * sat : 0.0;
     /* a reference-only run with no reference star here falls back to detections */
     if (sel.mode == SP_PSFSTAR_REFERENCE && nref == 0) sel.mode = SP_PSFSTAR_DETECT;
     sp_starsel_stats ss;
-    SP_TRY(sp_starsel_select(c->data[b], c->rms[b], c->mask[b], (int)c->nx, (int)c->ny, c->det, c->ndet, rxy, nref,
-                             &sel, &stars, &nstars, &ss));
-    SP_DEBUG("cell %d band %s: %d detection(s), %d reference(s); PSF-star candidates %d: edge %d, flagged %d, snr %d, "
+    SP_TRY(sp_starsel_select(c->data[b], c->rms[b], c->mask[b], (int)c->nx, (int)c->ny, candl, ncand, rxy, nref, &sel,
+                             &stars, &nstars, &ss));
+    SP_DEBUG("cell %d band %s: %d %s, %d reference(s); PSF-star candidates %d: edge %d, flagged %d, snr %d, "
              "round %d, peak %d, crowded %d -> %d selected",
-             c->cell->id, r->plan->bands[b], c->ndet, nref, ss.ncand, ss.n_edge, ss.n_flagged, ss.n_snr, ss.n_round,
-             ss.n_peak, ss.n_crowded, ss.n_selected);
-    sp_epsf_params ep = r->sp.epsf;
+             c->cell->id, r->plan->bands[b], ncand, r->sp.use_catalog ? "catalog star(s)" : "detection(s)", nref,
+             ss.ncand, ss.n_edge, ss.n_flagged, ss.n_snr, ss.n_round, ss.n_peak, ss.n_crowded, ss.n_selected);
     /* the ePSF applies at the centre of the cell's base region (ROI pixels) */
     ep.x_ref = 0.5 * (c->cell->bx0 + c->cell->bx1 - 1) - c->x0;
     ep.y_ref = 0.5 * (c->cell->by0 + c->cell->by1 - 1) - c->y0;
-    ep.neighbours = c->det;
-    ep.nneighbours = c->ndet;
+    ep.neighbours = nbs;
+    ep.nneighbours = nnb;
     SP_TRY(sp_epsf_build(c->data[b], c->ivar[b], c->mask[b], (int)c->nx, (int)c->ny, stars, nstars, &ep, res));
 cleanup:
     free(rxy);
     free(stars);
+    free(cand);
+    free(others);
+    free(nbl);
     return status;
 }
 
@@ -429,6 +578,7 @@ int stage_epsf(cell_t *c)
     int nb = r->plan->nbands;
     thread_err te = {0};
     SP_ALLOC(c->epsf, nb);
+    if (r->sp.use_catalog) SP_TRY(cell_catalog(c));
 #pragma omp parallel for schedule(dynamic, 1) num_threads(r->sp.band_threads)
     for (int b = 0; b < nb; b++) {
         int st = build_band(c, b, &c->epsf[b]);
@@ -561,6 +711,65 @@ cleanup:
     return sp_mpi_agree(status, r->comm);
 }
 
+/* epsf.fallback_borrow: every cell whose ePSF fell back to a Moffat (kind 1, 2)
+ * takes the star-weighted mean (weights nstars) of the empirical ePSFs of its
+ * 8 neighbouring cells, else of every empirical cell of the band; kind
+ * SP_EPSF_BORROWED, nstars their sum. Every rank computes the same grid (it
+ * holds every cell after the share); the rank that built a cell rewrites it in
+ * the store. Cells with no empirical ePSF in the band keep their Moffat. */
+int psf_grid_borrow(run_t *r)
+{
+    int status = SP_OK;
+    const sp_plan *p = r->plan;
+    long nc = p->ncells;
+    int ng = p->opts.epsf_ngrid, size = r->cfg->epsf.final_psf_size;
+    int32_t *kind0 = NULL, *nst0 = NULL;
+    float *buf = NULL;
+    SP_ALLOC(kind0, nc);
+    SP_ALLOC(nst0, nc);
+    SP_ALLOC(buf, (size_t)size * size);
+    for (int b = 0; b < p->nbands; b++) {
+        sp_psf **g = r->grid + (long)b * nc;
+        for (long k = 0; k < nc; k++) {
+            kind0[k] = r->grid_kind[(long)b * nc + k];
+            nst0[k] = r->grid_nstars[(long)b * nc + k];
+        }
+        for (long k = 0; k < nc; k++) {
+            if (!g[k] || (kind0[k] != SP_EPSF_MOFFAT_FIT && kind0[k] != SP_EPSF_MOFFAT_DEFAULT)) continue;
+            int ix = p->cells[k].ix, iy = p->cells[k].iy;
+            double wsum = 0;
+            int32_t nsum = 0;
+            for (int pass = 0; pass < 2 && wsum <= 0; pass++) {
+                for (long j = 0; j < nc; j++) {
+                    if (j == k || !g[j] || kind0[j] != SP_EPSF_EMPIRICAL || g[j]->size != g[k]->size) continue;
+                    if (pass == 0 && (abs(p->cells[j].ix - ix) > 1 || abs(p->cells[j].iy - iy) > 1)) continue;
+                    double w = nst0[j] > 0 ? nst0[j] : 1;
+                    if (wsum == 0)
+                        for (int q = 0; q < g[k]->size * g[k]->size; q++) g[k]->data[q] = 0;
+                    for (int q = 0; q < g[k]->size * g[k]->size; q++) g[k]->data[q] += (float)(w * g[j]->data[q]);
+                    wsum += w;
+                    nsum += nst0[j];
+                }
+            }
+            if (wsum <= 0) continue;
+            SP_TRY(sp_psf_normalize(g[k]));
+            double cx, cy;
+            sp_psf_moments(g[k], &cx, &cy, &g[k]->fwhm);
+            g[k]->nstars = nsum;
+            g[k]->is_fallback = 1;
+            r->grid_kind[(long)b * nc + k] = SP_EPSF_BORROWED;
+            r->grid_nstars[(long)b * nc + k] = nsum;
+            if (r->grid_mine[k]) SP_TRY(write_epsf_band(r, &p->cells[k], b, g[k], nsum, SP_EPSF_BORROWED, buf));
+        }
+    }
+    (void)ng;
+cleanup:
+    free(kind0);
+    free(nst0);
+    free(buf);
+    return status;
+}
+
 /* Every rank sends the ePSFs it built; records are [cell, band, nstars, kind, S*S samples]. */
 int psf_grid_share(run_t *r)
 {
@@ -606,6 +815,7 @@ int psf_grid_share(run_t *r)
         if (r->grid_mine[k]) continue;
         status = grid_set(r, (long)b * nc + k, o + 4, so, os, (int)o[2], (int)o[3]);
     }
+    if (status == SP_OK && r->sp.borrow) status = psf_grid_borrow(r);
 cleanup:
     free(counts);
     free(displs);
@@ -651,6 +861,9 @@ void cell_psf_free(cell_t *c)
         for (int b = 0; b < nb; b++) sp_epsf_result_free(&c->epsf[b]);
     free(c->epsf);
     free(c->det);
+    free(c->cat);
+    c->cat = NULL;
+    c->ncat = 0;
     c->rms = NULL;
     c->epsf = NULL;
     c->det = NULL;

@@ -18,6 +18,9 @@ void sp_starsel_params_default(sp_starsel_params *p)
     p->q_max = 1.0;
     p->min_sep = 30.0;
     p->min_sep_flux_ratio = 0.0;
+    p->min_sep_always = 0.0;
+    p->others = NULL;
+    p->nothers = 0;
     p->snr_min = 20.0;
     p->peak_max = 0.0;
     p->max_stars = 30;
@@ -98,6 +101,8 @@ int sp_starsel_select(const float *img, const float *rms, const uint8_t *mask, i
     SP_CHECK(p.max_stars >= 1, SP_ERR_INPUT, "star selection: max_stars %d must be >= 1", p.max_stars);
     SP_CHECK(ndet >= 0 && nref >= 0 && (ndet == 0 || det) && (nref == 0 || ref_xy), SP_ERR_INPUT,
              "star selection: bad candidate lists");
+    SP_CHECK(p.nothers >= 0 && (p.nothers == 0 || p.others), SP_ERR_INPUT, "star selection: bad list of other sources");
+    double rclose = p.min_sep_always > 0 ? p.min_sep_always : 1.5 * p.fwhm;
     double half = 0.5 * (p.stamp_size - 1);
     double rin = p.bkg_rin > 0 ? p.bkg_rin : half + 2.0;
     double rout = p.bkg_rout > rin ? p.bkg_rout : rin + 8.0;
@@ -114,7 +119,7 @@ int sp_starsel_select(const float *img, const float *rms, const uint8_t *mask, i
     }
 
     /* every source position, for isolation */
-    int nall = ndet + nref;
+    int nall = ndet + nref + p.nothers;
     SP_ALLOC(allx, nall + 1);
     SP_ALLOC(ally, nall + 1);
     SP_ALLOC(allf, nall + 1);
@@ -130,6 +135,13 @@ int sp_starsel_select(const float *img, const float *rms, const uint8_t *mask, i
         ally[ndet + k] = ref_xy[2 * k + 1];
         allf[ndet + k] = -1.0; /* unknown: measured below when it is a candidate, else always counts */
         allid[ndet + k] = ndet + k;
+    }
+    for (int k = 0; k < p.nothers; k++) {
+        int q = ndet + nref + k;
+        allx[q] = p.others[3 * k];
+        ally[q] = p.others[3 * k + 1];
+        allf[q] = p.others[3 * k + 2] > 0 ? p.others[3 * k + 2] : -1.0; /* NaN, <= 0: always counts */
+        allid[q] = q;
     }
 
     /* candidates */
@@ -255,19 +267,21 @@ int sp_starsel_select(const float *img, const float *rms, const uint8_t *mask, i
         /* isolation: any other listed source within min_sep (brighter than the
          * flux-ratio floor, when one is set) */
         int crowded = 0;
+        double fref = c->flux > 0 && isfinite(c->flux) ? c->flux : m.flux;
         if (p.min_sep > 0) {
             int cx0 = (int)floor((m.x - p.min_sep) / cs), cx1 = (int)floor((m.x + p.min_sep) / cs);
             int cy0 = (int)floor((m.y - p.min_sep) / cs), cy1 = (int)floor((m.y + p.min_sep) / cs);
             for (int yy = cy0 < 0 ? 0 : cy0; yy <= (cy1 >= gy ? gy - 1 : cy1) && !crowded; yy++)
                 for (int xx = cx0 < 0 ? 0 : cx0; xx <= (cx1 >= gx ? gx - 1 : cx1) && !crowded; xx++)
                     for (int k = cell_head[yy * gx + xx]; k >= 0; k = cell_next[k]) {
-                        int self = (k < ndet) ? (k == c->det_match)
-                                              : (c->origin != SP_PSFSTAR_DETECT && k - ndet == c->index);
+                        int self = (k < ndet)          ? (k == c->det_match)
+                                   : (k < ndet + nref) ? (c->origin != SP_PSFSTAR_DETECT && k - ndet == c->index)
+                                                       : 0;
                         if (self) continue;
                         double d = hypot(allx[k] - m.x, ally[k] - m.y);
                         if (d >= p.min_sep) continue;
-                        if (p.min_sep_flux_ratio > 0 && allf[k] >= 0 &&
-                            allf[k] < p.min_sep_flux_ratio * m.flux)
+                        if (p.min_sep_flux_ratio > 0 && allf[k] >= 0 && d >= rclose &&
+                            allf[k] < p.min_sep_flux_ratio * fref)
                             continue;
                         crowded = 1;
                         break;

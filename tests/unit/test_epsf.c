@@ -346,6 +346,48 @@ static void t_fallback(void **s)
     assert_true(strlen(res->reason) > 0);
     sp_epsf_result_free(&res);
 
+    /* analytic wings (core_fwhm): 3 stars pass min_stars 3; the wings become the fitted Moffat,
+     * so far from the core the result equals a Moffat to float precision while the purely
+     * empirical one carries the stars' noise there */
+    ep.min_stars = 3;
+    sp_epsf_result *emp = NULL;
+    ep.core_fwhm = 0;
+    assert_int_equal(sp_epsf_build(sc.img, sc.ivar, NULL, sc.nx, sc.ny, st, nst, &ep, &emp), SP_OK);
+    ep.core_fwhm = 1.0;
+    assert_int_equal(sp_epsf_build(sc.img, sc.ivar, NULL, sc.nx, sc.ny, st, nst, &ep, &res), SP_OK);
+    assert_int_equal(res->kind, SP_EPSF_EMPIRICAL);
+    assert_int_equal(emp->kind, SP_EPSF_EMPIRICAL);
+    assert_true(isfinite(res->moffat_fwhm) && fabs(res->moffat_fwhm - FWHM) < 0.15);
+    assert_true(isnan(emp->moffat_fwhm));
+    {
+        sp_psf *m2 = NULL;
+        assert_int_equal(sp_psf_moffat(res->moffat_fwhm, res->moffat_beta, res->moffat_q, res->moffat_theta,
+                                       res->psf->size, res->psf->oversamp, &m2),
+                         SP_OK);
+        assert_int_equal(sp_psf_moffat(FWHM, BETA, QAX, THETA, res->psf->size, res->psf->oversamp, &t), SP_OK);
+        int S = res->psf->size, o2 = res->psf->oversamp;
+        double cc = 0.5 * (S - 1), dw = 0, de = 0, pk = 0;
+        for (int k = 0; k < S * S; k++) pk = fmax(pk, t->data[k]);
+        for (int k = 0; k < S * S; k++) {
+            double r = hypot(k % S - cc, k / S - cc) / o2;
+            if (r < 2.5 * FWHM) continue;
+            /* same normalisation up to the core's share: compare shapes through the ratio */
+            dw = fmax(dw, fabs(res->psf->data[k] - m2->data[k]) / pk);
+            de = fmax(de, fabs(emp->psf->data[k] - t->data[k]) / pk);
+        }
+        printf("analytic wings: max |wing - Moffat fit| %.2e of peak; empirical wings vs truth %.2e; relres %.3f%% "
+               "(empirical %.3f%%)\n",
+               dw, de, 100 * relres(res->psf, t, 1), 100 * relres(emp->psf, t, 1));
+        assert_true(dw < 2e-3 * 1.0 && dw < de);
+        assert_true(relres(res->psf, t, 1) < 0.03);
+        sp_psf_free(&m2);
+        sp_psf_free(&t);
+    }
+    sp_epsf_result_free(&emp);
+    sp_epsf_result_free(&res);
+    ep.core_fwhm = 0;
+    ep.min_stars = 5;
+
     /* bad parameters are errors */
     ep.final_size = 40;
     assert_int_equal(sp_epsf_build(sc.img, NULL, NULL, sc.nx, sc.ny, st, nst, &ep, &res), SP_ERR_INPUT);
@@ -505,6 +547,31 @@ static void t_starsel(void **s)
     assert_int_equal(sp_starsel_select(img, NULL, mask, nx, ny, all, ns + 1, NULL, 0, &sp, &st, &n, NULL), SP_OK);
     assert_int_equal(n, 3);
     free(st);
+    /* the same faint neighbour closer than min_sep_always counts however faint */
+    sp.min_sep_always = 15;
+    assert_int_equal(sp_starsel_select(img, NULL, mask, nx, ny, all, ns + 1, NULL, 0, &sp, &st, &n, NULL), SP_OK);
+    assert_int_equal(n, 2);
+    free(st);
+    sp.min_sep_always = 0;
+    /* other sources (a catalog) for isolation only: a bright one crowds the star, a faint one does not,
+     * one of unknown flux (<= 0) always does; none of them is a candidate */
+    double oth[3] = {310, 110, 1e9};
+    sp.others = oth;
+    sp.nothers = 1;
+    assert_int_equal(sp_starsel_select(img, NULL, mask, nx, ny, src, ns, NULL, 0, &sp, &st, &n, &ss), SP_OK);
+    assert_int_equal(n, 2);
+    assert_int_equal(ss.ncand, ns);
+    free(st);
+    oth[2] = 1.0;
+    assert_int_equal(sp_starsel_select(img, NULL, mask, nx, ny, src, ns, NULL, 0, &sp, &st, &n, NULL), SP_OK);
+    assert_int_equal(n, 3);
+    free(st);
+    oth[2] = -1.0;
+    assert_int_equal(sp_starsel_select(img, NULL, mask, nx, ny, src, ns, NULL, 0, &sp, &st, &n, NULL), SP_OK);
+    assert_int_equal(n, 2);
+    free(st);
+    sp.nothers = 0;
+    sp.others = NULL;
     free(all);
     free(src);
     free(scr);
