@@ -422,6 +422,7 @@ static void plan_opts_from_config(const sp_config *cfg, int threads, sp_plan_opt
     o->epsf_ngrid = cfg->epsf.epsf_ngrid;
     o->ngrid = cfg->epsf.ngrid;
     o->psf_size = cfg->epsf.final_psf_size;
+    o->psf_oversamp = cfg->epsf.oversamp;
     o->halo_pix_min = cfg->patches.halo_pix_min;
     o->skip_empty_cells = cfg->epsf.skip_empty_epsf_patches;
     o->skip_empty_patches = cfg->patch_inputs.skip_empty_patch;

@@ -33,6 +33,7 @@ typedef struct {
     int epsf_ngrid;           /* cells per side */
     int ngrid;                /* patches per cell side */
     int psf_size;             /* final PSF stamp size (pixels, odd) */
+    int psf_oversamp;         /* ePSF oversampling (epsf.oversamp; the ePSF grid's memory) */
     int halo_pix_min;
     int skip_empty_cells;     /* epsf.skip_empty_epsf_patches */
     int skip_empty_patches;   /* patch_inputs.skip_empty_patch */

@@ -571,12 +571,17 @@ double sp_plan_cell_memory(const sp_plan *p, const sp_cell *c, int threads)
     /* raw read buffer (4) + prepped frames of the largest band (data 4, ivar 4, mask 1)
      * + per band coadd (data, ivar, mask, background, rms: 17) + white stack (8) */
     double bytes = npix * (4.0 + 9.0 * maxf + 17.0 * p->nbands + 8.0);
-    /* per-thread fit workspace: a patch ROI x bands x (model, derivatives ~ 12 doubles) */
+    /* per-thread fit workspace: a patch ROI x bands x (model, derivatives ~ 12 doubles; the
+     * patch's data, ivar and model copies, 12 bytes) */
     if (c->npatch > 0) {
         const sp_patch *pt = &p->patches[c->patch0];
         double ppix = (double)(pt->rx1 - pt->rx0) * (double)(pt->ry1 - pt->ry0);
-        bytes += threads * ppix * p->nbands * 12.0 * 8.0;
+        bytes += threads * ppix * p->nbands * (12.0 * 8.0 + 12.0);
     }
+    /* the ePSF grid every rank holds after the PSF pass: an oversampled stamp per band per cell */
+    int os = p->opts.psf_oversamp > 0 ? p->opts.psf_oversamp : 1;
+    double so = (double)os * (p->opts.psf_size - 1) + 1;
+    bytes += (double)p->ncells * p->nbands * so * so * 4.0;
     return bytes;
 }
 
