@@ -423,6 +423,10 @@ static void plan_opts_from_config(const sp_config *cfg, int threads, sp_plan_opt
     o->ngrid = cfg->epsf.ngrid;
     o->psf_size = cfg->epsf.final_psf_size;
     o->psf_oversamp = cfg->epsf.oversamp;
+    o->inject_reference = cfg->zp.enabled && cfg->zp.inject_gaia_sources && cfg->inputs.reference_catalog;
+    o->inject_match_arcsec = cfg->zp.match_radius_arcsec;
+    o->inject_mag_min = cfg->zp.gaia_mag_min;
+    o->inject_mag_max = cfg->zp.gaia_mag_max;
     o->halo_pix_min = cfg->patches.halo_pix_min;
     o->skip_empty_cells = cfg->epsf.skip_empty_epsf_patches;
     o->skip_empty_patches = cfg->patch_inputs.skip_empty_patch;

@@ -25,6 +25,8 @@ typedef struct {
     char image_list[SP_PATH_MAX];
     char input_catalog[SP_PATH_MAX];
     char reference_catalog[SP_PATH_MAX]; /* "" when zero points are off: not checked */
+    int inject_reference;     /* zp.inject_gaia_sources: append unmatched reference stars as STARs */
+    double inject_match_arcsec, inject_mag_min, inject_mag_max; /* zp.match_radius_arcsec, gaia_mag_min/max */
     double zp_ref;
     double crop_margin;       /* pixels from the tile edge that are excluded_crop */
     double wcs_tolerance;     /* pixels */
@@ -81,8 +83,11 @@ typedef struct {
     double *sersic_n;
     unsigned *excl;     /* SP_EXCL_* */
     int *cell, *patch;  /* -1 when excluded */
-    long *line;         /* line in the CSV */
+    long *line;         /* line in the CSV (the reference CSV's for injected rows) */
+    uint8_t *injected;  /* 1: a reference star appended by zp.inject_gaia_sources */
+    long ninjected;
     char *idbuf;
+    char *idbuf_inj;    /* IDs of the injected rows ("REF<line>") */
 } sp_catalog;
 
 typedef struct {

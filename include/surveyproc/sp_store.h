@@ -47,7 +47,7 @@ typedef struct {
     int nbands;
     /* fixed columns */
     int id, ra, dec, x_in, y_in, type, cell, patch, line;
-    int excl_crop, excl_sat, excl_nan, excl_outside, excl_any, excl_reason;
+    int excl_crop, excl_sat, excl_nan, excl_outside, excl_any, excl_reason, injected;
     int done, x_fit, y_fit, xerr, yerr, ra_fit, dec_fit, re_fit, q_fit, theta_fit, sersic_n;
     int re_err, q_err, theta_err, niter1, niter2, niter3, converged, hit_maxiter, fit_flags;
     sp_store_bandcols *band;

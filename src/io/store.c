@@ -168,6 +168,8 @@ int sp_store_catalog_spec(const sp_plan *plan, sp_store_catalog *s)
     ADD(s->excl_outside, "excluded_outside", SP_H5_U8, 0, "", "1 if the position is off the tile");
     ADD(s->excl_any, "excluded_any", SP_H5_U8, 0, "", "1 if excluded for any reason");
     ADD(s->excl_reason, "excluded_reason", SP_H5_STR, 32, "", "why the source is excluded (empty if not)");
+    ADD(s->injected, "INJECTED", SP_H5_U8, 0, "",
+        "1 if the row is a reference star appended by zp.inject_gaia_sources (ID REF<line>)");
     ADD(s->done, "PROCESSED", SP_H5_U8, 0, "", "1 once the source's cell has been processed");
     ADD(s->x_fit, "X_FIT", SP_H5_F64, 0, "pix", "fitted position (0-based tile pixels)");
     ADD(s->y_fit, "Y_FIT", SP_H5_F64, 0, "pix", "fitted position (0-based tile pixels)");
@@ -314,6 +316,7 @@ void sp_store_input_row(const sp_store_catalog *s, const sp_plan *p, long i, voi
                       : e & SP_EXCL_SATURATION ? "saturation"
                       : "";
     sp_store_set_str(s, rows, r, s->excl_reason, why);
+    sp_store_set_u8(s, rows, r, s->injected, c->injected ? c->injected[i] : 0);
     for (int b = 0; b < p->nbands; b++)
         sp_store_set_f64(s, rows, r, s->band[b].flux_init, c->flux_init[i * p->nbands + b]);
 }

@@ -777,6 +777,85 @@ static int check_reference(const sp_plan_opts *o, const sp_plan *p, MPI_Comm com
     return status;
 }
 
+/* ---- injected reference stars (zp.inject_gaia_sources) ----------------------------- */
+
+#define GROW_ARR(arr, n)                                                                                     \
+    do {                                                                                                     \
+        void *q_ = realloc((arr), (size_t)(n) * sizeof *(arr));                                              \
+        SP_CHECK(q_ != NULL, SP_ERR_NOMEM, "out of memory appending reference stars to the catalog");       \
+        (arr) = q_;                                                                                          \
+    } while (0)
+
+/* Reference stars with no catalog source within zp.match_radius_arcsec and a magnitude in
+ * zp.gaia_mag_min..max are appended to the catalog as STAR sources (ID "REF<line>", flagged
+ * injected), so the fitter measures them and they can calibrate the zero points. Every rank
+ * does the same (the reference catalog is small), so the plans agree. */
+static int inject_reference(const sp_plan_opts *o, sp_plan *p)
+{
+    int status = SP_OK;
+    sp_catalog *c = &p->cat;
+    sp_zp_refcat ref;
+    sp_zp_inject inj;
+    const char **bands = NULL;
+    memset(&ref, 0, sizeof ref);
+    memset(&inj, 0, sizeof inj);
+    SP_ALLOC(bands, p->nbands);
+    for (int b = 0; b < p->nbands; b++) bands[b] = p->bands[b];
+    SP_TRY(sp_zp_refcat_read(o->reference_catalog, bands, p->nbands, &ref));
+    sp_cfg_zp z;
+    memset(&z, 0, sizeof z);
+    z.match_radius_arcsec = o->inject_match_arcsec;
+    z.gaia_mag_min = o->inject_mag_min;
+    z.gaia_mag_max = o->inject_mag_max;
+    SP_TRY(sp_zp_inject_sources(&ref, c->ra, c->dec, c->n, &z, o->zp_ref, &inj));
+    SP_ALLOC(c->injected, c->n + inj.n + 1);
+    if (inj.n > 0) {
+        long n0 = c->n, n1 = c->n + inj.n;
+        int nb = p->nbands;
+        SP_ALLOC(c->idbuf_inj, (size_t)inj.n * 32);
+        GROW_ARR(c->id, n1); GROW_ARR(c->ra, n1); GROW_ARR(c->dec, n1); GROW_ARR(c->x, n1); GROW_ARR(c->y, n1);
+        GROW_ARR(c->type, n1); GROW_ARR(c->type_given, n1); GROW_ARR(c->flux_init, n1 * nb);
+        GROW_ARR(c->ell, n1); GROW_ARR(c->theta, n1); GROW_ARR(c->re, n1); GROW_ARR(c->sersic_n, n1);
+        GROW_ARR(c->excl, n1); GROW_ARR(c->cell, n1); GROW_ARR(c->patch, n1); GROW_ARR(c->line, n1);
+        for (long k = 0; k < inj.n; k++) {
+            long i = n0 + k;
+            char *id = c->idbuf_inj + (size_t)k * 32;
+            snprintf(id, 32, "%s", inj.id[k]);
+            c->id[i] = id;
+            c->ra[i] = inj.ra[k];
+            c->dec[i] = inj.dec[k];
+            c->type[i] = SP_SRC_STAR;
+            c->type_given[i] = 1;
+            for (int b = 0; b < nb; b++) c->flux_init[i * nb + b] = inj.flux_init[k * nb + b];
+            c->ell[i] = c->theta[i] = c->re[i] = c->sersic_n[i] = NAN;
+            c->excl[i] = 0;
+            c->cell[i] = c->patch[i] = -1;
+            c->line[i] = inj.ref_line[k];
+            c->injected[i] = 1;
+        }
+        long nbad = 0;
+        SP_TRY(sp_wcs_sky2pix(p->wcs, inj.n, c->ra + n0, c->dec + n0, c->x + n0, c->y + n0, &nbad));
+        for (long i = n0; i < n1; i++) {
+            double x = c->x[i], y = c->y[i], m = o->crop_margin;
+            if (!isfinite(x) || !isfinite(y) || x < -0.5 || y < -0.5 || x >= p->nx - 0.5 || y >= p->ny - 0.5)
+                c->excl[i] |= SP_EXCL_OUTSIDE;
+            else if (x < m - 0.5 || y < m - 0.5 || x >= p->nx - 0.5 - m || y >= p->ny - 0.5 - m)
+                c->excl[i] |= SP_EXCL_CROP;
+        }
+        c->n = n1;
+        c->ninjected = inj.n;
+    }
+    if (sp_mpi_rank() == 0)
+        SP_INFO("zp.inject_gaia_sources: %ld reference star(s) without a catalog source appended as STARs "
+                "(INJECTED = 1)", inj.n);
+cleanup:
+    if (status != SP_OK) sp_err_context("zp.inject_gaia_sources (%s)", o->reference_catalog);
+    sp_zp_inject_free(&inj);
+    sp_zp_refcat_free(&ref);
+    free(bands);
+    return status;
+}
+
 /* ---- public --------------------------------------------------------------------- */
 
 int sp_plan_build(const sp_plan_opts *o, MPI_Comm comm, sp_plan *p)
@@ -794,6 +873,7 @@ int sp_plan_build(const sp_plan_opts *o, MPI_Comm comm, sp_plan *p)
     sp_prof_pop();
     SP_TRY(sp_mpi_agree(status, comm));
     SP_TRY(check_reference(o, p, comm));
+    if (o->inject_reference && o->reference_catalog[0]) SP_TRY(sp_mpi_agree(inject_reference(o, p), comm));
     SP_TRY(sp_mpi_agree(build_grid(o, p), comm));
     uint64_t h = 0xcbf29ce484222325ULL;
     for (int i = 0; i < p->nframes; i++) {
@@ -812,7 +892,7 @@ void sp_plan_free(sp_plan *p)
     sp_catalog *c = &p->cat;
     free(c->id); free(c->ra); free(c->dec); free(c->x); free(c->y); free(c->type); free(c->type_given);
     free(c->flux_init); free(c->ell); free(c->theta); free(c->re); free(c->sersic_n); free(c->excl);
-    free(c->cell); free(c->patch); free(c->line); free(c->idbuf);
+    free(c->cell); free(c->patch); free(c->line); free(c->idbuf); free(c->injected); free(c->idbuf_inj);
     free(p->frames);
     free(p->bands);
     free(p->band_nframes);

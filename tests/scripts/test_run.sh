@@ -139,3 +139,45 @@ if run_to "$T/done.h5" 2 1 --resume >"$T/done.log" 2>&1 && grep -q "9 cell(s) al
 else
   fail run_resume_complete "$(grep -E 'resuming|ERROR' "$T/done.log" | head -2)" "${out:-}"
 fi
+
+# ---- 5. zp.inject_gaia_sources: reference stars missing from the catalog are fitted too ----------
+"$PY" - "$T/sim" <<'EOF2'
+import sys, csv, math
+d = sys.argv[1]
+ref = list(csv.DictReader(open(d + "/reference_catalog.csv")))[:8]
+rows = list(csv.reader(open(d + "/input_catalog.csv")))
+head, body = rows[0], rows[1:]
+ira, ide = head.index("RA"), head.index("DEC")
+drop = set()
+for r in ref:
+    ra, de = float(r["RA"]), float(r["DEC"])
+    k = min(range(len(body)), key=lambda j: (float(body[j][ira]) - ra) ** 2 + (float(body[j][ide]) - de) ** 2)
+    drop.add(k)
+w = csv.writer(open(d + "/input_catalog_drop.csv", "w", newline=""), lineterminator="\n")
+w.writerow(head)
+w.writerows(r for j, r in enumerate(body) if j not in drop)
+print(len(drop))
+EOF2
+if run_to "$T/inj.h5" 2 1 --set zp.inject_gaia_sources=true --set inputs.input_catalog="$T/sim/input_catalog_drop.csv" \
+     >"$T/inj.log" 2>&1 && out=$("$PY" - "$T/inj.h5" "$T/sim/reference_catalog.csv" <<'EOF2'
+import sys, csv, h5py, numpy as np
+f = h5py.File(sys.argv[1], "r")
+c = f["catalog"][:]
+bands = f.attrs["bands"].split(",")
+m = c["INJECTED"] == 1
+ids = [x.decode() for x in c["ID"][m]]
+ok = m.sum() >= 8 and all(i.startswith("REF") for i in ids)
+ref = list(csv.DictReader(open(sys.argv[2])))
+# the first 8 reference stars (lines 2..9) were taken out of the catalog: each must be back, fitted
+lines = set(int(l) for l in c["INPUT_LINE"][m])
+back = [l for l in range(2, 10) if l in lines]
+act = m & (c["excluded_any"] == 0)
+b = bands[len(bands) // 2]
+ratio = np.array([c["FLUX_%s_fit" % b][k] / 10 ** (-0.4 * (float(ref[int(c["INPUT_LINE"][k]) - 2]["mag_" + b]) - 25))
+                  for k in np.nonzero(act)[0]])
+ok = ok and len(back) == 8 and np.all(np.isfinite(ratio)) and abs(np.median(ratio) - 1) < 0.05
+print("%d injected (%s...), %d of the 8 removed stars back, %d fitted, median fit/ref flux in %s %.3f" %
+      (m.sum(), ids[0] if ids else "-", len(back), act.sum(), b, np.median(ratio) if len(ratio) else float("nan")))
+sys.exit(0 if ok else 1)
+EOF2
+); then pass "run_inject_reference ($out)"; else fail run_inject_reference "${out:-}" "$(grep -E 'inject|ERROR' "$T/inj.log" | head -3)"; fi
