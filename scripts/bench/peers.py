@@ -207,6 +207,7 @@ def run_photutils(simdir, outdir, args):
     from photutils.background import Background2D, MedianBackground
     from photutils.psf import BasicPSFPhotometry, DAOGroup, EPSFBuilder, extract_stars
     warnings.filterwarnings("ignore")
+    sys.setrecursionlimit(100000)  # photutils 1.6 nests one compound model per group member: crowded groups recurse deeply
     clk = Clock()
     frames, bands, cat = read_sim(simdir)
     n = len(cat)

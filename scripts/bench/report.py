@@ -238,7 +238,7 @@ if scores:
             rate = sf / cpu if cpu else None
             srow(p, what[p], sf, cpu, pr[0]["nframes"], scores.get((p, t)),
                  f(ours_rate / rate if ours_rate and rate else None, "%.3gx"))
-        w("")
+    w("")
     w("Peer step CPU seconds (median over repeats):")
     w("")
     for (p, t), pr in sorted(peers.items()):
