@@ -97,7 +97,10 @@ demo: deps
 	@$(MAKE) --no-print-directory all
 	@bash scripts/demo.sh
 
-bench: deps
+# Benchmark suite (issue 7; not part of check): installs the peers, writes docs/performance.md.
+# BENCH_QUICK=1 for a few-minute version (demo tile, 1 repeat); see scripts/bench.sh for the knobs.
+bench:
+	@bash scripts/install-deps.sh --with-peers
 	@$(MAKE) --no-print-directory all
 	@bash scripts/bench.sh
 
