@@ -6,10 +6,34 @@
 #include <stdlib.h>
 #include <string.h>
 
-static int cmp_float(const void *a, const void *b)
+/* The k-th smallest of a[0..n-1] (0-based; a is reordered): Hoare's quickselect with a
+ * median-of-three pivot, O(n) on average. Returns exactly the value a full sort would put at
+ * a[k], so the sky estimate is the same as with qsort, ~10x cheaper on the 20,000-sample
+ * subsample (the sky estimate was most of the prep time). */
+static float select_k(float *a, size_t n, size_t k)
 {
-    float x = *(const float *)a, y = *(const float *)b;
-    return (x > y) - (x < y);
+    size_t lo = 0, hi = n - 1;
+    while (hi > lo) {
+        size_t mid = lo + (hi - lo) / 2;
+        /* order a[lo], a[mid], a[hi]; the median goes to a[mid] */
+        if (a[mid] < a[lo]) { float t = a[mid]; a[mid] = a[lo]; a[lo] = t; }
+        if (a[hi] < a[lo]) { float t = a[hi]; a[hi] = a[lo]; a[lo] = t; }
+        if (a[hi] < a[mid]) { float t = a[hi]; a[hi] = a[mid]; a[mid] = t; }
+        float piv = a[mid];
+        size_t i = lo, j = hi;
+        for (;;) {
+            while (a[i] < piv) i++;
+            while (piv < a[j]) j--;
+            if (i >= j) break;
+            float t = a[i]; a[i] = a[j]; a[j] = t;
+            i++;
+            j--;
+        }
+        /* now a[lo..j] <= piv <= a[j+1..hi] */
+        if (k <= j) hi = j;
+        else lo = j + 1;
+    }
+    return a[k];
 }
 
 /* Sigma-clipped median of a subsample of good pixels (deterministic stride). */
@@ -17,20 +41,17 @@ static double robust_sky(const float *raw, const uint8_t *mask, size_t npix)
 {
     size_t stride = npix / 20000 + 1, n = 0;
     float *s = malloc((npix / stride + 1) * sizeof *s);
-    if (!s) return NAN;
+    float *d = malloc((npix / stride + 1) * sizeof *d);
+    double med = NAN;
+    if (!s || !d) goto done;
     for (size_t i = 0; i < npix; i += stride)
         if (!mask[i]) s[n++] = raw[i];
-    double med = NAN;
     for (int it = 0; it < 5 && n > 0; it++) {
-        qsort(s, n, sizeof *s, cmp_float);
-        med = s[n / 2];
+        memcpy(d, s, n * sizeof *d);
+        med = select_k(d, n, n / 2);
         /* robust sigma from the MAD */
-        float *d = malloc(n * sizeof *d);
-        if (!d) break;
         for (size_t k = 0; k < n; k++) d[k] = fabsf(s[k] - (float)med);
-        qsort(d, n, sizeof *d, cmp_float);
-        double sig = 1.4826 * d[n / 2];
-        free(d);
+        double sig = 1.4826 * select_k(d, n, n / 2);
         if (!(sig > 0)) break;
         size_t m = 0;
         for (size_t k = 0; k < n; k++)
@@ -38,7 +59,9 @@ static double robust_sky(const float *raw, const uint8_t *mask, size_t npix)
         if (m == n) break;
         n = m;
     }
+done:
     free(s);
+    free(d);
     return med;
 }
 
@@ -67,16 +90,14 @@ int sp_prep_ivar(const float *data, const uint8_t *mask, size_t npix, const sp_p
     const double inv_gain = p->egain > 0 ? 1.0 / p->egain : 0.0;
     const double sky_scaled = isfinite(sky_raw) ? sky_raw * p->scale : 0.0;
     if (!(var_sky > 0)) return SP_FAIL(SP_ERR_INPUT, "SKYSIG must be > 0 (got %g)", p->skysig);
+    /* var = (SKYSIG^2 + max(raw - sky, 0) / EGAIN) scale^2 = A + B max(data - bkg, 0) in scaled
+     * units: one division per pixel, branch-free, so the loop vectorises */
+    const float A = (float)(var_sky * s2), B = (float)(inv_gain * p->scale), sky_f = (float)sky_scaled;
 #pragma omp parallel for schedule(static) num_threads(nthreads > 0 ? nthreads : 1)
     for (size_t i = 0; i < npix; i++) {
-        if (mask[i]) {
-            ivar[i] = 0.0f;
-            continue;
-        }
-        double b = bkg ? (double)bkg[i] : sky_scaled;
-        double src_raw = ((double)data[i] - b) / p->scale;
-        double var = (var_sky + (src_raw > 0 ? src_raw * inv_gain : 0.0)) * s2;
-        ivar[i] = (float)(1.0 / var);
+        float b = bkg ? bkg[i] : sky_f;
+        float v = A + B * fmaxf(data[i] - b, 0.0f);
+        ivar[i] = mask[i] ? 0.0f : 1.0f / v;
     }
     return SP_OK;
 }
