@@ -274,6 +274,7 @@ typedef struct {
     double q_min;
     double max_shift_pix;
     double position_prior_pix;
+    bool poisson_from_model;
     int max_group_size;
     bool no_cutouts;
     bool no_patch_overview;
