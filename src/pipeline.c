@@ -593,6 +593,11 @@ int sp_pipeline_run(const sp_run_opts *o, int *agreed)
 
     if (!o->plan_only) {
         status = r.rank == 0 ? mkdir_p(cfg.outputs.work_dir) : SP_OK;
+        if (status == SP_OK && r.rank == 0 && cfg.outputs.save_white) {
+            char wd[SP_PATH_MAX + 8];
+            snprintf(wd, sizeof wd, "%s/white", cfg.outputs.work_dir);
+            status = mkdir_p(wd);
+        }
         SP_TRY(sp_mpi_agree(status, r.comm));
         if (r.rank == 0 && cfg.outputs.log_file) {
             status = sp_log_open_file(cfg.outputs.log_file);

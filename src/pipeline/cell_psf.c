@@ -659,12 +659,76 @@ cleanup:
     return status;
 }
 
+/* outputs.save_white: the cell's base region of the white stack, its noise (1/sqrt(ivar)) and
+ * the OR of the band masks as FITS images in work_dir/white/, each with the tile WCS shifted to
+ * the cut (CRPIX - offset), so any FITS viewer overlays them on the sky. Written atomically
+ * (temporary file + rename). */
+static int save_white(cell_t *c)
+{
+    int status = SP_OK;
+    run_t *r = c->run;
+    const sp_cell *ce = c->cell;
+    const sp_plan *p = r->plan;
+    long bx = ce->bx0 - c->x0, by = ce->by0 - c->y0, nx = ce->bx1 - ce->bx0, ny = ce->by1 - ce->by0;
+    float *img = NULL;
+    char *cards = NULL, path[SP_PATH_MAX + 64];
+    int ncards = 0;
+    sp_fits *f = NULL;
+    sp_wcs *w = NULL;
+    static const char *const what[3] = {"white", "white_rms", "mask"};
+    static const char *const desc[3] = {"inverse-variance white stack of the background-subtracted bands",
+                                        "1-sigma noise of the white stack", "OR over bands of the pixel masks"};
+    SP_ALLOC(img, (size_t)nx * ny);
+    SP_TRY(sp_wcs_copy(p->wcs, &w));
+    SP_TRY(sp_wcs_to_header(w, &cards, &ncards));
+    for (int k = 0; k < 3; k++) {
+        for (long y = 0; y < ny; y++)
+            for (long x = 0; x < nx; x++) {
+                size_t q = (size_t)(y + by) * c->nx + (size_t)(x + bx);
+                float v;
+                if (k == 0) v = c->white_ivar[q] > 0 ? c->white[q] : NAN;
+                else if (k == 1) v = c->white_ivar[q] > 0 ? 1.0f / sqrtf(c->white_ivar[q]) : NAN;
+                else {
+                    unsigned m = 0;
+                    for (int b = 0; b < p->nbands; b++) m |= c->mask[b][q];
+                    v = (float)m;
+                }
+                img[(size_t)y * nx + x] = v;
+            }
+        snprintf(path, sizeof path, "%s/white/cell%03d_%s.fits", r->cfg->outputs.work_dir, ce->id, what[k]);
+        SP_TRY(sp_fits_create(path, nx, ny, &f));
+        SP_TRY(sp_fits_write_cards(f, cards, ncards));
+        double crpix1 = 0, crpix2 = 0;
+        /* the WCS cards carry CRPIX in the tile's 1-based pixels: shift them to the cut */
+        for (int i = 0; i < ncards; i++) {
+            const char *card = cards + (size_t)i * 80;
+            if (!strncmp(card, "CRPIX1  =", 9)) crpix1 = atof(card + 10);
+            if (!strncmp(card, "CRPIX2  =", 9)) crpix2 = atof(card + 10);
+        }
+        SP_TRY(sp_fits_write_key_double(f, "CRPIX1", crpix1 - ce->bx0, "tile CRPIX1 shifted to this cut"));
+        SP_TRY(sp_fits_write_key_double(f, "CRPIX2", crpix2 - ce->by0, "tile CRPIX2 shifted to this cut"));
+        SP_TRY(sp_fits_write_key_long(f, "SPCELL", ce->id, "surveyproc ePSF cell"));
+        SP_TRY(sp_fits_write_key_long(f, "SPX0", ce->bx0, "first tile column of the cut (0-based)"));
+        SP_TRY(sp_fits_write_key_long(f, "SPY0", ce->by0, "first tile row of the cut (0-based)"));
+        SP_TRY(sp_fits_write_key_string(f, "CONTENT", what[k], desc[k]));
+        SP_TRY(sp_fits_write_rows(f, 0, ny, img));
+        SP_TRY(sp_fits_commit(&f));
+    }
+cleanup:
+    sp_fits_abort(&f);
+    sp_wcs_free(&w);
+    free(cards);
+    free(img);
+    return status;
+}
+
 int stage_qa_maps(cell_t *c)
 {
     int status = SP_OK;
     run_t *r = c->run;
     const sp_plan *p = r->plan;
     char path[160];
+    if (r->cfg->outputs.save_white) SP_TRY(save_white(c));
     if (r->qa.qa_white_ds > 0) SP_TRY(write_block_means(c, "/qa/white", c->white, c->white_ivar, r->qa.qa_white_ds));
     for (int b = 0; b < p->nbands && r->qa.qa_bkg_ds > 0 && c->back; b++) {
         snprintf(path, sizeof path, "/qa/background/%s", p->bands[b]);

@@ -181,3 +181,31 @@ print("%d injected (%s...), %d of the 8 removed stars back, %d fitted, median fi
 sys.exit(0 if ok else 1)
 EOF2
 ); then pass "run_inject_reference ($out)"; else fail run_inject_reference "${out:-}" "$(grep -E 'inject|ERROR' "$T/inj.log" | head -3)"; fi
+
+# ---- 6. outputs.save_white: per-cell FITS of the white stack with the tile WCS shifted to the cut --
+if run_to "$T/sw.h5" 1 1 --set outputs.save_white=true --set outputs.work_dir="$T/swork" >"$T/sw.log" 2>&1 &&
+   out=$("$PY" - "$T/swork/white" "$T/sim" <<'EOF2'
+import sys, glob, numpy as np
+from astropy.io import fits
+from astropy.wcs import WCS
+d, sim = sys.argv[1:3]
+files = sorted(glob.glob(d + "/cell*_white.fits"))
+ref = fits.open(glob.glob(sim + "/images/*.fits")[0])
+rh = ref[0].header if ref[0].data is not None else ref[1].header
+tw = WCS(rh)
+worst = 0.0
+for fn in files:
+    h = fits.open(fn)[0]
+    w = WCS(h.header)
+    x0, y0 = h.header["SPX0"], h.header["SPY0"]
+    a = np.array(w.pixel_to_world_values(7.0, 11.0))
+    b = np.array(tw.pixel_to_world_values(7.0 + x0, 11.0 + y0))
+    worst = max(worst, float(np.max(np.abs(a - b))) * 3600)
+    assert np.isfinite(h.data).mean() > 0.9
+    for k in ("white_rms", "mask"):
+        assert fits.getdata(fn.replace("_white.fits", "_%s.fits" % k)).shape == h.data.shape
+ok = len(files) == 9 and worst < 1e-6
+print("%d cells x (white, white_rms, mask); WCS of a cut vs the frame's: %.1e arcsec" % (len(files), worst))
+sys.exit(0 if ok else 1)
+EOF2
+); then pass "run_save_white ($out)"; else fail run_save_white "${out:-}" "$(grep -E 'ERROR' "$T/sw.log" | head -2)"; fi
