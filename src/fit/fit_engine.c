@@ -80,6 +80,11 @@ typedef struct {
     int iters[3];
 } wgroup;
 
+typedef struct {
+    double p[P_MAX];
+    long used; /* 0: empty */
+} mc_key;
+
 /* Accumulated inner products of one group evaluation. */
 typedef struct {
     int n, nth, nb;
@@ -147,6 +152,16 @@ struct sp_fit_workspace {
     long use_counter;
     fit_fft_scratch fft;
     long renders;
+    /* model cache: per (source, image) two slots holding the unit-flux model
+     * (no derivatives) at a geometry, so that adding/subtracting a group's
+     * model, linear solves and the final model do not re-render */
+    double *mc;
+    size_t cap_mc;
+    size_t *mc_off;       /* nsrc*nimg: offset of slot 0 (slot 1 follows) */
+    size_t cap_mc_off;
+    mc_key *mck;          /* nsrc*nimg*2 */
+    size_t cap_mck;
+    long mc_tick, mc_hits;
 };
 
 /* ---------------------------------------------------------------- helpers */
@@ -404,6 +419,9 @@ void sp_fit_workspace_free(sp_fit_workspace **wsp)
     free(w->tmpu);
     free(w->mixscr);
     free(w->bgeo);
+    free(w->mc);
+    free(w->mc_off);
+    free(w->mck);
     for (int i = 0; i < NCACHE; i++) {
         free(w->cache[i].prof);
         fit_fft_free_entry(&w->cache[i]);
@@ -536,6 +554,63 @@ static int render_one(sp_fit_workspace *ws, const sp_fit_options *o, const wimg 
     return fit_render(wi->img, wi->pc, o->conv, g, b, m, dm, &ws->fft);
 }
 
+/* ---- model cache (two slots per source and image, keyed by the geometry) */
+
+static double *mc_find(sp_fit_workspace *ws, int nimg, const wsrc *s, int i, const fit_geom *g, const fit_box *bx)
+{
+    const size_t q = (size_t)s->idx * nimg + i, np = (size_t)bx->bw * bx->bh;
+    mc_key *k = ws->mck + 2 * q;
+    for (int t = 0; t < 2; t++)
+        if (k[t].used && !memcmp(k[t].p, g->p, sizeof k[t].p)) {
+            k[t].used = ++ws->mc_tick;
+            ws->mc_hits++;
+            return ws->mc + ws->mc_off[q] + (size_t)t * np;
+        }
+    return NULL;
+}
+
+/* The slot that will hold a render at g: never the one holding the accepted
+ * geometry s->g (unless g is it), else the least recently used. */
+static double *mc_claim(sp_fit_workspace *ws, int nimg, const wsrc *s, int i, const fit_geom *g, const fit_box *bx)
+{
+    const size_t q = (size_t)s->idx * nimg + i, np = (size_t)bx->bw * bx->bh;
+    mc_key *k = ws->mck + 2 * q;
+    const int gcur = !memcmp(g->p, s->g.p, sizeof g->p);
+    int t;
+    if (!gcur && k[0].used && !memcmp(k[0].p, s->g.p, sizeof k[0].p)) t = 1;
+    else if (!gcur && k[1].used && !memcmp(k[1].p, s->g.p, sizeof k[1].p)) t = 0;
+    else t = k[0].used <= k[1].used ? 0 : 1;
+    memcpy(k[t].p, g->p, sizeof k[t].p);
+    k[t].used = ++ws->mc_tick;
+    return ws->mc + ws->mc_off[q] + (size_t)t * np;
+}
+
+/* Unit-flux model (no derivatives) of s in image i at g: cached or rendered. */
+static int mc_get(sp_fit_workspace *ws, const sp_fit_options *o, int nimg, const wimg *wi, const wsrc *s, int i,
+                  const fit_geom *g, const fit_box *bx, const double **out)
+{
+    double *m = mc_find(ws, nimg, s, i, g, bx);
+    if (!m) {
+        double *const nod[P_MAX] = {0};
+        m = mc_claim(ws, nimg, s, i, g, bx);
+        int st = render_one(ws, o, wi, g, bx, m, nod);
+        if (st != SP_OK) {
+            ws->mck[2 * ((size_t)s->idx * nimg + i)].used = ws->mck[2 * ((size_t)s->idx * nimg + i) + 1].used = 0;
+            return st;
+        }
+    }
+    *out = m;
+    return SP_OK;
+}
+
+/* After a render with derivatives into m: keep its value in the cache. */
+static void mc_put(sp_fit_workspace *ws, int nimg, const wsrc *s, int i, const fit_geom *g, const fit_box *bx,
+                   const double *m)
+{
+    if (mc_find(ws, nimg, s, i, g, bx)) return;
+    memcpy(mc_claim(ws, nimg, s, i, g, bx), m, sizeof(double) * (size_t)bx->bw * bx->bh);
+}
+
 /* Model box of source s in image i, centred on its initial position. */
 static void make_box(const wimg *wi, const wsrc *s, double Rimg, fit_box *b, int *edge)
 {
@@ -666,12 +741,18 @@ static int group_eval(sp_fit_workspace *ws, const runctx *rc, const wgroup *G, i
             const size_t np = (size_t)bx->bw * bx->bh;
             double *m = ws->arena + ws->aoff[l];
             double *dm[P_MAX] = {0};
-            if (derivs) {
+            const fit_geom *gg = trial ? &s->gt : &s->g;
+            if (derivs && ws->nf[l] > 0) {
                 int q = 0;
                 for (int j = 0; j < P_MAX; j++)
                     if (s->freemask & (1u << j)) dm[j] = m + np * (size_t)(1 + q++);
+                SP_TRY(render_one(ws, rc->o, wi, gg, bx, m, dm));
+                mc_put(ws, rc->nimg, s, i, gg, bx, m);
+            } else {
+                const double *c;
+                SP_TRY(mc_get(ws, rc->o, rc->nimg, wi, s, i, gg, bx, &c));
+                memcpy(m, c, sizeof(double) * np);
             }
-            SP_TRY(render_one(ws, rc->o, wi, trial ? &s->gt : &s->g, bx, m, dm));
         }
         /* self terms */
         for (int l = 0; l < n; l++) {
@@ -1157,7 +1238,6 @@ cleanup:
 static int group_to_mf(sp_fit_workspace *ws, const runctx *rc, const wgroup *G, double sign)
 {
     int status = SP_OK;
-    double *const nod[P_MAX] = {0};
     for (int l = 0; l < G->n; l++) {
         const wsrc *s = &ws->s[ws->gmem[G->start + l]];
         for (int i = 0; i < rc->nimg; i++) {
@@ -1166,12 +1246,12 @@ static int group_to_mf(sp_fit_workspace *ws, const runctx *rc, const wgroup *G, 
             if (bx->bw == 0) continue;
             double f = ws->flux[(size_t)s->idx * rc->nb + wi->slot];
             if (f == 0.0 || !isfinite(f)) continue;
-            GROW(ws->arena, ws->cap_arena, (size_t)bx->bw * bx->bh);
-            SP_TRY(render_one(ws, rc->o, wi, &s->g, bx, ws->arena, nod));
+            const double *mc;
+            SP_TRY(mc_get(ws, rc->o, rc->nimg, wi, s, i, &s->g, bx, &mc));
             double *mf = ws->mf + wi->off;
             for (int r = 0; r < bx->bh; r++) {
                 double *row = mf + (size_t)(bx->by0 + r) * wi->img->nx + bx->bx0;
-                const double *mr = ws->arena + (size_t)r * bx->bw;
+                const double *mr = mc + (size_t)r * bx->bw;
                 for (int c = 0; c < bx->bw; c++) row[c] += sign * f * mr[c];
             }
         }
@@ -1688,6 +1768,18 @@ static int run_fit(sp_fit_workspace *ws, const sp_fit_options *o, const sp_fit_i
             s->flags |= SP_FITF_NODATA;
         }
     }
+    /* ---- model cache: two slots per source and image box */
+    {
+        size_t tot = 0;
+        GROW(ws->mc_off, ws->cap_mc_off, (size_t)nsrc * nimg + 1);
+        GROW(ws->mck, ws->cap_mck, 2 * (size_t)nsrc * nimg + 2);
+        for (size_t q = 0; q < (size_t)nsrc * nimg; q++) {
+            ws->mc_off[q] = tot;
+            tot += 2 * (size_t)ws->box[q].bw * ws->box[q].bh;
+        }
+        GROW(ws->mc, ws->cap_mc, tot + 1);
+        memset(ws->mck, 0, sizeof(mc_key) * 2 * (size_t)nsrc * nimg);
+    }
     /* ---- fixed sources: subtract their models once */
     for (int k = 0; k < nsrc; k++) {
         wsrc *s = &ws->s[k];
@@ -1957,12 +2049,12 @@ final_model:
                 const fit_box *bx = &ws->box[(size_t)k * nimg + i];
                 if (bx->bw == 0) continue;
                 double *m = ws->fin + ws->fin_off[(size_t)k * nimg + i];
-                double *const nod[P_MAX] = {0};
-                SP_TRY(render_one(ws, o, wi, &s->g, bx, m, nod));
+                const double *mc;
+                SP_TRY(mc_get(ws, o, nimg, wi, s, i, &s->g, bx, &mc));
                 double f = ws->flux[(size_t)k * nb + wi->slot];
                 if (!isfinite(f)) f = 0.0;
                 const size_t np = (size_t)bx->bw * bx->bh;
-                for (size_t q = 0; q < np; q++) m[q] *= f;
+                for (size_t q = 0; q < np; q++) m[q] = f * mc[q];
                 if (s->role == SP_ROLE_FIXED) continue; /* already in mx */
                 double *mf = ws->mf + wi->off;
                 for (int r = 0; r < bx->bh; r++)
