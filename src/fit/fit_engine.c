@@ -1386,6 +1386,15 @@ static unsigned stage_mask(const wsrc *s, int stage)
 static void snr_holds(sp_fit_workspace *ws, const wgroup *G, const gacc *a, int nb, const sp_fit_options *o)
 {
     const unsigned shape = (1u << P_LNS) | (1u << P_E1) | (1u << P_E2) | (1u << P_N);
+    /* a component with no reported source (halo sources whose boxes touch
+     * no base source): its light only matters through the sky, so its
+     * fluxes are fitted with the geometry held (no LM, no new renders) */
+    int report = 0;
+    for (int l = 0; l < G->n; l++) report |= ws->s[ws->gmem[G->start + l]].role == SP_ROLE_FIT_REPORT;
+    for (int l = 0; l < G->n; l++) {
+        wsrc *s = &ws->s[ws->gmem[G->start + l]];
+        if (!report) s->hold |= (1u << P_X) | (1u << P_Y) | shape;
+    }
     for (int l = 0; l < G->n; l++) {
         wsrc *s = &ws->s[ws->gmem[G->start + l]];
         double s2 = 0.0;
