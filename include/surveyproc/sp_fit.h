@@ -78,6 +78,13 @@ typedef struct {
     int band;           /* 0 .. nbands-1 */
     int psf_fallback;   /* 1 if psf is the analytic fallback (reported per band) */
     double flux_scale;  /* model counts per unit source flux in this image (1 for a tile) */
+    double poisson_k;   /* > 0: ivar holds a source Poisson term computed from the data,
+                         * var = var_bkg + poisson_k * max(data, 0) (GLOSSARY noise model: poisson_k
+                         * = scale / EGAIN in the image's units; an inverse-variance coadd:
+                         * sum w_k^2 k_k / (sum w_k)^2). The fitter then replaces that term by
+                         * poisson_k * max(model, 0), updated as the fit proceeds: weights that
+                         * follow the data's own noise bias fluxes low (~ -N_eff / (2 gain) counts,
+                         * a few % at SNR 10-20). 0 (default): ivar is used as given. */
 } sp_fit_image;
 
 /* Defaults: identity transform for a ROI at tile (x0, y0), flux_scale 1. */

@@ -99,7 +99,7 @@ typedef struct {
 struct sp_fit_workspace {
     int nb_hint;
     /* per-pixel arrays (sum over images) */
-    double *dp, *w, *mf, *mx;
+    double *dp, *w, *mf, *mx, *vb; /* vb: background variance (images with poisson_k > 0) */
     size_t cap_pix;
     /* per source */
     wsrc *s;
@@ -369,6 +369,8 @@ int sp_fit_workspace_create(size_t max_pixels, int max_sources, int nbands, sp_f
         GROW(w->mf, c, max_pixels);
         c = 0;
         GROW(w->mx, c, max_pixels);
+        c = 0;
+        GROW(w->vb, c, max_pixels);
     }
     if (max_sources > 0) {
         GROW(w->s, w->cap_s, max_sources);
@@ -390,6 +392,7 @@ void sp_fit_workspace_free(sp_fit_workspace **wsp)
     free(w->w);
     free(w->mf);
     free(w->mx);
+    free(w->vb);
     free(w->s);
     free(w->box);
     free(w->flux);
@@ -1323,6 +1326,31 @@ cleanup:
     return status;
 }
 
+/* Model-based weights (images with poisson_k > 0): w = 1 / (vb + k max(model, 0))
+ * with the current model of every source (mf + mx); the sky's weight sums
+ * follow. Returns 1 if some image was reweighted. */
+static int reweight(sp_fit_workspace *ws, const runctx *rc, double *Ssky)
+{
+    int any = 0;
+    if (Ssky)
+        for (int b = 0; b < rc->nb; b++) Ssky[b] = 0.0;
+    for (int i = 0; i < rc->nimg; i++) {
+        const wimg *wi = &ws->im[i];
+        const size_t np = (size_t)wi->img->nx * wi->img->ny;
+        double *w = ws->w + wi->off;
+        const double pk = wi->img->poisson_k;
+        if (pk > 0) {
+            const double *vb = ws->vb + wi->off, *mf = ws->mf + wi->off, *mx = ws->mx + wi->off;
+            for (size_t k = 0; k < np; k++)
+                if (vb[k] > 0) w[k] = 1.0 / (vb[k] + pk * fmax(mf[k] + mx[k], 0.0));
+            any = 1;
+        }
+        if (Ssky)
+            for (size_t k = 0; k < np; k++) Ssky[wi->slot] += w[k];
+    }
+    return any;
+}
+
 /* ---------------------------------------------------------------- one run (all bands or one band) */
 
 typedef struct {
@@ -1570,13 +1598,14 @@ static int run_fit(sp_fit_workspace *ws, const sp_fit_options *o, const sp_fit_i
         if (!(wi->scale > 0)) wi->scale = 1.0;
         SP_TRY(cache_get(ws, img->psf, need_mix, o->psf_gmix_k, &wi->pc));
     }
-    if (totpix > ws->cap_pix || !ws->dp) {
+    if (totpix > ws->cap_pix || !ws->dp || !ws->vb) {
         size_t cap = 0;
         free(ws->dp);
         free(ws->w);
         free(ws->mf);
         free(ws->mx);
-        ws->dp = ws->w = ws->mf = ws->mx = NULL;
+        free(ws->vb);
+        ws->dp = ws->w = ws->mf = ws->mx = ws->vb = NULL;
         ws->cap_pix = 0;
         GROW(ws->dp, cap, totpix);
         cap = 0;
@@ -1585,6 +1614,8 @@ static int run_fit(sp_fit_workspace *ws, const sp_fit_options *o, const sp_fit_i
         GROW(ws->mf, cap, totpix);
         cap = 0;
         GROW(ws->mx, cap, totpix);
+        cap = 0;
+        GROW(ws->vb, cap, totpix);
         ws->cap_pix = totpix;
     }
     /* ---- pixels: weights, data, initial sky */
@@ -1601,6 +1632,28 @@ static int run_fit(sp_fit_workspace *ws, const sp_fit_options *o, const sp_fit_i
             } else {
                 dp[k] = dv;
                 w[k] = wv;
+            }
+        }
+        if (wi->img->poisson_k > 0) {
+            /* background variance: the given variance minus its data-based
+             * Poisson term, floored at half the typical background variance
+             * (median over pixels without a Poisson term, data <= 0): coadds
+             * and a re-subtracted background make the split approximate */
+            const double pk = wi->img->poisson_k;
+            double *vb = ws->vb + wi->off;
+            GROW(ws->tmp, ws->cap_tmp, 4096);
+            int n0 = 0;
+            const size_t stp0 = np / 4096 + 1;
+            for (size_t k = 0; k < np && n0 < 4096; k += stp0)
+                if (w[k] > 0 && d[k] <= 0) ws->tmp[n0++] = 1.0 / w[k];
+            const double vfloor = n0 > 0 ? 0.5 * kth(ws->tmp, n0, n0 / 2) : 0.0;
+            for (size_t k = 0; k < np; k++) {
+                if (!(w[k] > 0)) {
+                    vb[k] = 0.0;
+                    continue;
+                }
+                const double v = 1.0 / w[k], b0 = v - pk * fmax(d[k], 0.0);
+                vb[k] = b0 > vfloor ? b0 : (vfloor > 0 ? fmin(vfloor, v) : v);
             }
         }
         memset(ws->mf + wi->off, 0, np * sizeof(double));
@@ -1882,7 +1935,9 @@ static int run_fit(sp_fit_workspace *ws, const sp_fit_options *o, const sp_fit_i
         any_split |= comps[gi].split;
         if (comps[gi].n > maxgs) maxgs = comps[gi].n;
     }
-    const int keep_mf = any_split || o->fit_sky;
+    int model_w = 0;
+    for (int i = 0; i < nimg; i++) model_w |= ws->im[i].img->poisson_k > 0;
+    const int keep_mf = any_split || o->fit_sky || model_w;
     rc.use_mf = any_split;
     if (!keep_mf) {
         /* independent components: the per-component pipeline */
@@ -1897,6 +1952,8 @@ static int run_fit(sp_fit_workspace *ws, const sp_fit_options *o, const sp_fit_i
         goto final_model;
     }
     for (int gi = 0; gi < ncomp; gi++) SP_TRY(group_to_mf(ws, &rc, &comps[gi], +1.0));
+    /* model weights from the initial values */
+    if (model_w) reweight(ws, &rc, o->fit_sky ? Ssky : NULL);
     /* ---- stage 1: fluxes of whole components (always: it also gives the SNR
      * that decides which geometry is free); the sky alternates with them */
     for (int gi = 0; gi < ncomp; gi++) {
@@ -1904,6 +1961,16 @@ static int run_fit(sp_fit_workspace *ws, const sp_fit_options *o, const sp_fit_i
         if (keep_mf) SP_TRY(group_to_mf(ws, &rc, G, -1.0));
         SP_TRY(fit_group_stage(ws, &rc, G, o->staged ? 0 : -1, 1, 0));
         if (keep_mf) SP_TRY(group_to_mf(ws, &rc, G, +1.0));
+    }
+    if (model_w) {
+        /* weights from the stage-1 fluxes, and the fluxes again with them */
+        reweight(ws, &rc, o->fit_sky ? Ssky : NULL);
+        if (!o->fit_sky)
+            for (int gi = 0; gi < ncomp; gi++) {
+                SP_TRY(group_to_mf(ws, &rc, &comps[gi], -1.0));
+                SP_TRY(linear_keep_masks(ws, &rc, &comps[gi]));
+                SP_TRY(group_to_mf(ws, &rc, &comps[gi], +1.0));
+            }
     }
     if (o->fit_sky) SP_TRY(sky_alternate(ws, &rc, comps, ncomp, sky, 3));
     {
@@ -1988,6 +2055,16 @@ static int run_fit(sp_fit_workspace *ws, const sp_fit_options *o, const sp_fit_i
             SP_TRY(group_to_mf(ws, &rc, G, +1.0));
         }
         if (sw >= 1 && gain < o->dlnp_stop * (nsplitchk > 0 ? nsplitchk : 1)) break;
+    }
+    if (model_w) {
+        /* weights at the fitted geometry; fluxes (and sky) re-solved with them */
+        reweight(ws, &rc, o->fit_sky ? Ssky : NULL);
+        if (!o->fit_sky)
+            for (int gi = 0; gi < ncomp; gi++) {
+                SP_TRY(group_to_mf(ws, &rc, &comps[gi], -1.0));
+                SP_TRY(linear_keep_masks(ws, &rc, &comps[gi]));
+                SP_TRY(group_to_mf(ws, &rc, &comps[gi], +1.0));
+            }
     }
     if (o->fit_sky) SP_TRY(sky_alternate(ws, &rc, comps, ncomp, sky, 2));
     /* ---- errors at the solution (free set of the last stage): per chunk

@@ -82,6 +82,25 @@ static void source_init(const run_t *r, long i, const sp_aper_result *aper, sp_f
     s->id = i;
 }
 
+/* The data-based source Poisson term of band b's inverse variance, as
+ * sp_fit_image.poisson_k: per frame var = (SKYSIG^2 + max(raw, 0)/EGAIN) scale^2
+ * (sp_prep_ivar), i.e. k = scale/EGAIN per unit of scaled data; the coadd of
+ * the band's frames with weights w = 1/(SKYSIG scale)^2 (sp_prep_coadd) has
+ * k = sum w^2 k_f / (sum w)^2. 0 when a frame has no gain. */
+static double band_poisson_k(const sp_plan *p, int b)
+{
+    double sw = 0.0, swk = 0.0;
+    for (int i = 0; i < p->nframes; i++) {
+        const sp_frame *fr = &p->frames[i];
+        if (fr->band_index != b) continue;
+        if (!(fr->egain > 0) || !(fr->skysig > 0) || !(fr->scale > 0)) return 0.0;
+        double w = 1.0 / (fr->skysig * fr->scale * fr->skysig * fr->scale);
+        sw += w;
+        swk += w * w * fr->scale / fr->egain;
+    }
+    return sw > 0 ? swk / (sw * sw) : 0.0;
+}
+
 /* Fit patch pid of the cell; base sources of the patch are src[base0 ..). */
 static int fit_one(cell_t *c, fit_scratch *s, sp_fit_workspace *ws, int pid, long base0, sp_store_patchrow *row)
 {
@@ -129,6 +148,8 @@ static int fit_one(cell_t *c, fit_scratch *s, sp_fit_workspace *ws, int pid, lon
         im->data = d;
         im->ivar = w;
         im->band = b;
+        /* the ivar's Poisson term follows the data: let the fitter use the model's */
+        im->poisson_k = band_poisson_k(p, b);
         SP_TRY(psf_grid_at(r, b, c->cell->id, xc, yc, &s->local[b], &im->psf));
         im->psf_fallback = im->psf->is_fallback;
     }
