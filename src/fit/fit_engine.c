@@ -82,7 +82,8 @@ typedef struct {
 
 typedef struct {
     double p[P_MAX];
-    long used; /* 0: empty */
+    long used;     /* 0: empty */
+    unsigned mask; /* derivative planes held (bit j: d/dp[j], plane 1 + j) */
 } mc_key;
 
 /* Accumulated inner products of one group evaluation. */
@@ -153,8 +154,9 @@ struct sp_fit_workspace {
     fit_fft_scratch fft;
     long renders;
     /* model cache: per (source, image) two slots holding the unit-flux model
-     * (no derivatives) at a geometry, so that adding/subtracting a group's
-     * model, linear solves and the final model do not re-render */
+     * at a geometry and the derivative planes rendered with it (1 + ng planes
+     * of the box), so that adding/subtracting a group's model, linear solves,
+     * the start of a stage, the errors and the final model do not re-render */
     double *mc;
     size_t cap_mc;
     size_t *mc_off;       /* nsrc*nimg: offset of slot 0 (slot 1 follows) */
@@ -559,59 +561,103 @@ static int render_one(sp_fit_workspace *ws, const sp_fit_options *o, const wimg 
 
 /* ---- model cache (two slots per source and image, keyed by the geometry) */
 
-static double *mc_find(sp_fit_workspace *ws, int nimg, const wsrc *s, int i, const fit_geom *g, const fit_box *bx)
+static size_t mc_np(const fit_box *bx) { return (size_t)bx->bw * bx->bh; }
+
+/* Slot of s in image i holding geometry g with at least the planes `need`. */
+static double *mc_find(sp_fit_workspace *ws, int nimg, const wsrc *s, int i, const fit_geom *g, const fit_box *bx,
+                       unsigned need)
 {
-    const size_t q = (size_t)s->idx * nimg + i, np = (size_t)bx->bw * bx->bh;
+    const size_t q = (size_t)s->idx * nimg + i, sl = mc_np(bx) * (size_t)(1 + s->ng);
     mc_key *k = ws->mck + 2 * q;
     for (int t = 0; t < 2; t++)
-        if (k[t].used && !memcmp(k[t].p, g->p, sizeof k[t].p)) {
+        if (k[t].used && (k[t].mask & need) == need && !memcmp(k[t].p, g->p, sizeof k[t].p)) {
             k[t].used = ++ws->mc_tick;
             ws->mc_hits++;
-            return ws->mc + ws->mc_off[q] + (size_t)t * np;
+            return ws->mc + ws->mc_off[q] + (size_t)t * sl;
         }
     return NULL;
 }
 
-/* The slot that will hold a render at g: never the one holding the accepted
- * geometry s->g (unless g is it), else the least recently used. */
-static double *mc_claim(sp_fit_workspace *ws, int nimg, const wsrc *s, int i, const fit_geom *g, const fit_box *bx)
+/* The slot that will hold a render at g: the one already at g if any, else
+ * never the one holding the accepted geometry s->g (unless g is it), else the
+ * least recently used. *keep: planes it already holds (same geometry). */
+static double *mc_claim(sp_fit_workspace *ws, int nimg, const wsrc *s, int i, const fit_geom *g, const fit_box *bx,
+                        unsigned *keep)
 {
-    const size_t q = (size_t)s->idx * nimg + i, np = (size_t)bx->bw * bx->bh;
+    const size_t q = (size_t)s->idx * nimg + i, sl = mc_np(bx) * (size_t)(1 + s->ng);
     mc_key *k = ws->mck + 2 * q;
     const int gcur = !memcmp(g->p, s->g.p, sizeof g->p);
-    int t;
-    if (!gcur && k[0].used && !memcmp(k[0].p, s->g.p, sizeof k[0].p)) t = 1;
-    else if (!gcur && k[1].used && !memcmp(k[1].p, s->g.p, sizeof k[1].p)) t = 0;
-    else t = k[0].used <= k[1].used ? 0 : 1;
+    int t = -1;
+    *keep = 0;
+    for (int u = 0; u < 2 && t < 0; u++)
+        if (k[u].used && !memcmp(k[u].p, g->p, sizeof k[u].p)) {
+            t = u;
+            *keep = k[u].mask;
+        }
+    if (t < 0) {
+        if (!gcur && k[0].used && !memcmp(k[0].p, s->g.p, sizeof k[0].p)) t = 1;
+        else if (!gcur && k[1].used && !memcmp(k[1].p, s->g.p, sizeof k[1].p)) t = 0;
+        else t = k[0].used <= k[1].used ? 0 : 1;
+        k[t].mask = 0;
+    }
     memcpy(k[t].p, g->p, sizeof k[t].p);
     k[t].used = ++ws->mc_tick;
-    return ws->mc + ws->mc_off[q] + (size_t)t * np;
+    return ws->mc + ws->mc_off[q] + (size_t)t * sl;
+}
+
+static void mc_setmask(sp_fit_workspace *ws, int nimg, const wsrc *s, int i, const double *slot, unsigned mask)
+{
+    const size_t q = (size_t)s->idx * nimg + i;
+    mc_key *k = ws->mck + 2 * q;
+    k[slot == ws->mc + ws->mc_off[q] ? 0 : 1].mask = mask;
 }
 
 /* Unit-flux model (no derivatives) of s in image i at g: cached or rendered. */
 static int mc_get(sp_fit_workspace *ws, const sp_fit_options *o, int nimg, const wimg *wi, const wsrc *s, int i,
                   const fit_geom *g, const fit_box *bx, const double **out)
 {
-    double *m = mc_find(ws, nimg, s, i, g, bx);
+    double *m = mc_find(ws, nimg, s, i, g, bx, 0);
     if (!m) {
         double *const nod[P_MAX] = {0};
-        m = mc_claim(ws, nimg, s, i, g, bx);
+        unsigned keep;
+        m = mc_claim(ws, nimg, s, i, g, bx, &keep);
         int st = render_one(ws, o, wi, g, bx, m, nod);
         if (st != SP_OK) {
             ws->mck[2 * ((size_t)s->idx * nimg + i)].used = ws->mck[2 * ((size_t)s->idx * nimg + i) + 1].used = 0;
             return st;
         }
+        mc_setmask(ws, nimg, s, i, m, keep);
     }
     *out = m;
     return SP_OK;
 }
 
-/* After a render with derivatives into m: keep its value in the cache. */
-static void mc_put(sp_fit_workspace *ws, int nimg, const wsrc *s, int i, const fit_geom *g, const fit_box *bx,
-                   const double *m)
+/* Model and the derivative planes of the free parameters `fm` of s in image
+ * i at g, packed as the accumulation wants them (m, then one plane per free
+ * parameter in index order): from the cache, or rendered (and cached). */
+static int mc_get_derivs(sp_fit_workspace *ws, const sp_fit_options *o, int nimg, const wimg *wi, const wsrc *s,
+                         int i, const fit_geom *g, const fit_box *bx, unsigned fm, double *out)
 {
-    if (mc_find(ws, nimg, s, i, g, bx)) return;
-    memcpy(mc_claim(ws, nimg, s, i, g, bx), m, sizeof(double) * (size_t)bx->bw * bx->bh);
+    const size_t np = mc_np(bx);
+    double *c = mc_find(ws, nimg, s, i, g, bx, fm);
+    if (!c) {
+        unsigned keep;
+        c = mc_claim(ws, nimg, s, i, g, bx, &keep);
+        double *dm[P_MAX] = {0};
+        for (int j = 0; j < s->ng; j++)
+            if (fm & (1u << j)) dm[j] = c + np * (size_t)(1 + j);
+        int st = render_one(ws, o, wi, g, bx, c, dm);
+        if (st != SP_OK) {
+            ws->mck[2 * ((size_t)s->idx * nimg + i)].used = ws->mck[2 * ((size_t)s->idx * nimg + i) + 1].used = 0;
+            return st;
+        }
+        mc_setmask(ws, nimg, s, i, c, keep | fm);
+    }
+    memcpy(out, c, sizeof(double) * np);
+    int q = 0;
+    for (int j = 0; j < P_MAX; j++)
+        if (fm & (1u << j)) memcpy(out + np * (size_t)(1 + q++), c + np * (size_t)(1 + j), sizeof(double) * np);
+    return SP_OK;
 }
 
 /* Model box of source s in image i, centred on its initial position. */
@@ -743,14 +789,9 @@ static int group_eval(sp_fit_workspace *ws, const runctx *rc, const wgroup *G, i
             if (bx->bw == 0) continue;
             const size_t np = (size_t)bx->bw * bx->bh;
             double *m = ws->arena + ws->aoff[l];
-            double *dm[P_MAX] = {0};
             const fit_geom *gg = trial ? &s->gt : &s->g;
             if (derivs && ws->nf[l] > 0) {
-                int q = 0;
-                for (int j = 0; j < P_MAX; j++)
-                    if (s->freemask & (1u << j)) dm[j] = m + np * (size_t)(1 + q++);
-                SP_TRY(render_one(ws, rc->o, wi, gg, bx, m, dm));
-                mc_put(ws, rc->nimg, s, i, gg, bx, m);
+                SP_TRY(mc_get_derivs(ws, rc->o, rc->nimg, wi, s, i, gg, bx, s->freemask, m));
             } else {
                 const double *c;
                 SP_TRY(mc_get(ws, rc->o, rc->nimg, wi, s, i, gg, bx, &c));
@@ -1837,7 +1878,7 @@ static int run_fit(sp_fit_workspace *ws, const sp_fit_options *o, const sp_fit_i
         GROW(ws->mck, ws->cap_mck, 2 * (size_t)nsrc * nimg + 2);
         for (size_t q = 0; q < (size_t)nsrc * nimg; q++) {
             ws->mc_off[q] = tot;
-            tot += 2 * (size_t)ws->box[q].bw * ws->box[q].bh;
+            tot += 2 * (size_t)ws->box[q].bw * ws->box[q].bh * (size_t)(1 + ws->s[q / nimg].ng);
         }
         GROW(ws->mc, ws->cap_mc, tot + 1);
         memset(ws->mck, 0, sizeof(mc_key) * 2 * (size_t)nsrc * nimg);
