@@ -1,7 +1,7 @@
 /* bench_fit.c — dev benchmark of the fitting engine (not a test; run by hand).
  *
  *   make bench-fit && ./build/rel/bench/bench_fit [section ...]
- *   sections: psf stars field halo gal (default: all)
+ *   sections: psf stars field fieldp halo gal (default: all); field1, fieldp1 for profiling
  *
  *  psf    interpolation error of the ePSF (Keys cubic) against the analytic
  *         pixel-integrated Moffat, and render speed
@@ -196,13 +196,20 @@ static void bench_stars(void)
 }
 
 /* ------------------------------------------------------------------ field */
-static void bench_field(int nstar, int ngal)
+static void bench_field_opt(int nstar, int ngal, int pipe);
+static void bench_field(int nstar, int ngal) { bench_field_opt(nstar, ngal, 0); }
+
+/* pipe: the pipeline's use (patch_run defaults): fit_sky, chunks of 10, position
+ * prior 0.3 px, n_opt_iters 20, a 22 px halo of FIT_DISCARD sources, and the
+ * ivar computed from the data (sky + max(data, 0) / gain, gain 1) with poisson_k. */
+static void bench_field_opt(int nstar, int ngal, int pipe)
 {
     enum { N = 200, NB = 6 };
     const int NSTAR = nstar, NGAL = ngal;
-    printf("== field: %dx%d ROI, %d bands, %d stars + %d galaxies (one per %.0f px^2), positions free, staged, "
+    printf("== field%s: %dx%d ROI, %d bands, %d stars + %d galaxies (one per %.0f px^2), positions free, staged, "
            "multi-band\n",
-           N, N, NB, NSTAR, NGAL, (double)N * N / (NSTAR + NGAL));
+           pipe ? " (pipeline options: sky, chunks of 10, prior 0.3 px, 22 px halo, data ivar + poisson_k)" : "", N,
+           N, NB, NSTAR, NGAL, (double)N * N / (NSTAR + NGAL));
     sp_psf *psf[NB];
     static float data[NB][N * N], ivar[NB][N * N];
     sp_fit_image im[NB];
@@ -237,7 +244,7 @@ static void bench_field(int nstar, int ngal)
     double *tmp = malloc(sizeof(double) * N * N);
     for (int b = 0; b < NB; b++) {
         for (int q = 0; q < N * N; q++) {
-            data[b][q] = (float)gauss();
+            data[b][q] = pipe ? 0.0f : (float)gauss();
             ivar[b][q] = 1.0f;
         }
         for (int k = 0; k < ns; k++) {
@@ -247,6 +254,25 @@ static void bench_field(int nstar, int ngal)
             CHECK(sp_fit_render_source(ws, NULL, &im[b], &t, tmp));
             for (int q = 0; q < N * N; q++) data[b][q] += (float)(src[k].flux[b] * tmp[q]);
         }
+        if (pipe) { /* sky 1 + Poisson with gain 1; ivar from the data, as the pipeline's prep */
+            for (int q = 0; q < N * N; q++) {
+                double m = data[b][q], d = m + sqrt(1.0 + fmax(m, 0.0)) * gauss();
+                data[b][q] = (float)d;
+                ivar[b][q] = (float)(1.0 / (1.0 + fmax(d, 0.0)));
+            }
+            im[b].poisson_k = 1.0;
+        }
+    }
+    sp_fit_options opt;
+    sp_fit_options_default(&opt);
+    if (pipe) {
+        opt.fit_sky = 1;
+        opt.max_group = 10;
+        opt.pos_prior_sigma = 0.3;
+        opt.n_opt_iters = 20;
+        for (int k = 0; k < ns; k++)
+            src[k].role = (tx[k] < 1022 || tx[k] >= 1178 || ty[k] < 2022 || ty[k] >= 2178) ? SP_ROLE_FIT_DISCARD
+                                                                                           : SP_ROLE_FIT_REPORT;
     }
     for (int k = 0; k < ns; k++) /* initial fluxes perturbed by 20% */
         for (int b = 0; b < NB; b++) src[k].flux[b] *= 0.8 + 0.4 * urand();
@@ -255,7 +281,7 @@ static void bench_field(int nstar, int ngal)
     double t = 0;
     for (int r = 0; r < nrep; r++) {
         double t0 = sp_cputime();
-        CHECK(sp_fit_patch(ws, NULL, im, NB, NB, src, ns, res, &st, NULL));
+        CHECK(sp_fit_patch(ws, &opt, im, NB, NB, src, ns, res, &st, NULL));
         t += sp_cputime() - t0;
     }
     t /= nrep;
@@ -571,6 +597,12 @@ int main(int argc, char **argv)
             bench_field(100, 40);
         }
         if (!strcmp(s, "field1")) bench_field(53, 0); /* for profiling: stars only, issue density */
+        if (any || !strcmp(s, "fieldp")) { /* the pipeline's options */
+            bench_field_opt(53, 0, 1);
+            bench_field_opt(37, 16, 1);
+            bench_field_opt(120, 0, 1);
+        }
+        if (!strcmp(s, "fieldp1")) bench_field_opt(53, 0, 1); /* for profiling */
         if (any || !strcmp(s, "halo")) bench_halo();
         if (any || !strcmp(s, "gal")) bench_gal();
     }

@@ -306,6 +306,40 @@ static void t_star_data_weights(void **s)
     sp_fit_workspace_free(&ws);
 }
 
+/* The fitter's separable star renderer against sp_psf_render (the reference
+ * interpolation): same values and derivatives, also where the box is larger
+ * than the stamp or the source sits off the box. */
+static void t_star_render_sep(void **s)
+{
+    (void)s;
+    static double m0[61 * 61], dx0[61 * 61], dy0[61 * 61], m1[61 * 61], dx1[61 * 61], dy1[61 * 61];
+    rng_seed(5);
+    double worst = 0.0, peak = 0.0;
+    for (int t = 0; t < 200; t++) {
+        const int bw = 5 + (int)(56 * urand()), bh = 5 + (int)(56 * urand());
+        const double xc = -6.0 + (bw + 12.0) * urand(), yc = -6.0 + (bh + 12.0) * urand();
+        sp_fit_image im;
+        sp_fit_image_aligned(&im, 0, 0, bw, bh);
+        im.psf = g_psf;
+        fit_geom g;
+        memset(&g, 0, sizeof g);
+        g.type = SP_SRC_STAR;
+        g.p[P_X] = xc;
+        g.p[P_Y] = yc;
+        fit_box b = {0, 0, bw, bh};
+        double *const dm[P_MAX] = {dx1, dy1};
+        assert_int_equal(fit_render(&im, NULL, SP_FIT_CONV_GMIX, &g, &b, m1, dm, NULL), SP_OK);
+        sp_psf_render(g_psf, xc, yc, bw, bh, m0, dx0, dy0);
+        for (int k = 0; k < bw * bh; k++) {
+            worst = fmax(worst, fmax(fabs(m1[k] - m0[k]), fmax(fabs(dx1[k] - dx0[k]), fabs(dy1[k] - dy0[k]))));
+            peak = fmax(peak, fabs(m0[k]));
+        }
+    }
+    printf("# separable star render vs sp_psf_render: max |difference| / peak %.2e\n", worst / peak);
+    assert_true(peak > 0.01);
+    assert_true(worst / peak < 1e-12);
+}
+
 /* ------------------------------------------------------------ 2. galaxies */
 
 /* Independent reference: the galaxy mixture sampled on a fine grid (h = 1/8
@@ -1166,7 +1200,7 @@ static void t_api(void **s)
 int main(void)
 {
     const struct CMUnitTest tests[] = {
-        cmocka_unit_test(t_api),          cmocka_unit_test(t_star_crlb), cmocka_unit_test(t_star_data_weights),      cmocka_unit_test(t_galaxies),
+        cmocka_unit_test(t_api),          cmocka_unit_test(t_star_crlb), cmocka_unit_test(t_star_data_weights), cmocka_unit_test(t_star_render_sep),      cmocka_unit_test(t_galaxies),
         cmocka_unit_test(t_blend_two_stars), cmocka_unit_test(t_halo_neighbour), cmocka_unit_test(t_multiband),
         cmocka_unit_test(t_sky),          cmocka_unit_test(t_robust),         cmocka_unit_test(t_crowded_split),
         cmocka_unit_test(t_derivatives),  cmocka_unit_test(t_affine_image),   cmocka_unit_test(t_sersic),
