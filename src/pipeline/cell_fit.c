@@ -155,8 +155,14 @@ static int fit_one(cell_t *c, fit_scratch *s, sp_fit_workspace *ws, int pid, lon
     }
     sp_fit_patch_stats st;
     SP_TRY(sp_fit_patch(ws, &r->sp.fit, s->img, nb, nb, s->src, (int)n, s->res, &st, NULL));
-    SP_DEBUG("patch %d: %ld source(s) (%ld base), %d group(s), largest %d, %ld render(s), %.3f s", pid, n, pt->nsrc,
-             st.ngroups, st.max_group_size, st.renders, st.seconds);
+    {
+        char sky[256] = "";
+        size_t off = 0;
+        for (int b = 0; b < nb && off + 24 < sizeof sky; b++)
+            off += (size_t)snprintf(sky + off, sizeof sky - off, "%s%.4f+-%.4f", b ? " " : "", st.sky[b], st.sky_err[b]);
+        SP_DEBUG("patch %d: %ld source(s) (%ld base), %d group(s), largest %d, %ld render(s), %.3f s; sky %s", pid, n,
+                 pt->nsrc, st.ngroups, st.max_group_size, st.renders, st.seconds, sky);
+    }
     for (long k = 0; k < pt->nsrc; k++) {
         if (s->src[k].role != SP_ROLE_FIT_REPORT) continue;
         c->fit[base0 + k] = s->res[k];
