@@ -30,7 +30,10 @@
  * Weights. `ivar` must come from the full noise model: 1 / (sky variance +
  * source Poisson variance) per pixel, in the image's flux units (GLOSSARY
  * "Noise model"). With sky noise alone the reported errors of bright sources
- * are too small by their Poisson share. Masked pixels have ivar = 0.
+ * are too small by their Poisson share. Masked pixels have ivar = 0. When
+ * that Poisson term was computed from the data (the pipeline's prep), set
+ * sp_fit_image.poisson_k: the fitter then uses the model instead (weights that
+ * follow the data's noise bias fluxes low).
  *
  * Coordinates. The scene lives in tile pixels (pixel centres at integers,
  * sp_fits.h convention). Each image maps scene -> its own pixels with an affine
