@@ -247,8 +247,15 @@ static void bench_field_opt(int nstar, int ngal, int pipe)
         src[k].theta = M_PI * urand();
         src[k].id = k;
     }
-    /* data: render each source with the fitter's own renderer (unit flux), plus noise */
+    /* data: render each source with the fitter's own renderer (unit flux), plus noise;
+     * SP_BENCH_PSF_MISMATCH=f: the data's PSF FWHM is (1 + f) x the fitter's */
     double *tmp = malloc(sizeof(double) * N * N);
+    const double mis = getenv("SP_BENCH_PSF_MISMATCH") ? atof(getenv("SP_BENCH_PSF_MISMATCH")) : 0.0;
+    sp_psf *psf_data[NB];
+    for (int b = 0; b < NB; b++) {
+        CHECK(sp_psf_moffat((2.6 + 0.2 * b) * (1.0 + mis), BETA, 1, 0, 2 * HALF * OS + 1, OS, &psf_data[b]));
+        im[b].psf = psf_data[b];
+    }
     for (int b = 0; b < NB; b++) {
         for (int q = 0; q < N * N; q++) {
             data[b][q] = pipe ? 0.0f : (float)gauss();
@@ -270,6 +277,7 @@ static void bench_field_opt(int nstar, int ngal, int pipe)
             im[b].poisson_k = 1.0;
         }
     }
+    for (int b = 0; b < NB; b++) im[b].psf = psf[b];
     sp_fit_options opt;
     sp_fit_options_default(&opt);
     if (pipe) {
@@ -321,7 +329,10 @@ static void bench_field_opt(int nstar, int ngal, int pipe)
     free(tx);
     free(ty);
     sp_fit_workspace_free(&ws);
-    for (int b = 0; b < NB; b++) sp_psf_free(&psf[b]);
+    for (int b = 0; b < NB; b++) {
+        sp_psf_free(&psf[b]);
+        sp_psf_free(&psf_data[b]);
+    }
 }
 
 /* ------------------------------------------------------------------ truepsf */
