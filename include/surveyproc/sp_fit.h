@@ -30,7 +30,10 @@
  * Weights. `ivar` must come from the full noise model: 1 / (sky variance +
  * source Poisson variance) per pixel, in the image's flux units (GLOSSARY
  * "Noise model"). With sky noise alone the reported errors of bright sources
- * are too small by their Poisson share. Masked pixels have ivar = 0.
+ * are too small by their Poisson share. Masked pixels have ivar = 0. When
+ * that Poisson term was computed from the data (the pipeline's prep), set
+ * sp_fit_image.poisson_k: the fitter then uses the model instead (weights that
+ * follow the data's noise bias fluxes low).
  *
  * Coordinates. The scene lives in tile pixels (pixel centres at integers,
  * sp_fits.h convention). Each image maps scene -> its own pixels with an affine
@@ -78,6 +81,13 @@ typedef struct {
     int band;           /* 0 .. nbands-1 */
     int psf_fallback;   /* 1 if psf is the analytic fallback (reported per band) */
     double flux_scale;  /* model counts per unit source flux in this image (1 for a tile) */
+    double poisson_k;   /* > 0: ivar holds a source Poisson term computed from the data,
+                         * var = var_bkg + poisson_k * max(data, 0) (GLOSSARY noise model: poisson_k
+                         * = scale / EGAIN in the image's units; an inverse-variance coadd:
+                         * sum w_k^2 k_k / (sum w_k)^2). The fitter then replaces that term by
+                         * poisson_k * max(model, 0), updated as the fit proceeds: weights that
+                         * follow the data's own noise bias fluxes low (~ -N_eff / (2 gain) counts,
+                         * a few % at SNR 10-20). 0 (default): ivar is used as given. */
 } sp_fit_image;
 
 /* Defaults: identity transform for a ROI at tile (x0, y0), flux_scale 1. */

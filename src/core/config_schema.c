@@ -351,8 +351,8 @@ const sp_config_key sp_cfg_schema[] = {
        "Gaussian prior (sigma) on each source's shift from its catalog position, so faint and blended "
        "sources stay where the catalog put them while bright ones move freely; 0: no prior (docs/fitting.md)."),
     KB("patch_run.poisson_from_model", patch_run.poisson_from_model, SC, "true",
-       "Re-solve each patch's fluxes with the source Poisson variance taken from the fitted model instead "
-       "of the noisy data (weights from the data bias fluxes low by ~0.5%; docs/fitting.md); false: one pass."),
+       "Take the source Poisson variance of the weights from the fitted model as the fit proceeds, instead "
+       "of from the noisy data (weights from the data bias fluxes low; docs/fitting.md); false: data weights."),
     KI("patch_run.max_group_size", patch_run.max_group_size, SC, "10", 1, 100000, "",
        "Overlapping sources are fitted jointly in groups of at most this many; larger blends are fitted in "
        "chunks in turn, so each converges on its own terms (docs/fitting.md)."),

@@ -80,6 +80,12 @@ typedef struct {
     int iters[3];
 } wgroup;
 
+typedef struct {
+    double p[P_MAX];
+    long used;     /* 0: empty */
+    unsigned mask; /* derivative planes held (bit j: d/dp[j], plane 1 + j) */
+} mc_key;
+
 /* Accumulated inner products of one group evaluation. */
 typedef struct {
     int n, nth, nb;
@@ -94,7 +100,7 @@ typedef struct {
 struct sp_fit_workspace {
     int nb_hint;
     /* per-pixel arrays (sum over images) */
-    double *dp, *w, *mf, *mx;
+    double *dp, *w, *mf, *mx, *vb; /* vb: background variance (images with poisson_k > 0) */
     size_t cap_pix;
     /* per source */
     wsrc *s;
@@ -147,6 +153,17 @@ struct sp_fit_workspace {
     long use_counter;
     fit_fft_scratch fft;
     long renders;
+    /* model cache: per (source, image) two slots holding the unit-flux model
+     * at a geometry and the derivative planes rendered with it (1 + ng planes
+     * of the box), so that adding/subtracting a group's model, linear solves,
+     * the start of a stage, the errors and the final model do not re-render */
+    double *mc;
+    size_t cap_mc;
+    size_t *mc_off;       /* nsrc*nimg: offset of slot 0 (slot 1 follows) */
+    size_t cap_mc_off;
+    mc_key *mck;          /* nsrc*nimg*2 */
+    size_t cap_mck;
+    long mc_tick, mc_hits;
 };
 
 /* ---------------------------------------------------------------- helpers */
@@ -354,6 +371,8 @@ int sp_fit_workspace_create(size_t max_pixels, int max_sources, int nbands, sp_f
         GROW(w->mf, c, max_pixels);
         c = 0;
         GROW(w->mx, c, max_pixels);
+        c = 0;
+        GROW(w->vb, c, max_pixels);
     }
     if (max_sources > 0) {
         GROW(w->s, w->cap_s, max_sources);
@@ -375,6 +394,7 @@ void sp_fit_workspace_free(sp_fit_workspace **wsp)
     free(w->w);
     free(w->mf);
     free(w->mx);
+    free(w->vb);
     free(w->s);
     free(w->box);
     free(w->flux);
@@ -404,6 +424,9 @@ void sp_fit_workspace_free(sp_fit_workspace **wsp)
     free(w->tmpu);
     free(w->mixscr);
     free(w->bgeo);
+    free(w->mc);
+    free(w->mc_off);
+    free(w->mck);
     for (int i = 0; i < NCACHE; i++) {
         free(w->cache[i].prof);
         fit_fft_free_entry(&w->cache[i]);
@@ -536,6 +559,107 @@ static int render_one(sp_fit_workspace *ws, const sp_fit_options *o, const wimg 
     return fit_render(wi->img, wi->pc, o->conv, g, b, m, dm, &ws->fft);
 }
 
+/* ---- model cache (two slots per source and image, keyed by the geometry) */
+
+static size_t mc_np(const fit_box *bx) { return (size_t)bx->bw * bx->bh; }
+
+/* Slot of s in image i holding geometry g with at least the planes `need`. */
+static double *mc_find(sp_fit_workspace *ws, int nimg, const wsrc *s, int i, const fit_geom *g, const fit_box *bx,
+                       unsigned need)
+{
+    const size_t q = (size_t)s->idx * nimg + i, sl = mc_np(bx) * (size_t)(1 + s->ng);
+    mc_key *k = ws->mck + 2 * q;
+    for (int t = 0; t < 2; t++)
+        if (k[t].used && (k[t].mask & need) == need && !memcmp(k[t].p, g->p, sizeof k[t].p)) {
+            k[t].used = ++ws->mc_tick;
+            ws->mc_hits++;
+            return ws->mc + ws->mc_off[q] + (size_t)t * sl;
+        }
+    return NULL;
+}
+
+/* The slot that will hold a render at g: the one already at g if any, else
+ * never the one holding the accepted geometry s->g (unless g is it), else the
+ * least recently used. *keep: planes it already holds (same geometry). */
+static double *mc_claim(sp_fit_workspace *ws, int nimg, const wsrc *s, int i, const fit_geom *g, const fit_box *bx,
+                        unsigned *keep)
+{
+    const size_t q = (size_t)s->idx * nimg + i, sl = mc_np(bx) * (size_t)(1 + s->ng);
+    mc_key *k = ws->mck + 2 * q;
+    const int gcur = !memcmp(g->p, s->g.p, sizeof g->p);
+    int t = -1;
+    *keep = 0;
+    for (int u = 0; u < 2 && t < 0; u++)
+        if (k[u].used && !memcmp(k[u].p, g->p, sizeof k[u].p)) {
+            t = u;
+            *keep = k[u].mask;
+        }
+    if (t < 0) {
+        if (!gcur && k[0].used && !memcmp(k[0].p, s->g.p, sizeof k[0].p)) t = 1;
+        else if (!gcur && k[1].used && !memcmp(k[1].p, s->g.p, sizeof k[1].p)) t = 0;
+        else t = k[0].used <= k[1].used ? 0 : 1;
+        k[t].mask = 0;
+    }
+    memcpy(k[t].p, g->p, sizeof k[t].p);
+    k[t].used = ++ws->mc_tick;
+    return ws->mc + ws->mc_off[q] + (size_t)t * sl;
+}
+
+static void mc_setmask(sp_fit_workspace *ws, int nimg, const wsrc *s, int i, const double *slot, unsigned mask)
+{
+    const size_t q = (size_t)s->idx * nimg + i;
+    mc_key *k = ws->mck + 2 * q;
+    k[slot == ws->mc + ws->mc_off[q] ? 0 : 1].mask = mask;
+}
+
+/* Unit-flux model (no derivatives) of s in image i at g: cached or rendered. */
+static int mc_get(sp_fit_workspace *ws, const sp_fit_options *o, int nimg, const wimg *wi, const wsrc *s, int i,
+                  const fit_geom *g, const fit_box *bx, const double **out)
+{
+    double *m = mc_find(ws, nimg, s, i, g, bx, 0);
+    if (!m) {
+        double *const nod[P_MAX] = {0};
+        unsigned keep;
+        m = mc_claim(ws, nimg, s, i, g, bx, &keep);
+        int st = render_one(ws, o, wi, g, bx, m, nod);
+        if (st != SP_OK) {
+            ws->mck[2 * ((size_t)s->idx * nimg + i)].used = ws->mck[2 * ((size_t)s->idx * nimg + i) + 1].used = 0;
+            return st;
+        }
+        mc_setmask(ws, nimg, s, i, m, keep);
+    }
+    *out = m;
+    return SP_OK;
+}
+
+/* Model and the derivative planes of the free parameters `fm` of s in image
+ * i at g, packed as the accumulation wants them (m, then one plane per free
+ * parameter in index order): from the cache, or rendered (and cached). */
+static int mc_get_derivs(sp_fit_workspace *ws, const sp_fit_options *o, int nimg, const wimg *wi, const wsrc *s,
+                         int i, const fit_geom *g, const fit_box *bx, unsigned fm, double *out)
+{
+    const size_t np = mc_np(bx);
+    double *c = mc_find(ws, nimg, s, i, g, bx, fm);
+    if (!c) {
+        unsigned keep;
+        c = mc_claim(ws, nimg, s, i, g, bx, &keep);
+        double *dm[P_MAX] = {0};
+        for (int j = 0; j < s->ng; j++)
+            if (fm & (1u << j)) dm[j] = c + np * (size_t)(1 + j);
+        int st = render_one(ws, o, wi, g, bx, c, dm);
+        if (st != SP_OK) {
+            ws->mck[2 * ((size_t)s->idx * nimg + i)].used = ws->mck[2 * ((size_t)s->idx * nimg + i) + 1].used = 0;
+            return st;
+        }
+        mc_setmask(ws, nimg, s, i, c, keep | fm);
+    }
+    memcpy(out, c, sizeof(double) * np);
+    int q = 0;
+    for (int j = 0; j < P_MAX; j++)
+        if (fm & (1u << j)) memcpy(out + np * (size_t)(1 + q++), c + np * (size_t)(1 + j), sizeof(double) * np);
+    return SP_OK;
+}
+
 /* Model box of source s in image i, centred on its initial position. */
 static void make_box(const wimg *wi, const wsrc *s, double Rimg, fit_box *b, int *edge)
 {
@@ -637,6 +761,49 @@ typedef struct {
     int use_mf; /* subtract other sources' current model (split groups) */
 } runctx;
 
+/* Self terms of one source's box: sums over its valid pixels of w m m, w m t,
+ * w m, and with its nf derivative planes w d_j m, w d_j t, w d_j, w d_j d_k
+ * (t = data minus the other sources' models when use_mf). Pixels with w = 0
+ * contribute 0 (their dp is 0 and the models are finite), so no branch. */
+static inline __attribute__((always_inline)) void self_terms(const int nf, const fit_box *bx, int nx, const double *w,
+                                                             const double *dp, const double *mf, int use_mf,
+                                                             const double *m, size_t np, double *sD, double *sy,
+                                                             double *sc, double *sB, double *sz, double *scz,
+                                                             double sA[P_MAX][P_MAX])
+{
+    double D = 0, Y = 0, C = 0, B[P_MAX] = {0}, Z[P_MAX] = {0}, CZ[P_MAX] = {0}, A[P_MAX][P_MAX] = {{0}};
+    for (int r = 0; r < bx->bh; r++) {
+        const size_t io = (size_t)(bx->by0 + r) * nx + bx->bx0;
+        const double *wr = w + io, *dr = dp + io, *fr = mf + io, *mr = m + (size_t)r * bx->bw;
+        const double *pr[P_MAX];
+        for (int j = 0; j < nf; j++) pr[j] = m + np * (size_t)(1 + j) + (size_t)r * bx->bw;
+        for (int c = 0; c < bx->bw; c++) {
+            const double ww = wr[c];
+            const double t = use_mf ? dr[c] - fr[c] : dr[c];
+            const double mm = mr[c], wm = ww * mm;
+            D += wm * mm;
+            Y += wm * t;
+            C += wm;
+            for (int j = 0; j < nf; j++) {
+                const double dj = pr[j][c] * ww;
+                B[j] += dj * mm;
+                Z[j] += dj * t;
+                CZ[j] += dj;
+                for (int k = 0; k <= j; k++) A[j][k] += dj * pr[k][c];
+            }
+        }
+    }
+    *sD = D;
+    *sy = Y;
+    *sc = C;
+    for (int j = 0; j < nf; j++) {
+        sB[j] = B[j];
+        sz[j] = Z[j];
+        scz[j] = CZ[j];
+        for (int k = 0; k <= j; k++) sA[j][k] = A[j][k];
+    }
+}
+
 /* Evaluate group G at geometry (trial ? gt : g) for all its sources: render,
  * accumulate, solve fluxes. Free parameters: s->freemask. */
 static int group_eval(sp_fit_workspace *ws, const runctx *rc, const wgroup *G, int trial, gacc *a, int derivs)
@@ -665,13 +832,14 @@ static int group_eval(sp_fit_workspace *ws, const runctx *rc, const wgroup *G, i
             if (bx->bw == 0) continue;
             const size_t np = (size_t)bx->bw * bx->bh;
             double *m = ws->arena + ws->aoff[l];
-            double *dm[P_MAX] = {0};
-            if (derivs) {
-                int q = 0;
-                for (int j = 0; j < P_MAX; j++)
-                    if (s->freemask & (1u << j)) dm[j] = m + np * (size_t)(1 + q++);
+            const fit_geom *gg = trial ? &s->gt : &s->g;
+            if (derivs && ws->nf[l] > 0) {
+                SP_TRY(mc_get_derivs(ws, rc->o, rc->nimg, wi, s, i, gg, bx, s->freemask, m));
+            } else {
+                const double *c;
+                SP_TRY(mc_get(ws, rc->o, rc->nimg, wi, s, i, gg, bx, &c));
+                memcpy(m, c, sizeof(double) * np);
             }
-            SP_TRY(render_one(ws, rc->o, wi, trial ? &s->gt : &s->g, bx, m, dm));
         }
         /* self terms */
         for (int l = 0; l < n; l++) {
@@ -683,26 +851,11 @@ static int group_eval(sp_fit_workspace *ws, const runctx *rc, const wgroup *G, i
             const int nfl = derivs ? ws->nf[l] : 0, j0 = derivs ? ws->th_off[l] : 0;
             double sD = 0, sy = 0, sc = 0, sB[P_MAX] = {0}, sz[P_MAX] = {0}, scz[P_MAX] = {0};
             double sA[P_MAX][P_MAX] = {{0}};
-            for (int r = 0; r < bx->bh; r++) {
-                const size_t io = (size_t)(bx->by0 + r) * nx + bx->bx0;
-                const double *wr = w + io, *dr = dp + io, *mr = m + (size_t)r * bx->bw;
-                const double *fr = mf + io;
-                for (int c = 0; c < bx->bw; c++) {
-                    const double ww = wr[c];
-                    if (ww == 0.0) continue;
-                    const double t = rc->use_mf ? dr[c] - fr[c] : dr[c];
-                    const double mm = mr[c], wm = ww * mm;
-                    sD += wm * mm;
-                    sy += wm * t;
-                    sc += wm;
-                    for (int j = 0; j < nfl; j++) {
-                        const double dj = m[np * (size_t)(1 + j) + (size_t)r * bx->bw + c] * ww;
-                        sB[j] += dj * mm;
-                        sz[j] += dj * t;
-                        scz[j] += dj;
-                        for (int k = 0; k <= j; k++) sA[j][k] += dj * m[np * (size_t)(1 + k) + (size_t)r * bx->bw + c];
-                    }
-                }
+            switch (nfl) { /* constant plane counts: unrolled, vectorised row loops */
+            case 0: self_terms(0, bx, nx, w, dp, mf, rc->use_mf, m, np, &sD, &sy, &sc, sB, sz, scz, sA); break;
+            case 2: self_terms(2, bx, nx, w, dp, mf, rc->use_mf, m, np, &sD, &sy, &sc, sB, sz, scz, sA); break;
+            case 5: self_terms(5, bx, nx, w, dp, mf, rc->use_mf, m, np, &sD, &sy, &sc, sB, sz, scz, sA); break;
+            default: self_terms(nfl, bx, nx, w, dp, mf, rc->use_mf, m, np, &sD, &sy, &sc, sB, sz, scz, sA); break;
             }
             a->D[(size_t)b * n * n + (size_t)l * n + l] += sD;
             a->y[(size_t)b * n + l] += sy;
@@ -1034,7 +1187,10 @@ static int fit_group_stage(sp_fit_workspace *ws, const runctx *rc, wgroup *G, in
                 accepted = 1;
                 break;
             }
-            lambda *= 8.0;
+            /* rejected: damp enough to change the step (from the nearly
+             * Gauss-Newton lambda 1e-3, x8 twice changed the diagonal by <7%
+             * and cost two more renders of the group for nothing) */
+            lambda = fmax(lambda * 8.0, 0.25);
         }
         if (converged) break;
         if (!accepted) {
@@ -1157,7 +1313,6 @@ cleanup:
 static int group_to_mf(sp_fit_workspace *ws, const runctx *rc, const wgroup *G, double sign)
 {
     int status = SP_OK;
-    double *const nod[P_MAX] = {0};
     for (int l = 0; l < G->n; l++) {
         const wsrc *s = &ws->s[ws->gmem[G->start + l]];
         for (int i = 0; i < rc->nimg; i++) {
@@ -1166,12 +1321,12 @@ static int group_to_mf(sp_fit_workspace *ws, const runctx *rc, const wgroup *G, 
             if (bx->bw == 0) continue;
             double f = ws->flux[(size_t)s->idx * rc->nb + wi->slot];
             if (f == 0.0 || !isfinite(f)) continue;
-            GROW(ws->arena, ws->cap_arena, (size_t)bx->bw * bx->bh);
-            SP_TRY(render_one(ws, rc->o, wi, &s->g, bx, ws->arena, nod));
+            const double *mc;
+            SP_TRY(mc_get(ws, rc->o, rc->nimg, wi, s, i, &s->g, bx, &mc));
             double *mf = ws->mf + wi->off;
             for (int r = 0; r < bx->bh; r++) {
                 double *row = mf + (size_t)(bx->by0 + r) * wi->img->nx + bx->bx0;
-                const double *mr = ws->arena + (size_t)r * bx->bw;
+                const double *mr = mc + (size_t)r * bx->bw;
                 for (int c = 0; c < bx->bw; c++) row[c] += sign * f * mr[c];
             }
         }
@@ -1243,6 +1398,31 @@ cleanup:
     return status;
 }
 
+/* Model-based weights (images with poisson_k > 0): w = 1 / (vb + k max(model, 0))
+ * with the current model of every source (mf + mx); the sky's weight sums
+ * follow. Returns 1 if some image was reweighted. */
+static int reweight(sp_fit_workspace *ws, const runctx *rc, double *Ssky)
+{
+    int any = 0;
+    if (Ssky)
+        for (int b = 0; b < rc->nb; b++) Ssky[b] = 0.0;
+    for (int i = 0; i < rc->nimg; i++) {
+        const wimg *wi = &ws->im[i];
+        const size_t np = (size_t)wi->img->nx * wi->img->ny;
+        double *w = ws->w + wi->off;
+        const double pk = wi->img->poisson_k;
+        if (pk > 0) {
+            const double *vb = ws->vb + wi->off, *mf = ws->mf + wi->off, *mx = ws->mx + wi->off;
+            for (size_t k = 0; k < np; k++)
+                if (vb[k] > 0) w[k] = 1.0 / (vb[k] + pk * fmax(mf[k] + mx[k], 0.0));
+            any = 1;
+        }
+        if (Ssky)
+            for (size_t k = 0; k < np; k++) Ssky[wi->slot] += w[k];
+    }
+    return any;
+}
+
 /* ---------------------------------------------------------------- one run (all bands or one band) */
 
 typedef struct {
@@ -1306,6 +1486,15 @@ static unsigned stage_mask(const wsrc *s, int stage)
 static void snr_holds(sp_fit_workspace *ws, const wgroup *G, const gacc *a, int nb, const sp_fit_options *o)
 {
     const unsigned shape = (1u << P_LNS) | (1u << P_E1) | (1u << P_E2) | (1u << P_N);
+    /* a component with no reported source (halo sources whose boxes touch
+     * no base source): its light only matters through the sky, so its
+     * fluxes are fitted with the geometry held (no LM, no new renders) */
+    int report = 0;
+    for (int l = 0; l < G->n; l++) report |= ws->s[ws->gmem[G->start + l]].role == SP_ROLE_FIT_REPORT;
+    for (int l = 0; l < G->n; l++) {
+        wsrc *s = &ws->s[ws->gmem[G->start + l]];
+        if (!report) s->hold |= (1u << P_X) | (1u << P_Y) | shape;
+    }
     for (int l = 0; l < G->n; l++) {
         wsrc *s = &ws->s[ws->gmem[G->start + l]];
         double s2 = 0.0;
@@ -1481,13 +1670,14 @@ static int run_fit(sp_fit_workspace *ws, const sp_fit_options *o, const sp_fit_i
         if (!(wi->scale > 0)) wi->scale = 1.0;
         SP_TRY(cache_get(ws, img->psf, need_mix, o->psf_gmix_k, &wi->pc));
     }
-    if (totpix > ws->cap_pix || !ws->dp) {
+    if (totpix > ws->cap_pix || !ws->dp || !ws->vb) {
         size_t cap = 0;
         free(ws->dp);
         free(ws->w);
         free(ws->mf);
         free(ws->mx);
-        ws->dp = ws->w = ws->mf = ws->mx = NULL;
+        free(ws->vb);
+        ws->dp = ws->w = ws->mf = ws->mx = ws->vb = NULL;
         ws->cap_pix = 0;
         GROW(ws->dp, cap, totpix);
         cap = 0;
@@ -1496,6 +1686,8 @@ static int run_fit(sp_fit_workspace *ws, const sp_fit_options *o, const sp_fit_i
         GROW(ws->mf, cap, totpix);
         cap = 0;
         GROW(ws->mx, cap, totpix);
+        cap = 0;
+        GROW(ws->vb, cap, totpix);
         ws->cap_pix = totpix;
     }
     /* ---- pixels: weights, data, initial sky */
@@ -1512,6 +1704,28 @@ static int run_fit(sp_fit_workspace *ws, const sp_fit_options *o, const sp_fit_i
             } else {
                 dp[k] = dv;
                 w[k] = wv;
+            }
+        }
+        if (wi->img->poisson_k > 0) {
+            /* background variance: the given variance minus its data-based
+             * Poisson term, floored at half the typical background variance
+             * (median over pixels without a Poisson term, data <= 0): coadds
+             * and a re-subtracted background make the split approximate */
+            const double pk = wi->img->poisson_k;
+            double *vb = ws->vb + wi->off;
+            GROW(ws->tmp, ws->cap_tmp, 4096);
+            int n0 = 0;
+            const size_t stp0 = np / 4096 + 1;
+            for (size_t k = 0; k < np && n0 < 4096; k += stp0)
+                if (w[k] > 0 && d[k] <= 0) ws->tmp[n0++] = 1.0 / w[k];
+            const double vfloor = n0 > 0 ? 0.5 * kth(ws->tmp, n0, n0 / 2) : 0.0;
+            for (size_t k = 0; k < np; k++) {
+                if (!(w[k] > 0)) {
+                    vb[k] = 0.0;
+                    continue;
+                }
+                const double v = 1.0 / w[k], b0 = v - pk * fmax(d[k], 0.0);
+                vb[k] = b0 > vfloor ? b0 : (vfloor > 0 ? fmin(vfloor, v) : v);
             }
         }
         memset(ws->mf + wi->off, 0, np * sizeof(double));
@@ -1688,6 +1902,18 @@ static int run_fit(sp_fit_workspace *ws, const sp_fit_options *o, const sp_fit_i
             s->flags |= SP_FITF_NODATA;
         }
     }
+    /* ---- model cache: two slots per source and image box */
+    {
+        size_t tot = 0;
+        GROW(ws->mc_off, ws->cap_mc_off, (size_t)nsrc * nimg + 1);
+        GROW(ws->mck, ws->cap_mck, 2 * (size_t)nsrc * nimg + 2);
+        for (size_t q = 0; q < (size_t)nsrc * nimg; q++) {
+            ws->mc_off[q] = tot;
+            tot += 2 * (size_t)ws->box[q].bw * ws->box[q].bh * (size_t)(1 + ws->s[q / nimg].ng);
+        }
+        GROW(ws->mc, ws->cap_mc, tot + 1);
+        memset(ws->mck, 0, sizeof(mc_key) * 2 * (size_t)nsrc * nimg);
+    }
     /* ---- fixed sources: subtract their models once */
     for (int k = 0; k < nsrc; k++) {
         wsrc *s = &ws->s[k];
@@ -1781,7 +2007,9 @@ static int run_fit(sp_fit_workspace *ws, const sp_fit_options *o, const sp_fit_i
         any_split |= comps[gi].split;
         if (comps[gi].n > maxgs) maxgs = comps[gi].n;
     }
-    const int keep_mf = any_split || o->fit_sky;
+    int model_w = 0;
+    for (int i = 0; i < nimg; i++) model_w |= ws->im[i].img->poisson_k > 0;
+    const int keep_mf = any_split || o->fit_sky || model_w;
     rc.use_mf = any_split;
     if (!keep_mf) {
         /* independent components: the per-component pipeline */
@@ -1796,6 +2024,8 @@ static int run_fit(sp_fit_workspace *ws, const sp_fit_options *o, const sp_fit_i
         goto final_model;
     }
     for (int gi = 0; gi < ncomp; gi++) SP_TRY(group_to_mf(ws, &rc, &comps[gi], +1.0));
+    /* model weights from the initial values */
+    if (model_w) reweight(ws, &rc, o->fit_sky ? Ssky : NULL);
     /* ---- stage 1: fluxes of whole components (always: it also gives the SNR
      * that decides which geometry is free); the sky alternates with them */
     for (int gi = 0; gi < ncomp; gi++) {
@@ -1803,6 +2033,16 @@ static int run_fit(sp_fit_workspace *ws, const sp_fit_options *o, const sp_fit_i
         if (keep_mf) SP_TRY(group_to_mf(ws, &rc, G, -1.0));
         SP_TRY(fit_group_stage(ws, &rc, G, o->staged ? 0 : -1, 1, 0));
         if (keep_mf) SP_TRY(group_to_mf(ws, &rc, G, +1.0));
+    }
+    if (model_w) {
+        /* weights from the stage-1 fluxes, and the fluxes again with them */
+        reweight(ws, &rc, o->fit_sky ? Ssky : NULL);
+        if (!o->fit_sky)
+            for (int gi = 0; gi < ncomp; gi++) {
+                SP_TRY(group_to_mf(ws, &rc, &comps[gi], -1.0));
+                SP_TRY(linear_keep_masks(ws, &rc, &comps[gi]));
+                SP_TRY(group_to_mf(ws, &rc, &comps[gi], +1.0));
+            }
     }
     if (o->fit_sky) SP_TRY(sky_alternate(ws, &rc, comps, ncomp, sky, 3));
     {
@@ -1888,6 +2128,16 @@ static int run_fit(sp_fit_workspace *ws, const sp_fit_options *o, const sp_fit_i
         }
         if (sw >= 1 && gain < o->dlnp_stop * (nsplitchk > 0 ? nsplitchk : 1)) break;
     }
+    if (model_w) {
+        /* weights at the fitted geometry; fluxes (and sky) re-solved with them */
+        reweight(ws, &rc, o->fit_sky ? Ssky : NULL);
+        if (!o->fit_sky)
+            for (int gi = 0; gi < ncomp; gi++) {
+                SP_TRY(group_to_mf(ws, &rc, &comps[gi], -1.0));
+                SP_TRY(linear_keep_masks(ws, &rc, &comps[gi]));
+                SP_TRY(group_to_mf(ws, &rc, &comps[gi], +1.0));
+            }
+    }
     if (o->fit_sky) SP_TRY(sky_alternate(ws, &rc, comps, ncomp, sky, 2));
     /* ---- errors at the solution (free set of the last stage): per chunk
      * (geometry marginalised); for split components the flux variance is the
@@ -1957,12 +2207,12 @@ final_model:
                 const fit_box *bx = &ws->box[(size_t)k * nimg + i];
                 if (bx->bw == 0) continue;
                 double *m = ws->fin + ws->fin_off[(size_t)k * nimg + i];
-                double *const nod[P_MAX] = {0};
-                SP_TRY(render_one(ws, o, wi, &s->g, bx, m, nod));
+                const double *mc;
+                SP_TRY(mc_get(ws, o, nimg, wi, s, i, &s->g, bx, &mc));
                 double f = ws->flux[(size_t)k * nb + wi->slot];
                 if (!isfinite(f)) f = 0.0;
                 const size_t np = (size_t)bx->bw * bx->bh;
-                for (size_t q = 0; q < np; q++) m[q] *= f;
+                for (size_t q = 0; q < np; q++) m[q] = f * mc[q];
                 if (s->role == SP_ROLE_FIXED) continue; /* already in mx */
                 double *mf = ws->mf + wi->off;
                 for (int r = 0; r < bx->bh; r++)

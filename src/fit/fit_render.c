@@ -12,6 +12,7 @@
 
 #include "surveyproc/sp_error.h"
 
+#include <limits.h>
 #include <math.h>
 #include <stdint.h>
 #include <string.h>
@@ -65,6 +66,166 @@ static int is_identity(const double *aff)
     return aff[0] == 1.0 && aff[1] == 0.0 && aff[3] == 0.0 && aff[4] == 1.0;
 }
 
+/* The ePSF at the sub-pixel position, separably: sp_psf_render's Keys
+ * six-point kernel (same weights, same summation order: horizontal taps
+ * first, then vertical), but each stamp row's horizontal pass is computed
+ * once for all the output rows that use it (a ring of rows) and the loops run
+ * over contiguous rows, so they vectorise. Values and d/dxc, d/dyc as
+ * sp_psf_render (pixels whose taps miss the stamp are 0). */
+static inline void keys6w(double s, double *w, double *dw)
+{
+    double a = fabs(s), sg = s < 0 ? -1.0 : 1.0;
+    if (a < 1.0) {
+        *w = (4.0 / 3.0 * a - 7.0 / 3.0) * a * a + 1.0;
+        *dw = sg * (4.0 * a - 14.0 / 3.0) * a;
+    } else if (a < 2.0) {
+        *w = ((-7.0 / 12.0 * a + 3.0) * a - 59.0 / 12.0) * a + 15.0 / 6.0;
+        *dw = sg * ((-7.0 / 4.0 * a + 6.0) * a - 59.0 / 12.0);
+    } else if (a < 3.0) {
+        *w = ((1.0 / 12.0 * a - 2.0 / 3.0) * a + 21.0 / 12.0) * a - 1.5;
+        *dw = sg * ((0.25 * a - 4.0 / 3.0) * a + 21.0 / 12.0);
+    } else {
+        *w = 0.0;
+        *dw = 0.0;
+    }
+}
+
+#define SEP_RING 16 /* > NTAP + oversamp (<= 8) */
+
+__attribute__((target_clones("arch=x86-64-v4", "arch=x86-64-v3", "default"))) static void
+star_render_sep(const sp_psf *psf, double xc, double yc, int nx, int ny, double *out, double *odx, double *ody)
+{
+    const int os = psf->oversamp, size = psf->size;
+    const double c = 0.5 * (size - 1);
+    const size_t npix = (size_t)nx * ny;
+    if (!isfinite(xc) || !isfinite(yc) || nx <= 0 || ny <= 0 || nx > ROWMAX) {
+        memset(out, 0, sizeof(double) * npix);
+        if (odx) memset(odx, 0, sizeof(double) * npix);
+        if (ody) memset(ody, 0, sizeof(double) * npix);
+        return;
+    }
+    const double u0 = c - xc * os, v0 = c - yc * os;
+    double wx[6], dwx[6], wy[6], dwy[6];
+    double flu = floor(u0), flv = floor(v0);
+    const int i00 = (int)flu - 2, j00 = (int)flv - 2;
+    for (int a = 0; a < 6; a++) {
+        keys6w(u0 - flu - (double)(a - 2), &wx[a], &dwx[a]);
+        keys6w(v0 - flv - (double)(a - 2), &wy[a], &dwy[a]);
+        dwx[a] *= -os;
+        dwy[a] *= -os;
+    }
+    const int want_d = odx != NULL || ody != NULL;
+    /* pixels whose taps touch the stamp (the rest is 0), as sp_psf_render */
+    int ilo = (int)ceil((double)(-5 - i00) / os), ihi = (int)floor((double)(size - 1 - i00) / os);
+    int jlo = (int)ceil((double)(-5 - j00) / os), jhi = (int)floor((double)(size - 1 - j00) / os);
+    if (ilo < 0) ilo = 0;
+    if (jlo < 0) jlo = 0;
+    if (ihi > nx - 1) ihi = nx - 1;
+    if (jhi > ny - 1) jhi = ny - 1;
+    if (ilo > ihi || jlo > jhi || ilo > 0 || ihi < nx - 1 || jlo > 0 || jhi < ny - 1) {
+        memset(out, 0, sizeof(double) * npix);
+        if (odx) memset(odx, 0, sizeof(double) * npix);
+        if (ody) memset(ody, 0, sizeof(double) * npix);
+        if (ilo > ihi || jlo > jhi) return;
+    }
+    const int w = ihi - ilo + 1;
+    /* interior pixels: all six taps inside the stamp columns */
+    int ia = (int)ceil((double)(-i00) / os), ib = (int)floor((double)(size - 6 - i00) / os);
+    if (ia < ilo) ia = ilo;
+    if (ib > ihi) ib = ihi;
+    double H[SEP_RING][ROWMAX], G[SEP_RING][ROWMAX];
+    long done = LONG_MIN; /* highest stamp row in the ring */
+    for (int j = jlo; j <= jhi; j++) {
+        const long jb = (long)j00 + (long)j * os;
+        for (long r = jb > done + 1 ? jb : done + 1; r <= jb + 5; r++) {
+            double *h = H[r & (SEP_RING - 1)], *g = G[r & (SEP_RING - 1)];
+            if (r < 0 || r >= size) {
+                memset(h + ilo, 0, sizeof(double) * (size_t)w);
+                if (want_d) memset(g + ilo, 0, sizeof(double) * (size_t)w);
+                continue;
+            }
+            const float *row = psf->data + (size_t)r * size;
+            for (int i = ilo; i <= ihi; i++) {
+                if (i >= ia && i <= ib) {
+                    /* interior: a straight run */
+                    const int n = ib - ia + 1;
+                    const float *p0 = row + i00 + (long)ia * os;
+#pragma omp simd
+                    for (int t = 0; t < n; t++) {
+                        const float *q = p0 + (size_t)t * os;
+                        double hv = 0.0, gv = 0.0;
+                        for (int a = 0; a < 6; a++) {
+                            hv += wx[a] * q[a];
+                            gv += dwx[a] * q[a];
+                        }
+                        h[ia + t] = hv;
+                        g[ia + t] = gv;
+                    }
+                    i = ib;
+                    continue;
+                }
+                const long base = (long)i00 + (long)i * os;
+                double hv = 0.0, gv = 0.0;
+                for (int a = 0; a < 6; a++) {
+                    const long k = base + a;
+                    const double sv = (k >= 0 && k < size) ? row[k] : 0.0;
+                    hv += wx[a] * sv;
+                    gv += dwx[a] * sv;
+                }
+                h[i] = hv;
+                g[i] = gv;
+            }
+        }
+        if (jb + 5 > done) done = jb + 5;
+        const double *h0 = H[(jb) & (SEP_RING - 1)], *h1 = H[(jb + 1) & (SEP_RING - 1)],
+                     *h2 = H[(jb + 2) & (SEP_RING - 1)], *h3 = H[(jb + 3) & (SEP_RING - 1)],
+                     *h4 = H[(jb + 4) & (SEP_RING - 1)], *h5 = H[(jb + 5) & (SEP_RING - 1)];
+        double *o = out + (size_t)j * nx;
+#pragma omp simd
+        for (int i = ilo; i <= ihi; i++) {
+            double v = 0.0;
+            v += wy[0] * h0[i];
+            v += wy[1] * h1[i];
+            v += wy[2] * h2[i];
+            v += wy[3] * h3[i];
+            v += wy[4] * h4[i];
+            v += wy[5] * h5[i];
+            o[i] = v;
+        }
+        if (odx) {
+            const double *g0 = G[(jb) & (SEP_RING - 1)], *g1 = G[(jb + 1) & (SEP_RING - 1)],
+                         *g2 = G[(jb + 2) & (SEP_RING - 1)], *g3 = G[(jb + 3) & (SEP_RING - 1)],
+                         *g4 = G[(jb + 4) & (SEP_RING - 1)], *g5 = G[(jb + 5) & (SEP_RING - 1)];
+            double *ox = odx + (size_t)j * nx;
+#pragma omp simd
+            for (int i = ilo; i <= ihi; i++) {
+                double v = 0.0;
+                v += wy[0] * g0[i];
+                v += wy[1] * g1[i];
+                v += wy[2] * g2[i];
+                v += wy[3] * g3[i];
+                v += wy[4] * g4[i];
+                v += wy[5] * g5[i];
+                ox[i] = v;
+            }
+        }
+        if (ody) {
+            double *oy = ody + (size_t)j * nx;
+#pragma omp simd
+            for (int i = ilo; i <= ihi; i++) {
+                double v = 0.0;
+                v += dwy[0] * h0[i];
+                v += dwy[1] * h1[i];
+                v += dwy[2] * h2[i];
+                v += dwy[3] * h3[i];
+                v += dwy[4] * h4[i];
+                v += dwy[5] * h5[i];
+                oy[i] = v;
+            }
+        }
+    }
+}
+
 static void render_star(const sp_fit_image *img, const fit_geom *g, const fit_box *b, double *m,
                         double *const dm[P_MAX])
 {
@@ -72,7 +233,7 @@ static void render_star(const sp_fit_image *img, const fit_geom *g, const fit_bo
     double u = a[0] * g->p[P_X] + a[1] * g->p[P_Y] + a[2];
     double v = a[3] * g->p[P_X] + a[4] * g->p[P_Y] + a[5];
     double *du = dm[P_X], *dv = dm[P_Y];
-    sp_psf_render(img->psf, u - b->bx0, v - b->by0, b->bw, b->bh, m, du, dv);
+    star_render_sep(img->psf, u - b->bx0, v - b->by0, b->bw, b->bh, m, du, dv);
     const int n = b->bw * b->bh;
     const double fs = img->flux_scale;
     if (du && dv && !is_identity(a)) {

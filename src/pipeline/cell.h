@@ -29,7 +29,7 @@ typedef struct {
     int blend_psf;        /* 1: the PSF of a patch blends the neighbouring cells' ePSFs at its
                            * centre (epsf.interpolation bilinear); 0: its cell's own ePSF */
     int halo_fixed;       /* patch_run.halo_source_mode == fixed */
-    int poisson_from_model; /* patch_run.poisson_from_model: the reweighting pass (cell_fit.c) */
+    int poisson_from_model; /* patch_run.poisson_from_model: sp_fit_image.poisson_k (cell_fit.c) */
     int band_threads;     /* threads building the bands of a cell (epsf.parallel_bands) */
     int use_catalog;      /* epsf.psfstar_use_catalog: catalog STARs as candidates, catalog isolation/masking */
     double nb_mask_sigma; /* epsf.neighbour_mask_sigma */
@@ -58,8 +58,6 @@ typedef struct {
     stage_params sp;
     ref_stars refs;
     double *band_satlevel;          /* per band: lowest SATURATE x scale of its frames (scaled; inf: none) */
-    double *band_var_a, *band_var_b; /* per band noise model of the (coadded) band image, scaled
-                                      * units: var = a + b x source signal (cell_fit.c reweighting) */
     sp_fit_workspace **ws;          /* one per thread, created once per run */
     /* The ePSF grid: every active cell's oversampled ePSF per band, held by every
      * rank after the PSF pass (built here, shared by psf_grid_share, or read

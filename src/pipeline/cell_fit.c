@@ -21,10 +21,10 @@
 typedef struct {
     long *idx;
     size_t cap_idx;
-    sp_fit_source *src, *src2;
-    size_t cap_src, cap_src2;
-    sp_fit_result *res, *res2;
-    size_t cap_res, cap_res2;
+    sp_fit_source *src;
+    size_t cap_src;
+    sp_fit_result *res;
+    size_t cap_res;
     float *data, *ivar, *model;
     size_t cap_data, cap_ivar, cap_model;
     float **mptr;      /* per band: model buffer or NULL */
@@ -37,8 +37,6 @@ static void scratch_free(fit_scratch *s, int nb)
     free(s->idx);
     free(s->src);
     free(s->res);
-    free(s->src2);
-    free(s->res2);
     free(s->data);
     free(s->ivar);
     free(s->model);
@@ -145,69 +143,23 @@ static void qa_overview(cell_t *c, const fit_scratch *s, const sp_patch *pt, int
             }
 }
 
-/* The second pass of a patch (patch_run.poisson_from_model): inverse variances from the noise
- * model with the source Poisson term taken from the fitted model instead of the data (weights
- * computed from the noisy data give the pixels that fluctuate up less weight: fluxes came out
- * low by 0.5% at SNR 20-500 on the demo tile even with the true PSF), then the fluxes re-solved
- * at the fitted geometry. Geometry, its errors, iterations and convergence stay those of the
- * first pass; the marginal flux errors are scaled by the change of the conditional ones. On
- * return s->res holds the merged results, s->model the final model, *st its statistics. */
-static int reweight_pass(const run_t *r, fit_scratch *s, sp_fit_workspace *ws, long n, size_t npix,
-                         sp_fit_patch_stats *st)
+/* The data-based source Poisson term of band b's inverse variance, as
+ * sp_fit_image.poisson_k: per frame var = (SKYSIG^2 + max(raw, 0)/EGAIN) scale^2
+ * (sp_prep_ivar), i.e. k = scale/EGAIN per unit of scaled data; the coadd of
+ * the band's frames with weights w = 1/(SKYSIG scale)^2 (sp_prep_coadd) has
+ * k = sum w^2 k_f / (sum w)^2. 0 when a frame has no gain. */
+static double band_poisson_k(const sp_plan *p, int b)
 {
-    int status = SP_OK;
-    int nb = r->plan->nbands;
-    for (int b = 0; b < nb; b++) {
-        float *w = s->ivar + (size_t)b * npix;
-        const float *m = s->model + (size_t)b * npix;
-        const float A = (float)r->band_var_a[b], B = (float)r->band_var_b[b], sky = (float)st->sky[b];
-        for (size_t k = 0; k < npix; k++)
-            if (w[k] > 0) w[k] = 1.0f / (A + B * fmaxf(m[k] - sky, 0.0f));
+    double sw = 0.0, swk = 0.0;
+    for (int i = 0; i < p->nframes; i++) {
+        const sp_frame *fr = &p->frames[i];
+        if (fr->band_index != b) continue;
+        if (!(fr->egain > 0) || !(fr->skysig > 0) || !(fr->scale > 0)) return 0.0;
+        double w = 1.0 / (fr->skysig * fr->scale * fr->skysig * fr->scale);
+        sw += w;
+        swk += w * w * fr->scale / fr->egain;
     }
-    SP_TRY(ensure((void **)&s->src2, (size_t)n + 1, sizeof *s->src2, &s->cap_src2));
-    SP_TRY(ensure((void **)&s->res2, (size_t)n + 1, sizeof *s->res2, &s->cap_res2));
-    for (long k = 0; k < n; k++) {
-        sp_fit_source *q = &s->src2[k];
-        const sp_fit_result *f = &s->res[k];
-        *q = s->src[k];
-        if (q->role == SP_ROLE_FIXED || (f->flags & SP_FITF_NODATA)) continue;
-        if (isfinite(f->x) && isfinite(f->y)) {
-            q->x = f->x;
-            q->y = f->y;
-        }
-        for (int b = 0; b < nb; b++)
-            if (isfinite(f->flux[b])) q->flux[b] = f->flux[b];
-        if (q->type != SP_SRC_STAR && isfinite(f->re) && isfinite(f->q) && isfinite(f->theta)) {
-            q->re = f->re;
-            q->q = f->q;
-            q->theta = f->theta;
-            if (q->type == SP_SRC_SERSIC && isfinite(f->sersic_n)) q->sersic_n = f->sersic_n;
-        }
-    }
-    sp_fit_options o = r->sp.fit;
-    o.fit_positions = 0;
-    o.fit_shapes = 0;
-    o.fit_sersic_n = 0;
-    o.staged = 1;
-    SP_TRY(sp_fit_patch(ws, &o, s->img, nb, nb, s->src2, (int)n, s->res2, st, s->mptr));
-    for (long k = 0; k < n; k++) {
-        sp_fit_result *f = &s->res[k];
-        const sp_fit_result *g = &s->res2[k];
-        if (f->role == SP_ROLE_FIXED || (f->flags & SP_FITF_NODATA)) continue;
-        for (int b = 0; b < nb; b++) {
-            double ratio = g->flux_err_cond[b] / f->flux_err_cond[b];
-            f->flux_err[b] = isfinite(ratio) && ratio > 0 ? f->flux_err[b] * ratio : g->flux_err[b];
-            f->flux[b] = g->flux[b];
-            f->flux_err_cond[b] = g->flux_err_cond[b];
-            f->chi2dof[b] = g->chi2dof[b];
-            f->blend[b] = g->blend[b];
-            f->npix[b] = g->npix[b];
-            f->band_flags[b] |= g->band_flags[b];
-        }
-        f->flags |= g->flags & (SP_FITF_NODATA_BAND | SP_FITF_NONFINITE | SP_FITF_SINGULAR);
-    }
-cleanup:
-    return status;
+    return sw > 0 ? swk / (sw * sw) : 0.0;
 }
 
 /* Fit patch pid of the cell; base sources of the patch are src[base0 ..). */
@@ -257,28 +209,33 @@ static int fit_one(cell_t *c, fit_scratch *s, sp_fit_workspace *ws, int pid, lon
         im->data = d;
         im->ivar = w;
         im->band = b;
+        /* the ivar's Poisson term follows the data: let the fitter use the model's */
+        im->poisson_k = r->sp.poisson_from_model ? band_poisson_k(p, b) : 0.0;
         SP_TRY(psf_grid_at(r, b, c->cell->id, xc, yc, &s->local[b], &im->psf));
         im->psf_fallback = im->psf->is_fallback;
     }
-    /* the model image: for the reweighting pass, and where QA keeps a cutout or an overview */
+    /* the model image where QA keeps a cutout or an overview of this patch */
     int jp = pid - c->cell->patch0, want = c->ov_slot && c->ov_slot[jp] >= 0;
     for (long k = 0; k < pt->nsrc && !want; k++) want = c->cut_slot && c->cut_slot[base0 + k] >= 0;
-    int reweight = r->sp.poisson_from_model;
-    if (want || reweight) {
+    if (want) {
         SP_TRY(ensure((void **)&s->model, npix * nb, sizeof *s->model, &s->cap_model));
         for (int b = 0; b < nb; b++) s->mptr[b] = s->model + (size_t)b * npix;
     }
     sp_fit_patch_stats st;
-    SP_TRY(sp_fit_patch(ws, &r->sp.fit, s->img, nb, nb, s->src, (int)n, s->res, &st,
-                        want || reweight ? s->mptr : NULL));
-    if (reweight) SP_TRY(reweight_pass(r, s, ws, n, npix, &st));
+    SP_TRY(sp_fit_patch(ws, &r->sp.fit, s->img, nb, nb, s->src, (int)n, s->res, &st, want ? s->mptr : NULL));
     if (want) {
         for (long k = 0; k < pt->nsrc; k++)
             if (c->cut_slot[base0 + k] >= 0) qa_cutout(c, s, pt, base0 + k, (int)c->cut_slot[base0 + k]);
         if (c->ov_slot[jp] >= 0) qa_overview(c, s, pt, c->ov_slot[jp]);
     }
-    SP_DEBUG("patch %d: %ld source(s) (%ld base), %d group(s), largest %d, %ld render(s), %.3f s", pid, n, pt->nsrc,
-             st.ngroups, st.max_group_size, st.renders, st.seconds);
+    {
+        char sky[256] = "";
+        size_t off = 0;
+        for (int b = 0; b < nb && off + 24 < sizeof sky; b++)
+            off += (size_t)snprintf(sky + off, sizeof sky - off, "%s%.4f+-%.4f", b ? " " : "", st.sky[b], st.sky_err[b]);
+        SP_DEBUG("patch %d: %ld source(s) (%ld base), %d group(s), largest %d, %ld render(s), %.3f s; sky %s", pid, n,
+                 pt->nsrc, st.ngroups, st.max_group_size, st.renders, st.seconds, sky);
+    }
     for (long k = 0; k < pt->nsrc; k++) {
         if (s->src[k].role != SP_ROLE_FIT_REPORT) continue;
         c->fit[base0 + k] = s->res[k];

@@ -187,25 +187,6 @@ int cell_stages_setup(run_t *r)
             if (s < r->band_satlevel[f->band_index]) r->band_satlevel[f->band_index] = s;
         }
     }
-    /* the band's noise model as a function of the source signal s (scaled units): one frame
-     * var = SKYSIG^2 scale^2 + s scale / EGAIN; a coadd with weights w_i = 1/(SKYSIG_i scale_i)^2
-     * (sp_prep_coadd) var = sum w_i^2 var_i / (sum w_i)^2, still a + b s */
-    SP_ALLOC(r->band_var_a, p->nbands);
-    SP_ALLOC(r->band_var_b, p->nbands);
-    for (int b = 0; b < p->nbands; b++) {
-        double sw = 0, sa = 0, sb = 0;
-        for (int i = 0; i < p->nframes; i++) {
-            const sp_frame *f = &p->frames[i];
-            if (f->band_index != b) continue;
-            double a = f->skysig * f->skysig * f->scale * f->scale, w = 1.0 / a;
-            double bb = f->egain > 0 ? f->scale / f->egain : 0.0;
-            sw += w;
-            sa += w * w * a;
-            sb += w * w * bb;
-        }
-        r->band_var_a[b] = sw > 0 ? sa / (sw * sw) : 1.0;
-        r->band_var_b[b] = sw > 0 ? sb / (sw * sw) : 0.0;
-    }
     SP_TRY(load_refs(r));
     /* FFTW plans serially, then one fit workspace per thread, reused by every patch */
     SP_TRY(sp_fit_init());
@@ -227,9 +208,6 @@ void cell_stages_cleanup(run_t *r)
     memset(&r->refs, 0, sizeof r->refs);
     free(r->band_satlevel);
     r->band_satlevel = NULL;
-    free(r->band_var_a);
-    free(r->band_var_b);
-    r->band_var_a = r->band_var_b = NULL;
     if (r->grid)
         for (long k = 0; k < (long)r->plan->ncells * r->plan->nbands; k++) sp_psf_free(&r->grid[k]);
     free(r->grid);
