@@ -8,6 +8,7 @@
 #include "surveyproc/sp_wcs.h"
 #include "surveyproc/sp_error.h"
 
+#include <wcslib/dis.h>
 #include <wcslib/wcs.h>
 #include <wcslib/wcserr.h>
 #include <wcslib/wcsfix.h>
@@ -62,6 +63,8 @@ static void clear_errors(struct wcsprm *w)
 {
     wcserr_clear(&w->err);
     wcserr_clear(&w->lin.err);
+    if (w->lin.dispre) wcserr_clear(&w->lin.dispre->err); /* distortions (SIP, TPV) */
+    if (w->lin.disseq) wcserr_clear(&w->lin.disseq->err);
     wcserr_clear(&w->cel.err);
     wcserr_clear(&w->cel.prj.err);
 }
@@ -348,9 +351,11 @@ static int transform(sp_wcs *w, int to_sky, long n, const double *in1, const dou
             idx[k++] = i;
         }
         if (k == 0) continue;
+        clear_errors(p); /* a record left from before would be overwritten and leak */
         int st = to_sky ? wcsp2s(p, (int)k, 2, pix, img, phi, theta, wld, stat)
                         : wcss2p(p, (int)k, 2, wld, phi, theta, img, pix, stat);
-        int ok = st == 0 || st == (to_sky ? WCSERR_BAD_PIX : WCSERR_BAD_WORLD);
+        int bad_st = to_sky ? WCSERR_BAD_PIX : WCSERR_BAD_WORLD;
+        int ok = st == 0 || st == bad_st;
         if (!ok)
             status = SP_FAIL(SP_ERR_WCS, "%s: %s failed: %s", w->what, to_sky ? "pixel -> sky" : "sky -> pixel",
                              wcs_why(p, st));

@@ -16,7 +16,8 @@ for n in "$@"; do
   dict=(); [ -f tests/fuzz/$n.dict ] && dict=(-dict=tests/fuzz/$n.dict)
   log=build/fuzz/$n.log
   # one worker: the machine is shared; leaks count as findings (detect_leaks=1)
-  ASAN_OPTIONS=detect_leaks=1:allocator_may_return_null=1 "$bin" "${dict[@]}" -max_total_time="$secs" -max_len=65536 \
+  LSAN_OPTIONS=suppressions=$PWD/tests/fuzz/lsan_fuzz.supp:print_suppressions=0 \
+  ASAN_OPTIONS=detect_leaks=1:allocator_may_return_null=1:fast_unwind_on_malloc=0 "$bin" "${dict[@]}" -max_total_time="$secs" -max_len=65536 \
     -timeout=10 -rss_limit_mb=2048 -artifact_prefix="$art/" -print_final_stats=1 "$corp" >"$log" 2>&1
   rc=$?
   execs=$(grep -o 'stat::number_of_executed_units: *[0-9]*' "$log" | grep -o '[0-9]*$')

@@ -6,7 +6,7 @@
 # Prints PASS:/FAIL:/SKIP: lines. `make fuzz` is the fuzzing itself (not part of make check).
 set -u
 cd "$(dirname "$0")/../.."
-export ASAN_OPTIONS=detect_leaks=1:halt_on_error=1 UBSAN_OPTIONS=print_stacktrace=1:halt_on_error=1
+export ASAN_OPTIONS=detect_leaks=1:halt_on_error=1:fast_unwind_on_malloc=0 UBSAN_OPTIONS=print_stacktrace=1:halt_on_error=1
 export LSAN_OPTIONS=suppressions=$PWD/tests/lsan.supp:print_suppressions=0
 for n in config csv fits_wcs; do
   files=(tests/fuzz/corpus/"$n"/* tests/fuzz/regress/"$n"/*)
