@@ -5,7 +5,7 @@
 #  - tests/scripts/test_*.sh  end-to-end scripts; each prints "PASS: name" / "FAIL: name" / "SKIP: name"
 #  - the same unit + MPI (2 ranks) programs built with ASan+UBSan (build/san), unless SP_SKIP_SANITIZE=1
 #  - valgrind memcheck on the fast serial unit tests (SP_VALGRIND_TESTS; SP_VALGRIND_ALL=1 for every
-#    serial one but test_resources, whose BLAS-speed checks cannot hold under valgrind), unless
+#    serial one but test_resources and test_zp, whose speed checks cannot hold under valgrind), unless
 #    SP_SKIP_VALGRIND=1: any memcheck error or definite leak fails the program (exit 99)
 # Usage: tests/run_all.sh BUILD_DIR      (called by make check)
 set -u
@@ -82,7 +82,7 @@ if [ "${SP_SKIP_VALGRIND:-0}" != 1 ]; then
     # ~20-50x slower than native: by default the unit tests that take < 0.6 s natively
     vg_list=${SP_VALGRIND_TESTS:-"config core csv fits wcs h5 prep psf score"}
     if [ "${SP_VALGRIND_ALL:-0}" = 1 ]; then
-      vg_list=$(for t in "$BUILD"/tests/unit/test_*; do [ -x "$t" ] && basename "$t" | sed 's/^test_//'; done | grep -vx resources)
+      vg_list=$(for t in "$BUILD"/tests/unit/test_*; do [ -x "$t" ] && basename "$t" | sed 's/^test_//'; done | grep -vxE 'resources|zp')
     fi
     for n in $vg_list; do
       t=$BUILD/tests/unit/test_$n
