@@ -1,6 +1,6 @@
 # surveyproc build. `make` builds bin/surveyproc and lib/libsurveyproc.a.
 # Every dependency is found with pkg-config; fftw3_mpi / fftw3_omp have no .pc file.
-# Targets: all deps check demo bench install format clean  (SANITIZE=1 for ASan+UBSan)
+# Targets: all deps check demo bench fuzz install format clean  (SANITIZE=1 for ASan+UBSan)
 
 PREFIX  ?= /usr/local
 CC      := mpicc
@@ -36,6 +36,9 @@ CLI_OBJ  := $(patsubst %.c,$(BUILD)/%.o,$(CLI_SRC))
 TEST_SRC := $(sort $(wildcard tests/unit/test_*.c tests/mpi/test_*.c))
 TEST_BIN := $(patsubst tests/%.c,$(BUILD)/tests/%,$(TEST_SRC))
 TEST_SUPPORT := $(BUILD)/tests/support.o
+# fuzz harnesses (tests/fuzz/fuzz_*.c) replayed on their corpora by make check, without libFuzzer
+FUZZ_NAMES := config csv fits_wcs
+FUZZ_REPLAY := $(patsubst %,$(BUILD)/tests/fuzz/replay_%,$(FUZZ_NAMES))
 
 LIBA := lib/libsurveyproc.a
 BIN  := bin/surveyproc
@@ -44,7 +47,7 @@ ifeq ($(SANITIZE),1)
   BIN  := $(BUILD)/surveyproc
 endif
 
-.PHONY: all deps check check-unit check-slurm demo bench bench-fit install format clean tests fuzz
+.PHONY: all deps check check-unit check-slurm demo bench bench-fit install format clean tests fuzz fuzz-build
 all: $(BIN) $(LIBA)
 
 deps:
@@ -76,7 +79,12 @@ $(BUILD)/tests/%: tests/%.c $(LIBA) $(TEST_SUPPORT)
 	@echo "  LD  $@"
 	@$(CC) $(CFLAGS) -Itests $< $(TEST_SUPPORT) $(LIBA) $(PKG_LIBS) $(shell pkg-config --libs $(TESTPKG)) $(LDFLAGS) -o $@
 
-tests: $(BIN) $(TEST_BIN)
+tests: $(BIN) $(TEST_BIN) $(FUZZ_REPLAY)
+
+$(BUILD)/tests/fuzz/replay_%: tests/fuzz/fuzz_%.c tests/fuzz/replay_main.c $(LIBA)
+	@mkdir -p $(dir $@)
+	@echo "  LD  $@"
+	@$(CC) $(CFLAGS) $< tests/fuzz/replay_main.c $(LIBA) $(PKG_LIBS) $(LDFLAGS) -o $@
 
 # The README's test command. Installs what is missing, builds, runs every suite
 # (unit tests, MPI tests at 1/2/4 ranks, end-to-end scripts, the sanitizer build),
@@ -89,6 +97,26 @@ check: deps
 # Quicker loop while developing: release build only, no sanitizer pass.
 check-unit: tests
 	@SP_SKIP_SANITIZE=1 bash tests/run_all.sh $(BUILD)
+
+# libFuzzer (clang) on the config parser, the CSV reader and the FITS header/WCS reader,
+# FUZZ_SECONDS each (default 60); seeds in tests/fuzz/corpus/<name>, the growing corpus in
+# build/fuzz/corpus/<name>, crashes in build/fuzz/artifacts/ (copy them to tests/fuzz/regress/).
+FUZZ_SECONDS ?= 60
+FUZZ_CC      ?= clang-14
+FUZZ_CFLAGS  := -g -O1 -fsanitize=fuzzer,address,undefined -fno-sanitize-recover=undefined -std=c11 \
+                -D_GNU_SOURCE -Iinclude $(shell pkg-config --cflags cfitsio wcslib yaml-0.1 2>/dev/null)
+FUZZ_SRC_config   := src/core/config.c src/core/config_schema.c src/core/error.c
+FUZZ_SRC_csv      := src/core/csv.c src/core/error.c
+FUZZ_SRC_fits_wcs := src/io/fits.c src/io/wcs.c src/core/error.c
+FUZZ_LIBS := $(shell pkg-config --libs cfitsio wcslib yaml-0.1 2>/dev/null) -lm
+.SECONDEXPANSION:
+build/fuzz/fuzz_%: tests/fuzz/fuzz_%.c $$(FUZZ_SRC_$$*) $(wildcard include/surveyproc/*.h src/core/*.h)
+	@mkdir -p $(dir $@)
+	@echo "  FUZZ-LD $@"
+	@$(FUZZ_CC) $(FUZZ_CFLAGS) $< $(FUZZ_SRC_$*) $(FUZZ_LIBS) -o $@
+fuzz-build: $(patsubst %,build/fuzz/fuzz_%,$(FUZZ_NAMES))
+fuzz: fuzz-build
+	@bash tests/fuzz/run.sh $(FUZZ_SECONDS) $(FUZZ_NAMES)
 
 check-slurm: all
 	@bash tests/scripts/test_slurm.sh

@@ -776,6 +776,9 @@ int sp_pipeline_run(const sp_run_opts *o, int *agreed)
     double imbalance = 1;
     status = write_timing(&r, &st, &imbalance);
     sp_prof_pop();
+    if (status != SP_OK) /* (agreed) e.g. a disk that filled up during the run */
+        sp_err_context("finish phase (every cell is done and stored; fix this, then `surveyproc run --resume` "
+                       "completes the store)");
     SP_TRY(status);
     SP_TRY(sp_resources_fftw_wisdom_save(cfg.performance.fftw_wisdom_file, r.comm)); /* [issue 6] */
     /* [issue 10] zero points and exports: every rank closes the store, then rank 0 calibrates it

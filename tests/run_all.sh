@@ -4,6 +4,9 @@
 #  - tests/mpi/test_*     cmocka programs run under mpirun at 1, 2 and 4 ranks
 #  - tests/scripts/test_*.sh  end-to-end scripts; each prints "PASS: name" / "FAIL: name" / "SKIP: name"
 #  - the same unit + MPI (2 ranks) programs built with ASan+UBSan (build/san), unless SP_SKIP_SANITIZE=1
+#  - valgrind memcheck on the fast serial unit tests (SP_VALGRIND_TESTS; SP_VALGRIND_ALL=1 for every
+#    serial one but test_resources and test_zp, whose speed checks cannot hold under valgrind), unless
+#    SP_SKIP_VALGRIND=1: any memcheck error or definite leak fails the program (exit 99)
 # Usage: tests/run_all.sh BUILD_DIR      (called by make check)
 set -u
 cd "$(dirname "$0")/.."
@@ -70,6 +73,24 @@ if [ "${SP_SKIP_SANITIZE:-0}" != 1 ] && [ -d build/san/tests ]; then
     ASAN_OPTIONS=detect_leaks=0:halt_on_error=1 run_cmocka "asan/mpi/$(basename "$t") np=2" mpirun -np 2 --bind-to none -x ASAN_OPTIONS "$t"
   done
   unset ASAN_OPTIONS LSAN_OPTIONS UBSAN_OPTIONS
+fi
+
+if [ "${SP_SKIP_VALGRIND:-0}" != 1 ]; then
+  if ! command -v valgrind >/dev/null 2>&1; then
+    echo "SKIP  valgrind (not installed: apt-get install valgrind)"; skip=$((skip+1))
+  else
+    # ~20-50x slower than native: by default the unit tests that take < 0.6 s natively
+    vg_list=${SP_VALGRIND_TESTS:-"config core csv fits wcs h5 prep psf score"}
+    if [ "${SP_VALGRIND_ALL:-0}" = 1 ]; then
+      vg_list=$(for t in "$BUILD"/tests/unit/test_*; do [ -x "$t" ] && basename "$t" | sed 's/^test_//'; done | grep -vxE 'resources|zp')
+    fi
+    for n in $vg_list; do
+      t=$BUILD/tests/unit/test_$n
+      [ -x "$t" ] || { echo "FAIL  valgrind/unit/test_$n (no such test)"; fail=$((fail+1)); failed_names+=("valgrind/unit/test_$n"); continue; }
+      run_cmocka "valgrind/unit/test_$n" valgrind --error-exitcode=99 --leak-check=full --show-leak-kinds=definite \
+        --errors-for-leak-kinds=definite --suppressions="$PWD/tests/valgrind.supp" --num-callers=30 -q "$t"
+    done
+  fi
 fi
 
 for s in tests/scripts/test_*.sh; do

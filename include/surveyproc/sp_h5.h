@@ -96,6 +96,16 @@ typedef struct {
  * Errors: SP_ERR_IO (directory missing, no permission, disk full), SP_ERR_HDF5. */
 int sp_h5_create(const char *path, MPI_Comm comm, sp_h5 **h);
 
+/* COLLECTIVE. Like sp_h5_create, but the file is written as PATH.part and only becomes PATH
+ * at sp_h5_commit (a rename by rank 0): a job killed while it lays out the file leaves no
+ * half-made PATH, and an existing PATH is replaced only by a complete file. Closing the
+ * handle before the commit removes PATH.part. Messages name PATH. Errors: as sp_h5_create. */
+int sp_h5_create_atomic(const char *path, MPI_Comm comm, sp_h5 **h);
+
+/* COLLECTIVE. Move the file of sp_h5_create_atomic into place (flush first: what is renamed
+ * is what is on disk). No-op for other handles. Errors: SP_ERR_IO (the rename failed). */
+int sp_h5_commit(sp_h5 *h);
+
 /* COLLECTIVE. Open an existing file read-only (writable = 0) or read-write.
  * Errors: SP_ERR_IO "missing file" / "not an HDF5 file" / unreadable, SP_ERR_HDF5. */
 int sp_h5_open(const char *path, int writable, MPI_Comm comm, sp_h5 **h);

@@ -91,6 +91,7 @@ typedef struct {
     sp_h5 *h;
     sp_store_catalog cat;
     int resumed;
+    int lock_fd1; /* rank 0: 1 + the fd holding the store's lock for the run (0: none) */
 } sp_store;
 
 typedef struct {

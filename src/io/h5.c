@@ -37,6 +37,7 @@
 struct sp_h5 {
     hid_t fid;
     char *path;
+    char *tmp;     /* sp_h5_create_atomic: the file being written, renamed to path by sp_h5_commit */
     MPI_Comm comm; /* our duplicate; MPI_COMM_NULL for the serial driver */
     int rank, size;
     int parallel;
@@ -122,10 +123,14 @@ static int space_check(const char *fpath, const char *obj, int rank, double need
     double avail = (double)(geteuid() == 0 ? s.f_bfree : s.f_bavail) * (double)s.f_frsize;
     double margin = 1048576.0; /* metadata */
     if (need + margin <= avail) return SP_OK;
+    /* KiB below 1 MiB: "needs 0.0 MiB, 0.0 MiB free" said nothing */
+    int kib = need + margin < 1048576.0;
+    double u = kib ? 1024.0 : 1048576.0;
     return SP_FAIL(SP_ERR_IO,
-                   "%s: %s: disk full: creating it needs %.1f MiB but only %.1f MiB are free on the device holding "
-                   "the file; free some space or write the store elsewhere, then run again",
-                   fpath, obj, need / 1048576.0, avail / 1048576.0);
+                   "%s: %s: disk full: creating it needs %.1f %s (with %.0f KiB for metadata) but only %.1f %s are "
+                   "free on the device holding the file; free some space or write the store elsewhere, then run "
+                   "again",
+                   fpath, obj, need / u, kib ? "KiB" : "MiB", margin / 1024.0, avail / u, kib ? "KiB" : "MiB");
 }
 
 /* Record an HDF5 failure on object `obj` of the file: SP_ERR_HDF5 with HDF5's
@@ -479,6 +484,7 @@ static void free_handle(sp_h5 *h)
     if (!h) return;
     if (h->comm != MPI_COMM_NULL) MPI_Comm_free(&h->comm);
     free(h->path);
+    free(h->tmp);
     free(h);
 }
 
@@ -522,10 +528,17 @@ static int create_local(sp_h5 *h)
              "outputs.store a file name",
              h->path);
     H5ID(fapl, make_fapl(h), h, NULL, "cannot set up file access (MPI-IO)");
-    H5ID(h->fid, H5Fcreate(h->path, H5F_ACC_TRUNC, H5P_DEFAULT, fapl), h, NULL, "cannot create the file");
+    H5ID(h->fid, H5Fcreate(h->tmp ? h->tmp : h->path, H5F_ACC_TRUNC, H5P_DEFAULT, fapl), h, NULL,
+         "cannot create the file");
 cleanup:
     close_id(&fapl);
     return status;
+}
+
+/* Rank 0 removes the never-committed file of sp_h5_create_atomic (after its close). */
+static void drop_tmp(sp_h5 *h)
+{
+    if (h && h->tmp && h->rank == 0) unlink(h->tmp);
 }
 
 int sp_h5_create(const char *path, MPI_Comm comm, sp_h5 **out)
@@ -544,6 +557,51 @@ cleanup:
     if (h) {
         close_id(&h->fid);
         free_handle(h);
+    }
+    return status;
+}
+
+int sp_h5_create_atomic(const char *path, MPI_Comm comm, sp_h5 **out)
+{
+    int status = SP_OK;
+    sp_h5 *h = NULL;
+    quiet_hdf5();
+    if (!path || !out) return SP_FAIL(SP_ERR_INTERNAL, "sp_h5_create_atomic: NULL argument");
+    *out = NULL;
+    SP_TRY(new_handle(path, comm, 1, &h));
+    size_t n = strlen(path) + 6;
+    SP_ALLOC(h->tmp, n);
+    snprintf(h->tmp, n, "%s.part", path);
+    status = agree(h, create_local(h));
+    if (status != SP_OK) goto cleanup;
+    *out = h;
+    h = NULL;
+cleanup:
+    if (h) {
+        close_id(&h->fid);
+        if (h->comm != MPI_COMM_NULL) MPI_Barrier(h->comm); /* every rank closed it before rank 0 unlinks */
+        drop_tmp(h);
+        free_handle(h);
+    }
+    return status;
+}
+
+static int commit_local(sp_h5 *h)
+{
+    if (h->rank != 0 || !h->tmp) return SP_OK;
+    if (rename(h->tmp, h->path) != 0)
+        return SP_FAIL(SP_ERR_IO, "%s: cannot move the new file %s into place: %s", h->path, h->tmp,
+                       strerror(errno));
+    return SP_OK;
+}
+
+int sp_h5_commit(sp_h5 *h)
+{
+    if (!h) return SP_FAIL(SP_ERR_INTERNAL, "sp_h5_commit: NULL handle");
+    int status = agree(h, commit_local(h));
+    if (status == SP_OK) {
+        free(h->tmp);
+        h->tmp = NULL;
     }
     return status;
 }
@@ -635,7 +693,8 @@ int sp_h5_close(sp_h5 **hp)
                              h->path, nopen);
         h->fid = H5I_INVALID_HID;
     }
-    status = agree(h, status);
+    status = agree(h, status); /* every rank has closed the file */
+    drop_tmp(h);               /* an atomic create that was never committed leaves nothing */
     free_handle(h);
     *hp = NULL;
     return status;

@@ -4,6 +4,8 @@
 #include "surveyproc/sp_log.h"
 #include "surveyproc/sp_mpi.h"
 
+#include <errno.h>
+#include <fcntl.h>
 #include <math.h>
 #include <stddef.h>
 #include <stdio.h>
@@ -11,6 +13,7 @@
 #include <string.h>
 #include <sys/stat.h>
 #include <time.h>
+#include <unistd.h>
 
 #define CELLCOL(n, t, u, d) {n, t, 0, u, d, 0, 0}
 
@@ -576,14 +579,62 @@ cleanup:
     return status;
 }
 
+/* One job per store. Rank 0 holds an open-file-description write lock (F_OFD_SETLK) on the
+ * store while the run has it open: a second job on the same store (a resume started while
+ * the ranks of a killed mpirun still run, two jobs given one outputs.store) is refused
+ * instead of writing into the same file. The kernel drops the lock when the holder dies,
+ * so kill -9 never leaves a stale lock. OFD locks are independent of HDF5's own flock() and
+ * are not dropped when another descriptor of the file is closed. Where the file system has
+ * no such locks the run goes on unlocked. Collective (agreed). */
+static int lock_store(const char *path, MPI_Comm comm, int *fd1)
+{
+    int status = SP_OK, rank;
+    MPI_Comm_rank(comm, &rank);
+    *fd1 = 0;
+    if (rank == 0) {
+        int fd = open(path, O_RDWR | O_CLOEXEC);
+        if (fd >= 0) {
+            struct flock fl = {.l_type = F_WRLCK, .l_whence = SEEK_SET, .l_start = 0, .l_len = 0};
+            if (fcntl(fd, F_OFD_SETLK, &fl) == 0) *fd1 = fd + 1;
+            else {
+                int e = errno;
+                close(fd);
+                if (e == EAGAIN || e == EACCES)
+                    status = SP_FAIL(SP_ERR_STATE,
+                                     "%s: the store is in use by another surveyproc job (it holds the store's "
+                                     "lock); wait until that job ends, or stop every one of its ranks, then run "
+                                     "again",
+                                     path);
+            }
+        }
+    }
+    status = sp_mpi_agree(status, comm);
+    if (status != SP_OK && *fd1) {
+        close(*fd1 - 1);
+        *fd1 = 0;
+    }
+    return status;
+}
+
+static void unlock_store(int *fd1)
+{
+    if (*fd1) close(*fd1 - 1);
+    *fd1 = 0;
+}
+
 int sp_store_create(const char *path, const sp_plan *p, const sp_store_meta *m, MPI_Comm comm, sp_store *s)
 {
     int status = SP_OK;
     memset(s, 0, sizeof *s);
     SP_TRY(check_struct_layout());
     SP_TRY(check_not_an_input(path, p, comm));
+    /* replacing a store (outputs.overwrite) that a running job writes is refused too */
+    SP_TRY(lock_store(path, comm, &s->lock_fd1));
+    unlock_store(&s->lock_fd1);
     SP_TRY(sp_store_catalog_spec(p, &s->cat));
-    SP_TRY(sp_h5_create(path, comm, &s->h));
+    /* laid out as PATH.part, renamed once complete and flushed: a kill -9 or a full disk while
+     * the datasets are created leaves no half-made store, and an old store stays until then */
+    SP_TRY(sp_h5_create_atomic(path, comm, &s->h));
     SP_TRY(sp_h5_table_create(s->h, "/catalog", s->cat.cols, s->cat.ncol, p->cat.n));
     int n;
     const sp_h5_col *cc = sp_store_cell_cols(&n);
@@ -651,10 +702,13 @@ int sp_store_create(const char *path, const sp_plan *p, const sp_store_meta *m, 
     status = write_static(s, p, comm);
     SP_TRY(sp_mpi_agree(status, comm));
     SP_TRY(sp_h5_flush(s->h));
+    SP_TRY(sp_h5_commit(s->h));
+    SP_TRY(lock_store(path, comm, &s->lock_fd1));
 cleanup:
     if (status != SP_OK) {
-        sp_h5_close(&s->h);
+        sp_h5_close(&s->h); /* removes PATH.part if it was never committed */
         sp_store_catalog_spec_free(&s->cat);
+        unlock_store(&s->lock_fd1);
     }
     return status;
 }
@@ -669,6 +723,7 @@ int sp_store_open_resume(const char *path, const sp_plan *p, const sp_store_meta
     memset(s, 0, sizeof *s);
     SP_TRY(check_struct_layout());
     SP_TRY(sp_store_catalog_spec(p, &s->cat));
+    SP_TRY(lock_store(path, comm, &s->lock_fd1));
     SP_TRY(sp_h5_open(path, 1, comm, &s->h));
     long ver = 0, nrows = 0;
     status = sp_h5_attr_get_long(s->h, "/provenance", "layout_version", &ver);
@@ -713,6 +768,7 @@ cleanup:
     if (status != SP_OK) {
         sp_h5_close(&s->h);
         sp_store_catalog_spec_free(&s->cat);
+        unlock_store(&s->lock_fd1);
     }
     return status;
 }
@@ -747,5 +803,6 @@ int sp_store_close(sp_store *s)
 {
     int status = sp_h5_close(&s->h);
     sp_store_catalog_spec_free(&s->cat);
+    unlock_store(&s->lock_fd1);
     return status;
 }

@@ -8,6 +8,7 @@
 #include "surveyproc/sp_wcs.h"
 #include "surveyproc/sp_error.h"
 
+#include <wcslib/dis.h>
 #include <wcslib/wcs.h>
 #include <wcslib/wcserr.h>
 #include <wcslib/wcsfix.h>
@@ -54,6 +55,72 @@ static const char *wcs_why(const struct wcsprm *w, int st)
     return "unknown wcslib error";
 }
 
+/* Drop the error records a failed transformation left in w. wcslib 7.12 leaks the
+ * message of the previous record when a second transformation fails on the same wcsprm
+ * (found by tests/fuzz/fuzz_fits_wcs: 50-89 bytes per failing call, e.g. points outside
+ * a SIN projection); wcserr_clear frees them. */
+static void clear_errors(struct wcsprm *w)
+{
+    wcserr_clear(&w->err);
+    wcserr_clear(&w->lin.err);
+    if (w->lin.dispre) wcserr_clear(&w->lin.dispre->err); /* distortions (SIP, TPV) */
+    if (w->lin.disseq) wcserr_clear(&w->lin.disseq->err);
+    wcserr_clear(&w->cel.err);
+    wcserr_clear(&w->cel.prj.err);
+}
+
+/* The first card (1-based) whose string value has no closing quote, else 0. Such a card is
+ * not valid FITS, and wcslib 7.12's header parser (wcspih) then copies the rest of the card
+ * past the end of a fixed-size field: a buffer overflow (found by tests/fuzz/fuzz_fits_wcs;
+ * glibc's fortify check aborts the program). */
+static int unterminated_string_card(const char *hdr, int ncards)
+{
+    for (int c = 0; c < ncards; c++) {
+        const char *k = hdr + (size_t)c * 80;
+        if (k[8] != '=' || k[9] != ' ') continue;
+        int i = 10;
+        while (i < 80 && k[i] == ' ') i++;
+        if (i >= 80 || k[i] != '\'') continue;
+        int closed = 0;
+        for (i++; i < 80; i++) {
+            if (k[i] != '\'') continue;
+            if (i + 1 < 80 && k[i + 1] == '\'') { /* '' is a quote inside the string */
+                i++;
+                continue;
+            }
+            closed = 1;
+            break;
+        }
+        if (!closed) return c + 1;
+    }
+    return 0;
+}
+
+/* Is every CUNITi of w (its two celestial axes) an angle unit? 0 if so, else the axis
+ * (1-based), with the reason in why. wcsset would refuse other units too, but wcslib 7.12
+ * leaks memory when its unit parser meets a string it cannot parse (in wcsulexe and again in
+ * wcsset; found by tests/fuzz/fuzz_fits_wcs), so such strings never reach wcslib: only the
+ * angle units a celestial axis can have pass (after unitfix, which turns 'DEG', 'degrees' and
+ * the like into 'deg'). */
+static int bad_unit(const struct wcsprm *w, char *why, size_t n)
+{
+    static const char *const angle[] = {"deg", "arcmin", "arcsec", "mas", "uas", "rad", "mrad"};
+    for (int i = 0; i < w->naxis; i++) {
+        char u[72];
+        const char *c = w->cunit[i];
+        while (*c == ' ') c++;
+        snprintf(u, sizeof u, "%s", c);
+        for (size_t l = strlen(u); l > 0 && u[l - 1] == ' '; l--) u[l - 1] = '\0';
+        if (!u[0]) continue;
+        int ok = 0;
+        for (size_t k = 0; k < sizeof angle / sizeof angle[0]; k++) ok |= !strcmp(u, angle[k]);
+        if (ok) continue;
+        snprintf(why, n, "not an angle unit (a celestial axis needs deg, arcmin, arcsec, mas or rad)");
+        return i + 1;
+    }
+    return 0;
+}
+
 /* Deep copy src (with distortions) into a freshly allocated, set-up wcsprm.
  * Caller holds wcs_lock. */
 static int copy_setup(const struct wcsprm *src, const char *what, struct wcsprm **dst)
@@ -88,6 +155,12 @@ int sp_wcs_from_header(const char *hdr, int nkeys, const char *what, sp_wcs **ou
     SP_ALLOC(copy, len + 1);
     memcpy(copy, hdr, len);
     copy[len] = '\0';
+
+    int bad = unterminated_string_card(copy, (int)(len / 80));
+    SP_CHECK(!bad, SP_ERR_WCS,
+             "%s: header card %d (%.8s) has a string value without its closing quote (not valid FITS); fix or "
+             "regenerate the header",
+             what, bad, copy + (size_t)(bad - 1) * 80);
 
     pthread_mutex_lock(&wcs_lock);
     locked = 1;
@@ -136,6 +209,18 @@ int sp_wcs_from_header(const char *hdr, int nkeys, const char *what, sp_wcs **ou
          * itself, and a failed wcsset must not be repeated (wcslib then leaks
          * its error record); NCP/GLS headers are not met in survey data. */
         unitfix(1, cand);
+        char why[160];
+        int ubad = bad_unit(cand, why, sizeof why);
+        if (ubad) {
+            if (i == 0) { /* the primary WCS is broken: say why */
+                status = SP_FAIL(SP_ERR_WCS, "%s: wcslib rejects the WCS: CUNIT%d = '%s': %s", what, axes[ubad - 1],
+                                 cand->cunit[ubad - 1], why);
+                free_wcsprm(&cand);
+                goto cleanup;
+            }
+            free_wcsprm(&cand);
+            continue;
+        }
         st = wcsset(cand);
         if (st != 0 || cand->lng < 0 || cand->lat < 0) {
             if (i == 0 && st != 0) { /* the primary WCS is broken: say why */
@@ -266,10 +351,16 @@ static int transform(sp_wcs *w, int to_sky, long n, const double *in1, const dou
             idx[k++] = i;
         }
         if (k == 0) continue;
+        clear_errors(p); /* a record left from before would be overwritten and leak */
         int st = to_sky ? wcsp2s(p, (int)k, 2, pix, img, phi, theta, wld, stat)
                         : wcss2p(p, (int)k, 2, wld, phi, theta, img, pix, stat);
-        SP_CHECK(st == 0 || st == (to_sky ? WCSERR_BAD_PIX : WCSERR_BAD_WORLD), SP_ERR_WCS, "%s: %s failed: %s",
-                 w->what, to_sky ? "pixel -> sky" : "sky -> pixel", wcs_why(p, st));
+        int bad_st = to_sky ? WCSERR_BAD_PIX : WCSERR_BAD_WORLD;
+        int ok = st == 0 || st == bad_st;
+        if (!ok)
+            status = SP_FAIL(SP_ERR_WCS, "%s: %s failed: %s", w->what, to_sky ? "pixel -> sky" : "sky -> pixel",
+                             wcs_why(p, st));
+        if (st) clear_errors(p);
+        if (!ok) goto cleanup;
         for (long j = 0; j < k; j++) {
             long i = idx[j];
             double u = to_sky ? wld[2 * j + ilng] : pix[2 * j] - 1.0;

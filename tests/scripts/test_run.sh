@@ -44,27 +44,7 @@ run_to() {  # $1 store, $2 np, $3 threads, rest: extra args
 }
 
 # compare two stores: /catalog and every /epsf dataset, bit for bit (NaN == NaN)
-same() {
-  "$PY" - "$1" "$2" <<'EOF'
-import sys, h5py, numpy as np
-a, b = h5py.File(sys.argv[1], "r"), h5py.File(sys.argv[2], "r")
-bad = []
-ca, cb = a["catalog"][:], b["catalog"][:]
-if ca.dtype != cb.dtype or len(ca) != len(cb):
-    bad.append("catalog layout differs")
-else:
-    for n in ca.dtype.names:
-        if ca[n].tobytes() != cb[n].tobytes():
-            k = int(np.nonzero(ca[n] != cb[n])[0][0]) if ca[n].dtype.kind != "f" else \
-                int(np.nonzero(~((ca[n] == cb[n]) | (np.isnan(ca[n]) & np.isnan(cb[n]))))[0][0])
-            bad.append("catalog column %s differs (row %d: %r vs %r)" % (n, k, ca[n][k], cb[n][k]))
-for n in a["epsf"]:
-    if a["epsf"][n][()].tobytes() != b["epsf"][n][()].tobytes():
-        bad.append("epsf/%s differs" % n)
-print("; ".join(bad[:6]) if bad else "identical")
-sys.exit(1 if bad else 0)
-EOF
-}
+same() { "$PY" "$ROOT/tests/scripts/same_store.py" "$1" "$2"; }
 
 # ---- 1. layouts --------------------------------------------------------------------------
 REF=$T/ref.h5
@@ -117,7 +97,9 @@ kill_resume() {  # $1 name, $2 pattern in the -v log to wait for, $3 how many
     sleep 0.05
   done
   if ! kill -0 "$pid" 2>/dev/null; then fail "$name" "the run ended before it could be killed"; return; fi
-  kill -9 -- -"$pid" 2>/dev/null
+  # the whole job: mpirun and its ranks (Open MPI gives each rank a process group of its own, so
+  # killing mpirun's group would leave the ranks writing the store for seconds)
+  kill -9 "$pid" $(pgrep -P "$pid") 2>/dev/null
   wait "$pid" 2>/dev/null
   local done_before
   done_before=$("$PY" -c 'import sys,h5py; print(int((h5py.File(sys.argv[1],"r")["cells"]["status"][:]==1).sum()))' "$s" 2>&1)
