@@ -172,6 +172,12 @@ if [ "$rc" -ne 0 ] && grep -q "junk.h5" "$DIR/err4.log"; then ok "qa_error_not_h
 
 # ---- 5. the page in headless Chromium ---------------------------------------------------------
 CHROME=$(command -v chromium || command -v chromium-browser || true)
+if [ -z "$CHROME" ] && [ "$(id -u)" -eq 0 ]; then
+  # as the SLURM test does for slurm-wlm: install what the test needs (apt-get, only if missing)
+  echo "test_qa: installing chromium (scripts/install-deps.sh --with-qa)"
+  bash scripts/install-deps.sh --with-qa >"$DIR/deps.log" 2>&1 || tail -3 "$DIR/deps.log"
+  CHROME=$(command -v chromium || command -v chromium-browser || true)
+fi
 if [ -z "$CHROME" ]; then
   echo "SKIP: qa_chromium (Debian chromium not installed: scripts/install-deps.sh --with-qa)"
 else

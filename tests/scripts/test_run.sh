@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # test_run.sh — the whole run (PSF pass, ePSF grid, fit pass) end to end on a small simulated tile:
 #  1. the catalog and the ePSF cubes are bit-identical whatever the layout: 1 rank x 1 thread,
-#     2 ranks, 3 ranks (oversubscribed, unbalanced), 1 rank x 2 threads;
+#     2, 3 and 4 ranks (oversubscribed, unbalanced), 1 rank x 2 threads;
 #  2. every active source has a fit (FLUX_<band>_fit finite or a flag), the /patches rows are done;
 #  3. kill -9 of the whole job during the fit pass, then `run --resume` -> the same catalog as the
 #     uninterrupted run; likewise a kill during the PSF pass (the resumed run rebuilds the missing
@@ -51,7 +51,7 @@ REF=$T/ref.h5
 if ! run_to "$REF" 1 1 >"$T/ref.log" 2>&1; then
   fail run_reference "$(grep -E 'ERROR|FATAL' "$T/ref.log" | head -3)"; exit 1
 fi
-for lay in "2 1" "3 1" "1 2"; do
+for lay in "2 1" "3 1" "4 1" "1 2"; do
   set -- $lay
   s=$T/l$1x$2.h5
   if ! run_to "$s" "$1" "$2" >"$T/l$1x$2.log" 2>&1; then
