@@ -489,7 +489,7 @@ static const sp_h5_col rank_cols[] = {
     {"wall", SP_H5_F64, 0, "s", "seconds in the cell phase", 0, 0},
     {"busy", SP_H5_F64, 0, "s", "seconds processing cells", 0, 0},
     {"idle", SP_H5_F64, 0, "s", "seconds waiting for work", 0, 0},
-    {"overhead", SP_H5_F64, 0, "s", "rank 0: seconds answering workers", 0, 0},
+    {"overhead", SP_H5_F64, 0, "s", "rank 0: CPU seconds answering workers (queue overhead)", 0, 0},
     {"cells", SP_H5_I64, 0, "", "cells processed", 0, 0},
     {"peak_rss", SP_H5_F64, 0, "byte", "peak resident memory", 0, 0},
     {"bytes_read", SP_H5_F64, 0, "byte", "FITS pixel bytes read", 0, 0},

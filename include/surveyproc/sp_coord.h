@@ -24,7 +24,8 @@ typedef struct {
     double wall;          /* seconds inside sp_coord_run */
     double busy;          /* seconds processing cells */
     double idle;          /* seconds waiting for an assignment (workers) */
-    double overhead;      /* rank 0: seconds serving requests */
+    double overhead;      /* rank 0: CPU seconds serving requests (CPU, not wall: with more ranks
+                           * than cores, wall time in MPI calls is the other ranks running) */
     long cells;           /* cells this rank processed */
 } sp_coord_stats;
 

@@ -578,6 +578,18 @@ double sp_plan_cell_memory(const sp_plan *p, const sp_cell *c, int threads)
         double ppix = (double)(pt->rx1 - pt->rx0) * (double)(pt->ry1 - pt->ry0);
         bytes += threads * ppix * p->nbands * (12.0 * 8.0 + 12.0);
     }
+    /* per-thread fit memory that grows with the patch: the model cache keeps every source's
+     * rendered model and derivatives (~7 doubles per pixel of its box, every band) for the base
+     * and halo sources of the largest patch (~2x its base); a typical box is ~(psf_size/2)^2
+     * pixels (bright sources reach psf_size, most are faint). Calibrated with `make bench`:
+     * peak RSS 0.76-0.89 of this estimate on the demo and bench tiles, 1 and 2 threads */
+    long maxsrc = 0;
+    for (int j = 0; j < c->npatch; j++)
+        if (p->patches[c->patch0 + j].nsrc > maxsrc) maxsrc = p->patches[c->patch0 + j].nsrc;
+    double box = 0.25 * (double)p->opts.psf_size * p->opts.psf_size;
+    bytes += threads * 2.0 * (double)maxsrc * box * 7.0 * 8.0 * p->nbands;
+    /* library working memory per thread (malloc arenas, OpenBLAS buffers): measured ~16 MiB */
+    bytes += threads * 16.0 * 1048576.0;
     /* the ePSF grid every rank holds after the PSF pass: an oversampled stamp per band per cell */
     int os = p->opts.psf_oversamp > 0 ? p->opts.psf_oversamp : 1;
     double so = (double)os * (p->opts.psf_size - 1) + 1;
