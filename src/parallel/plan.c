@@ -588,8 +588,8 @@ double sp_plan_cell_memory(const sp_plan *p, const sp_cell *c, int threads)
         if (p->patches[c->patch0 + j].nsrc > maxsrc) maxsrc = p->patches[c->patch0 + j].nsrc;
     double box = 0.25 * (double)p->opts.psf_size * p->opts.psf_size;
     bytes += threads * 2.0 * (double)maxsrc * box * 7.0 * 8.0 * p->nbands;
-    /* library working memory per thread (malloc arenas, OpenBLAS buffers): measured ~16 MiB */
-    bytes += threads * 16.0 * 1048576.0;
+    /* library working memory per thread while cells run (malloc arenas, OpenBLAS buffers): ~16 MiB */
+    if (npix > 0) bytes += threads * 16.0 * 1048576.0;
     /* the ePSF grid every rank holds after the PSF pass: an oversampled stamp per band per cell */
     int os = p->opts.psf_oversamp > 0 ? p->opts.psf_oversamp : 1;
     double so = (double)os * (p->opts.psf_size - 1) + 1;
