@@ -1423,6 +1423,22 @@ static int reweight(sp_fit_workspace *ws, const runctx *rc, double *Ssky)
     return any;
 }
 
+/* Reweight from the current model, then re-solve every component's fluxes with the new weights
+ * (with a sky, the caller's sky rounds re-solve them). */
+static int refit_model_weights(sp_fit_workspace *ws, runctx *rc, wgroup *comps, int ncomp, double *Ssky)
+{
+    int status = SP_OK;
+    reweight(ws, rc, Ssky);
+    if (!Ssky)
+        for (int gi = 0; gi < ncomp; gi++) {
+            SP_TRY(group_to_mf(ws, rc, &comps[gi], -1.0));
+            SP_TRY(linear_keep_masks(ws, rc, &comps[gi]));
+            SP_TRY(group_to_mf(ws, rc, &comps[gi], +1.0));
+        }
+cleanup:
+    return status;
+}
+
 /* ---------------------------------------------------------------- one run (all bands or one band) */
 
 typedef struct {
@@ -2036,13 +2052,7 @@ static int run_fit(sp_fit_workspace *ws, const sp_fit_options *o, const sp_fit_i
     }
     if (model_w) {
         /* weights from the stage-1 fluxes, and the fluxes again with them */
-        reweight(ws, &rc, o->fit_sky ? Ssky : NULL);
-        if (!o->fit_sky)
-            for (int gi = 0; gi < ncomp; gi++) {
-                SP_TRY(group_to_mf(ws, &rc, &comps[gi], -1.0));
-                SP_TRY(linear_keep_masks(ws, &rc, &comps[gi]));
-                SP_TRY(group_to_mf(ws, &rc, &comps[gi], +1.0));
-            }
+        SP_TRY(refit_model_weights(ws, &rc, comps, ncomp, o->fit_sky ? Ssky : NULL));
     }
     if (o->fit_sky) SP_TRY(sky_alternate(ws, &rc, comps, ncomp, sky, 3));
     {
@@ -2130,13 +2140,7 @@ static int run_fit(sp_fit_workspace *ws, const sp_fit_options *o, const sp_fit_i
     }
     if (model_w) {
         /* weights at the fitted geometry; fluxes (and sky) re-solved with them */
-        reweight(ws, &rc, o->fit_sky ? Ssky : NULL);
-        if (!o->fit_sky)
-            for (int gi = 0; gi < ncomp; gi++) {
-                SP_TRY(group_to_mf(ws, &rc, &comps[gi], -1.0));
-                SP_TRY(linear_keep_masks(ws, &rc, &comps[gi]));
-                SP_TRY(group_to_mf(ws, &rc, &comps[gi], +1.0));
-            }
+        SP_TRY(refit_model_weights(ws, &rc, comps, ncomp, o->fit_sky ? Ssky : NULL));
     }
     if (o->fit_sky) SP_TRY(sky_alternate(ws, &rc, comps, ncomp, sky, 2));
     /* ---- errors at the solution (free set of the last stage): per chunk
