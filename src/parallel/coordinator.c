@@ -62,12 +62,17 @@ static void probe_any(int tag, MPI_Comm comm, MPI_Status *st)
     }
 }
 
-static void serve_one(int src, const double msg[2])
+/* msg = {finished cell or -1, its seconds, want}: want 1 asks for the next cell (answered with
+ * a cell or -1), want 0 is a worker's last message (it holds no cell and stops). */
+static void serve_one(int src, const double msg[3])
 {
     int finished = (int)msg[0];
     if (finished >= 0 && q.done) q.done(finished, src, msg[1], q.done_arg);
+    if (msg[2] == 0) {
+        q.stopped++;
+        return;
+    }
     int cell = q.next < q.n ? q.order[q.next++] : -1;
-    if (cell < 0) q.stopped++;
     MPI_Send(&cell, 1, MPI_INT, src, TAG_ASSIGN, q.comm);
 }
 
@@ -80,8 +85,8 @@ void sp_coord_poll(void)
         MPI_Status stt;
         MPI_Iprobe(MPI_ANY_SOURCE, TAG_READY, q.comm, &flag, &stt);
         if (!flag) break;
-        double msg[2];
-        MPI_Recv(msg, 2, MPI_DOUBLE, stt.MPI_SOURCE, TAG_READY, q.comm, MPI_STATUS_IGNORE);
+        double msg[3];
+        MPI_Recv(msg, 3, MPI_DOUBLE, stt.MPI_SOURCE, TAG_READY, q.comm, MPI_STATUS_IGNORE);
         serve_one(stt.MPI_SOURCE, msg);
     }
     q.overhead += cpu_now() - t0;
@@ -124,38 +129,49 @@ int sp_coord_run(const int *order, int n, int dedicated, MPI_Comm comm, sp_coord
         }
         /* hand out the rest and stop every worker */
         while (q.stopped < q.nworkers) {
-            double msg[2];
+            double msg[3];
             MPI_Status stt;
             double t0 = sp_wtime();
             probe_any(TAG_READY, comm, &stt);
             st->idle += sp_wtime() - t0;
             t0 = cpu_now();
-            MPI_Recv(msg, 2, MPI_DOUBLE, stt.MPI_SOURCE, TAG_READY, comm, MPI_STATUS_IGNORE);
+            MPI_Recv(msg, 3, MPI_DOUBLE, stt.MPI_SOURCE, TAG_READY, comm, MPI_STATUS_IGNORE);
             serve_one(stt.MPI_SOURCE, msg);
             q.overhead += cpu_now() - t0;
         }
         st->overhead = q.overhead;
         q.active = 0;
     } else {
-        double msg[2] = {-1, 0};
-        for (;;) {
-            int cell;
-            double t0 = sp_wtime();
-            MPI_Request rq;
-            MPI_Irecv(&cell, 1, MPI_INT, 0, TAG_ASSIGN, comm, &rq);
-            MPI_Send(msg, 2, MPI_DOUBLE, 0, TAG_READY, comm);
-            wait_request(&rq);
-            st->idle += sp_wtime() - t0;
-            if (cell < 0) break;
+        /* One cell ahead: the request for the next cell goes out when this one starts, so its
+         * answer is there when this one ends — rank 0 answers only at its poll points (between
+         * stages and patches), which may be a long patch away. */
+        double msg[3] = {-1, 0, 1};
+        int next = -1;
+        MPI_Request rq;
+        double t0 = sp_wtime();
+        MPI_Irecv(&next, 1, MPI_INT, 0, TAG_ASSIGN, comm, &rq);
+        MPI_Send(msg, 3, MPI_DOUBLE, 0, TAG_READY, comm);
+        wait_request(&rq);
+        st->idle += sp_wtime() - t0;
+        while (next >= 0) {
+            int cell = next;
+            next = -1;
+            MPI_Irecv(&next, 1, MPI_INT, 0, TAG_ASSIGN, comm, &rq);
+            MPI_Send(msg, 3, MPI_DOUBLE, 0, TAG_READY, comm);
             t0 = sp_wtime();
             status = fn(cell, arg);
             double dt = sp_wtime() - t0;
             st->busy += dt;
             st->cells++;
-            if (status != SP_OK) return status; /* the driver aborts the job */
+            if (status != SP_OK) return status; /* the driver aborts the job (the request is moot) */
             msg[0] = cell;
             msg[1] = dt;
+            t0 = sp_wtime();
+            wait_request(&rq);
+            st->idle += sp_wtime() - t0;
         }
+        msg[2] = 0; /* last message: the cell just finished, and stop */
+        MPI_Send(msg, 3, MPI_DOUBLE, 0, TAG_READY, comm);
     }
     st->wall = sp_wtime() - t_start;
     return status;
