@@ -1355,3 +1355,98 @@ int sp_epsf_grid_at(const sp_epsf_grid *g, double x, double y, sp_psf *out)
 cleanup:
     return status;
 }
+
+/* ------------------------------------------------------------------------ */
+/* Band-wide wing                                                             */
+
+void sp_epsf_pool_params_default(sp_epsf_pool_params *p)
+{
+    p->rin_fwhm = 2.0;
+    p->rout_fwhm = 3.0;
+    p->smooth_k = 0.15;
+}
+
+int sp_epsf_pool_wings(sp_psf *const *psfs, const double *w, const uint8_t *apply, int n,
+                       const sp_epsf_pool_params *pin)
+{
+    int status = SP_OK;
+    sp_epsf_pool_params p;
+    double *mean = NULL, *sm = NULL;
+    if (pin)
+        p = *pin;
+    else
+        sp_epsf_pool_params_default(&p);
+    SP_CHECK(n >= 0 && (n == 0 || (psfs && w && apply)), SP_ERR_INTERNAL, "sp_epsf_pool_wings: bad arguments");
+    SP_CHECK(p.rin_fwhm >= 0 && p.rout_fwhm >= p.rin_fwhm && p.smooth_k >= 0, SP_ERR_INPUT,
+             "ePSF wing pooling: need 0 <= rin (%g) <= rout (%g) and smooth_k (%g) >= 0", p.rin_fwhm, p.rout_fwhm,
+             p.smooth_k);
+    int S = 0, os = 0;
+    double ws = 0;
+    for (int k = 0; k < n; k++) {
+        if (!psfs[k] || !(w[k] > 0)) continue;
+        if (!S) S = psfs[k]->size, os = psfs[k]->oversamp;
+        SP_CHECK(psfs[k]->size == S && psfs[k]->oversamp == os, SP_ERR_INTERNAL,
+                 "ePSF wing pooling: cells of one band differ in stamp geometry");
+        ws += w[k];
+    }
+    if (!(ws > 0)) return SP_OK;
+    const size_t SS = (size_t)S * S;
+    SP_ALLOC(mean, SS);
+    SP_ALLOC(sm, SS);
+    for (int k = 0; k < n; k++) {
+        if (!psfs[k] || !(w[k] > 0)) continue;
+        const double a = w[k] / ws;
+        for (size_t q = 0; q < SS; q++) mean[q] += a * psfs[k]->data[q];
+    }
+    sp_psf *tmp = NULL;
+    SP_TRY(sp_psf_alloc(S, os, &tmp));
+    for (size_t q = 0; q < SS; q++) tmp->data[q] = (float)mean[q];
+    double cx, cy, fwhm = 0;
+    sp_psf_moments(tmp, &cx, &cy, &fwhm);
+    sp_psf_free(&tmp);
+    if (!(fwhm > 0.5)) goto cleanup; /* a degenerate mean: leave the cells alone */
+    const double c = 0.5 * (S - 1), rin = p.rin_fwhm * fwhm, rout = p.rout_fwhm * fwhm;
+    /* the mean's wing, smoothed with a Gaussian of sigma k (r - rin) (gather,
+     * weights renormalised over the stamp) */
+    for (int j = 0; j < S; j++)
+        for (int i = 0; i < S; i++) {
+            const double r = hypot(i - c, j - c) / os, sg = p.smooth_k * (r - rin) * os; /* samples */
+            const size_t q = (size_t)j * S + i;
+            if (!(sg > 0.25)) {
+                sm[q] = mean[q];
+                continue;
+            }
+            const int R = (int)ceil(3.0 * sg);
+            const double i2 = 0.5 / (sg * sg);
+            double a = 0, b = 0;
+            for (int jj = j - R < 0 ? 0 : j - R; jj <= (j + R > S - 1 ? S - 1 : j + R); jj++) {
+                const double dy2 = (double)(jj - j) * (jj - j);
+                for (int ii = i - R < 0 ? 0 : i - R; ii <= (i + R > S - 1 ? S - 1 : i + R); ii++) {
+                    const double d2 = dy2 + (double)(ii - i) * (ii - i);
+                    if (d2 > 9.0 * sg * sg) continue;
+                    const double g = exp(-d2 * i2);
+                    a += g * mean[(size_t)jj * S + ii];
+                    b += g;
+                }
+            }
+            sm[q] = b > 0 ? a / b : mean[q];
+        }
+    for (int k = 0; k < n; k++) {
+        if (!psfs[k] || !apply[k] || psfs[k]->size != S || psfs[k]->oversamp != os) continue;
+        float *d = psfs[k]->data;
+        for (int j = 0; j < S; j++)
+            for (int i = 0; i < S; i++) {
+                const double r = hypot(i - c, j - c) / os;
+                double t = r <= rin ? 1.0 : r >= rout ? 0.0 : cos(0.5 * M_PI * (r - rin) / (rout - rin));
+                t *= t;
+                const size_t q = (size_t)j * S + i;
+                d[q] = (float)(sm[q] + t * (d[q] - sm[q]));
+            }
+        SP_TRY(sp_psf_normalize(psfs[k]));
+        sp_psf_moments(psfs[k], &cx, &cy, &psfs[k]->fwhm);
+    }
+cleanup:
+    free(mean);
+    free(sm);
+    return status;
+}
