@@ -164,6 +164,13 @@ typedef struct {
      * the result then hold that fit); <= 0: purely empirical; default 0 */
     double core_fwhm;
     double core_taper_fwhm;   /* default 1 */
+    /* When the ePSF fails its gate and the Moffat fitted to the stars takes
+     * over: add the stars' stacked residual from that Moffat beyond
+     * fallback_resid_fwhm FWHM (cos^2 ramp over one more FWHM), so the light a
+     * Moffat cannot hold (a real PSF's wide wing) is in the model; <= 0: the
+     * bare Moffat. One cell's stars leave this noisy; the run pools it over
+     * the band (sp_epsf_pool_wings). */
+    double fallback_resid_fwhm;
 } sp_epsf_params;
 
 typedef struct {

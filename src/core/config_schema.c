@@ -213,6 +213,12 @@ const sp_config_key sp_cfg_schema[] = {
     KB("epsf.fallback_borrow", epsf.fallback_borrow, SC, "true",
        "A cell whose ePSF fails its quality gate borrows the star-weighted mean of its neighbouring cells' "
        "empirical ePSFs (else of every empirical ePSF of the band) before the analytic fallback_model."),
+    KD("epsf.fallback_residual_fwhm", epsf.fallback_residual_fwhm, SC, "0", 0, 100, "FWHM",
+       "> 0: a cell whose ePSF fails its quality gate gets the Moffat fitted to its stars plus the stars' "
+       "stacked residual from that Moffat beyond this many FWHM (ramped in over one more), pooled over the "
+       "band by epsf.wing_pool, so light a Moffat cannot hold (a wide wing) can enter the PSF. 0 (default): "
+       "the bare Moffat; with 10-30 stars of SNR 20-200 per cell the residual's sum is too noisy (each "
+       "star's background error over the ~1400 wing pixels), measured worse (docs/psf.md)."),
     KB("epsf.wing_pool", epsf.wing_pool, SC, "true",
        "Every empirical or borrowed cell ePSF keeps its own profile within wing_pool_fwhm[0] FWHM, tapered to "
        "the band's mean empirical ePSF (outer part smoothed) at wing_pool_fwhm[1] FWHM and beyond: one "

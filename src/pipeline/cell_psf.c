@@ -87,6 +87,7 @@ static void params_from_config(const sp_config *cfg, int threads, int nbands, st
     s->epsf.fallback_beta = e->fallback_model == SP_CFG_FALLBACK_GAUSSIAN ? 20.0 : e->fallback_moffat_beta;
     s->epsf.keep_stamps = e->save_residual_diagnostics;
     s->epsf.core_fwhm = e->empirical_core_fwhm;
+    s->epsf.fallback_resid_fwhm = e->fallback_residual_fwhm;
     s->blend_psf = e->interpolation == SP_CFG_EPSF_INTERP_BILINEAR;
     s->use_catalog = e->psfstar_use_catalog;
     s->nb_mask_sigma = e->neighbour_mask_sigma;
@@ -854,6 +855,7 @@ int psf_grid_pool(run_t *r)
     SP_ALLOC(w, nc);
     SP_ALLOC(apply, nc);
     SP_ALLOC(buf, (size_t)size * size);
+    const int resid = r->sp.epsf.fallback_resid_fwhm > 0;
     sp_epsf_pool_params pp;
     sp_epsf_pool_params_default(&pp);
     pp.rin_fwhm = r->cfg->epsf.wing_pool_fwhm[0];
@@ -862,8 +864,13 @@ int psf_grid_pool(run_t *r)
         sp_psf **g = r->grid + (long)b * nc;
         const int32_t *kind = r->grid_kind + (long)b * nc, *nst = r->grid_nstars + (long)b * nc;
         for (long k = 0; k < nc; k++) {
-            w[k] = g[k] && kind[k] == SP_EPSF_EMPIRICAL ? (nst[k] > 0 ? nst[k] : 1) : 0.0;
-            apply[k] = (uint8_t)(g[k] && (kind[k] == SP_EPSF_EMPIRICAL || kind[k] == SP_EPSF_BORROWED));
+            /* contributors: cells whose wing comes from their own stars (empirical, or
+             * the fitted Moffat plus the stars' residual, epsf.fallback_residual_fwhm);
+             * they and the borrowed cells take the band's wing. A bare Moffat is left
+             * alone, so with no empirical wing in the band nothing changes. */
+            int own = kind[k] == SP_EPSF_EMPIRICAL || (kind[k] == SP_EPSF_MOFFAT_FIT && resid);
+            w[k] = g[k] && own && nst[k] > 0 ? nst[k] : 0.0;
+            apply[k] = (uint8_t)(g[k] && (own || kind[k] == SP_EPSF_BORROWED));
         }
         SP_TRY(sp_epsf_pool_wings(g, w, apply, (int)nc, &pp));
         for (long k = 0; k < nc; k++) {

@@ -28,6 +28,7 @@ void sp_epsf_params_default(sp_epsf_params *p)
     p->neighbour_rscale = 3.0;
     p->core_fwhm = 0.0;
     p->core_taper_fwhm = 1.0;
+    p->fallback_resid_fwhm = 0.0;
     p->smooth = 1;
     p->spatial_degree = 1;
     p->spatial_min_stars = 12;
@@ -790,6 +791,72 @@ cleanup:
     return status;
 }
 
+/* The fallback Moffat M plus the used stars' residual from it beyond r0 =
+ * p->fallback_resid_fwhm FWHM: each star's centre and flux refitted with M on
+ * the core box (background: its annulus value, not the in-cutout estimate
+ * made against the failed ePSF), (d - b - F M) / F stacked on the nearest
+ * node with weights F^2 w (as the ePSF stack), smoothed like the ePSF start,
+ * ramped in with cos^2 over r0 .. r0 + 1 FWHM, renormalised. */
+static int fallback_residual(sp_psf *M, bstar *bs, const sp_psfstar *stars, int nstars, int N, int rf,
+                             const sp_epsf_params *p, double *R, double *Wg, double *tmpd, double *model, double *rbuf,
+                             double *fitbuf)
+{
+    const int os = M->oversamp, S = M->size, h = (N - 1) / 2;
+    const double c = 0.5 * (S - 1), fw = M->fwhm > 0 ? M->fwhm : psf_fwhm(M);
+    const double r0 = p->fallback_resid_fwhm * fw, r1 = r0 + fw;
+    memset(R, 0, sizeof(double) * S * S);
+    memset(Wg, 0, sizeof(double) * S * S);
+    int nused = 0;
+    for (int s = 0; s < nstars; s++) {
+        bstar *b = &bs[s];
+        if (!b->used) continue;
+        bstar t = *b;
+        t.b = stars[s].bkg;
+        t.x = t.x0;
+        t.y = t.y0;
+        if (!fit_star(M, &t, N, rf, 4, fitbuf)) continue;
+        render_vals(M, t.x - (t.ix - h), t.y - (t.iy - h), N, model, rbuf);
+        const double F2 = t.F * t.F, iF = 1.0 / t.F;
+        const long iu0 = lround(c + (t.ix - h - t.x) * os), jv0 = lround(c + (t.iy - h - t.y) * os);
+        for (int j = 0; j < N; j++) {
+            long jv = jv0 + (long)j * os;
+            if (jv < 0 || jv >= S) continue;
+            for (int i = 0; i < N; i++) {
+                long iu = iu0 + (long)i * os;
+                size_t kc = (size_t)j * N + i;
+                if (iu < 0 || iu >= S || !(t.w[kc] > 0)) continue;
+                double e = t.d[kc] - t.b - t.F * model[kc];
+                /* the stack's pixel clip: single outliers (cosmic rays, neighbours) out */
+                if (p->clip_sigma > 0) {
+                    double fm = CLIP_MODEL_FRAC * t.F * model[kc];
+                    if (e * e > p->clip_sigma * p->clip_sigma * (1.0 / t.w[kc] + fm * fm)) continue;
+                }
+                R[jv * S + iu] += F2 * t.w[kc] * e * iF;
+                Wg[jv * S + iu] += F2 * t.w[kc];
+            }
+        }
+        nused++;
+    }
+    if (nused == 0) return 0;
+    if (os > 1) {
+        tri_smooth(R, tmpd, S, os);
+        tri_smooth(Wg, tmpd, S, os);
+    }
+    for (int j = 0; j < S; j++)
+        for (int i = 0; i < S; i++) {
+            const size_t k = (size_t)j * S + i;
+            const double r = hypot(i - c, j - c) / os;
+            if (r <= r0 || !(Wg[k] > 0)) continue;
+            double t = r >= r1 ? 1.0 : sin(0.5 * M_PI * (r - r0) / (r1 - r0));
+            M->data[k] += (float)(t * t * R[k] / Wg[k]);
+        }
+    if (sp_psf_normalize(M) != SP_OK) {
+        sp_err_clear();
+        return 0;
+    }
+    return nused;
+}
+
 int sp_epsf_build(const float *img, const float *ivar, const uint8_t *mask, int nx, int ny,
                   const sp_psfstar *stars, int nstars, const sp_epsf_params *pin, sp_epsf_result **out)
 {
@@ -1211,6 +1278,20 @@ int sp_epsf_build(const float *img, const float *ivar, const uint8_t *mask, int 
                                    (fwhm > 0.5 && fwhm < h) ? fwhm : p.fallback_fwhm);
             free(fs);
             if (status != SP_OK) goto cleanup;
+            if (res->kind == SP_EPSF_MOFFAT_FIT && p.fallback_resid_fwhm > 0) {
+                sp_psf *M0 = NULL;
+                SP_TRY(sp_psf_copy(res->psf, &M0));
+                M0->fwhm = res->moffat_fwhm;
+                if (!fallback_residual(M0, bs, stars, nstars, N, rf, &p, R, Wg, tmpd, model, rbuf, fitbuf)) {
+                    sp_psf_free(&M0);
+                } else {
+                    M0->fwhm = res->psf->fwhm;
+                    M0->nstars = res->psf->nstars;
+                    M0->is_fallback = 1;
+                    sp_psf_free(&res->psf);
+                    res->psf = M0;
+                }
+            }
             goto growth;
         }
     }
