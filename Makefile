@@ -137,7 +137,7 @@ bench-fit: $(BUILD)/bench/bench_fit
 $(BUILD)/bench/%: tests/bench/%.c $(LIBA)
 	@mkdir -p $(dir $@)
 	@echo "  LD  $@"
-	@$(CC) $(CFLAGS) $< $(LIBA) $(PKG_LIBS) $(LDFLAGS) -o $@
+	@$(CC) $(CFLAGS) -Itests $< $(LIBA) $(PKG_LIBS) $(LDFLAGS) -o $@
 
 install: $(BIN) $(LIBA)
 	install -d $(DESTDIR)$(PREFIX)/bin $(DESTDIR)$(PREFIX)/lib $(DESTDIR)$(PREFIX)/include/surveyproc \

@@ -199,6 +199,9 @@ typedef struct {
     bool psfstar_use_catalog;
     double neighbour_mask_sigma;
     bool fallback_borrow;
+    bool wing_pool;
+    double fallback_residual_fwhm;
+    double wing_pool_fwhm[2];
     double empirical_core_fwhm;
     int max_stars;
     double q_range[2];

@@ -164,6 +164,13 @@ typedef struct {
      * the result then hold that fit); <= 0: purely empirical; default 0 */
     double core_fwhm;
     double core_taper_fwhm;   /* default 1 */
+    /* When the ePSF fails its gate and the Moffat fitted to the stars takes
+     * over: add the stars' stacked residual from that Moffat beyond
+     * fallback_resid_fwhm FWHM (cos^2 ramp over one more FWHM), so the light a
+     * Moffat cannot hold (a real PSF's wide wing) is in the model; <= 0: the
+     * bare Moffat. One cell's stars leave this noisy; the run pools it over
+     * the band (sp_epsf_pool_wings). */
+    double fallback_resid_fwhm;
 } sp_epsf_params;
 
 typedef struct {
@@ -242,5 +249,22 @@ int sp_epsf_grid_weights(const sp_epsf_grid *g, double x, double y, int idx[4], 
 /* The PSF at (x, y): sp_psf_blend of the neighbouring cell PSFs into `out`
  * (same geometry as the cell PSFs). Returns SP_OK, SP_ERR_INPUT. */
 int sp_epsf_grid_at(const sp_epsf_grid *g, double x, double y, sp_psf *out);
+
+/* Band-wide outer profile ("wing pooling", docs/psf.md): every cell of a band
+ * keeps its own ePSF within rin_fwhm FWHM, tapered (cos^2) to the band's mean
+ * ePSF at rout_fwhm FWHM and beyond; the mean is the w-weighted mean of the
+ * cells with w > 0, its outer part smoothed by a Gaussian whose sigma grows as
+ * smooth_k (r - rin) (image pixels) so the faint wing carries the noise of all
+ * the band's stars, not of one cell's. Every psf (same size and oversampling,
+ * unit sum) with apply[k] set is replaced and renormalised; NULL entries are
+ * skipped. Deterministic (no threads, fixed order). Returns SP_OK with nothing
+ * changed when no cell has w > 0. */
+typedef struct {
+    double rin_fwhm, rout_fwhm; /* cell's own ePSF inside rin, band mean beyond rout (FWHM units) */
+    double smooth_k;            /* smoothing sigma of the mean's wing per pixel beyond rin (0: none) */
+} sp_epsf_pool_params;
+void sp_epsf_pool_params_default(sp_epsf_pool_params *p);
+int sp_epsf_pool_wings(sp_psf *const *psfs, const double *w, const uint8_t *apply, int n,
+                       const sp_epsf_pool_params *p);
 
 #endif

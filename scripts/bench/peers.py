@@ -9,6 +9,13 @@ Writes OUTDIR/<peer>.h5 (/catalog with ID, excluded_any, CONVERGED, FIT_FLAGS, X
 FLUX_<b>_fit / FLUXERR_<b>_fit, or FLUX_<b>_APER / FLUXERR_<b>_APER / APER_FLAGS_<b> for sep;
 root attributes bands, zp_ref) and OUTDIR/<peer>.json (wall and CPU seconds per step, counts).
 
+ePSF fidelity (photutils, sextractor): the peer's PSF model against the simulator's true PSF at
+the nodes of SIMDIR/truth_psf/<band>.fits, on the same image-pixel stamp (PSFSIZE, both unit
+sum there), relres = ||m - t|| / ||t|| as in issue 5 and tests/bench/epsf_check.c; JSON key
+epsf_relres: per band the median and max over the nodes and the max over the 4 corner nodes.
+photutils' EPSFBuilder gives one PSF per frame (compared at every node); PSFEx's degree-2
+model is evaluated at each node (frame pixel = tile pixel, as the simulator writes them).
+
 Every peer works frame by frame (none of them coadds); fluxes are scaled to zp_ref = 25 with the
 frame's ZP_AUTO, as our pipeline does, and the frames of a band are combined by the
 inverse-variance weighted mean (error 1/sqrt(sum w)). Only catalog rows a peer measured are
@@ -86,6 +93,72 @@ def read_sim(simdir):
     cat = np.genfromtxt(os.path.join(simdir, "input_catalog.csv"), delimiter=",", names=True, dtype=None,
                         encoding="utf-8")
     return frames, bands, cat
+
+
+def truth_nodes(simdir, band):
+    """[(x, y, stamp)] of the true PSF at the nodes of truth_psf/<band>.fits (tile pixels, 0-based)"""
+    h = fits.open(os.path.join(simdir, "truth_psf", band + ".fits"))
+    d, hd = h[0].data.astype(float), h[0].header
+    ng, S, nx, ny = hd["PSFNGRID"], hd["PSFSIZE"], hd["TILENX"], hd["TILENY"]
+    out = []
+    for gj in range(ng):
+        for gi in range(ng):
+            out.append(((gi + 0.5) * nx / ng - 0.5, (gj + 0.5) * ny / ng - 0.5, gi in (0, ng - 1) and gj in (0, ng - 1),
+                        d[gj * S:(gj + 1) * S, gi * S:(gi + 1) * S]))
+    return out
+
+
+def relres(m, t, recentre=False):
+    """||m - t|| / ||t||, both unit sum; recentre: m first shifted (cubic spline) so that its
+    centroid within 2 x the truth's FWHM-ish radius (6 pix) is the truth's (a peer that fits
+    positions is not hurt by an offset model centre)"""
+    m = m / m.sum()
+    t = t / t.sum()
+    if recentre:
+        from scipy.ndimage import shift
+        S = t.shape[0]
+        o = np.arange(S) - (S - 1) / 2.0
+        yy, xx = np.meshgrid(o, o, indexing="ij")
+        w = (xx ** 2 + yy ** 2) < 36.0
+        def cen(a):
+            a = np.where(w, a, 0.0)
+            return (a * xx).sum() / a.sum(), (a * yy).sum() / a.sum()
+        for _ in range(3):
+            (mx, my), (tx, ty) = cen(m), cen(t)
+            m = shift(m, (ty - my, tx - mx), order=3, mode="constant")
+        m = m / m.sum()
+    return float(np.sqrt(((m - t) ** 2).sum() / (t ** 2).sum()))
+
+
+def relres_summary(rr, corner):
+    """rr: [(relres, relres recentred)] per node"""
+    rr, corner = np.asarray(rr), np.asarray(corner, bool)
+    out = dict(nodes=int(len(rr)))
+    for k, tag in ((0, ""), (1, "_recentred")):
+        out["median" + tag] = float(np.median(rr[:, k]))
+        out["max" + tag] = float(rr[:, k].max())
+        out["corners_max" + tag] = float(rr[corner, k].max()) if corner.any() else None
+    return out
+
+
+def psfex_eval(psf_path, x, y, S):
+    """PSFEx model (.psf: PSF_MASK polynomial in X_IMAGE, Y_IMAGE, 1-based) at 0-based frame pixel
+    (x, y), sampled at image pixels on an S x S stamp centred on the source (cubic resampling
+    of the PSF_SAMP grid)"""
+    from scipy.ndimage import map_coordinates
+    h = fits.open(psf_path)[1]
+    hd = h.header
+    mask = np.asarray(h.data["PSF_MASK"][0], float)  # (ncoeff, ny, nx)
+    deg = int(hd.get("POLDEG1", 0))
+    u = (x + 1 - hd.get("POLZERO1", 0.0)) / hd.get("POLSCAL1", 1.0)
+    v = (y + 1 - hd.get("POLZERO2", 0.0)) / hd.get("POLSCAL2", 1.0)
+    terms = [u ** i * v ** j for j in range(deg + 1) for i in range(deg + 1 - j)]  # PSFEx order: x fastest
+    img = np.tensordot(np.asarray(terms[:mask.shape[0]]), mask, axes=1)
+    samp = float(hd.get("PSF_SAMP", 1.0))
+    cx, cy = img.shape[1] // 2, img.shape[0] // 2  # PSFEx centres the model on sample (n/2, n/2)
+    off = np.arange(S) - (S - 1) / 2.0
+    yy, xx = np.meshgrid(off / samp + cy, off / samp + cx, indexing="ij")
+    return map_coordinates(img, [yy, xx], order=3, mode="constant", cval=0.0)
 
 
 def cat_pixels(cat, path):
@@ -213,6 +286,7 @@ def run_photutils(simdir, outdir, args):
     n = len(cat)
     box = args.box
     per = []
+    fid = {}
     nfit = 0
     conv = np.zeros(n, dtype=np.int8)
     inbox_any = np.zeros(n, bool)
@@ -246,6 +320,13 @@ def run_photutils(simdir, outdir, args):
         stars = extract_stars(NDData(data=sub), Table(dict(x=x[iso], y=y[iso])), size=31)
         epsf, _ = EPSFBuilder(oversampling=2, maxiters=10, norm_radius=14, progress_bar=False)(stars)
         clk.stop("epsf", t)
+        nodes = truth_nodes(simdir, fr["band"])
+        S = nodes[0][3].shape[0]
+        off = np.arange(S) - (S - 1) / 2.0
+        gx, gy = np.meshgrid(off, off)
+        m = epsf.evaluate(gx, gy, flux=1.0, x_0=0.0, y_0=0.0)
+        fid.setdefault(fr["band"], []).append(([(relres(m, t), relres(m, t, True)) for (_, _, _, t) in nodes],
+                                               [c for (_, _, c, _) in nodes]))
         t = clk.start()
         sel = np.flatnonzero(inbox)
         pad = 20
@@ -274,7 +355,9 @@ def run_photutils(simdir, outdir, args):
     rows = np.flatnonzero(inbox_any)
     write_store(os.path.join(outdir, "photutils.h5"), cat, rows, bands, fluxes, "fit", conv=conv)
     return dict(peer="photutils", version=photutils.__version__, steps=clk.steps, nframes=len(frames),
-                nbands=len(bands), box=box, nsources=int(len(rows)), nsource_frames=int(nfit))
+                nbands=len(bands), box=box, nsources=int(len(rows)), nsource_frames=int(nfit),
+                epsf_relres={b: relres_summary(sum((r for r, _ in v), []), sum((c for _, c in v), []))
+                             for b, v in fid.items()})
 
 
 SEX_PARAMS1 = ["VIGNET(35,35)", "X_IMAGE", "Y_IMAGE", "FLUX_RADIUS", "FLUX_APER(1)", "FLUXERR_APER(1)",
@@ -301,6 +384,7 @@ def run_sextractor(simdir, outdir, args):
     conv = np.zeros(n, dtype=np.int8)
     ndet = 0
     nmatch = 0
+    fid = {}
     ver = subprocess.run(["source-extractor", "-v"], capture_output=True, text=True).stdout.strip()
     pver = subprocess.run(["psfex", "-v"], capture_output=True, text=True).stdout.strip()
 
@@ -341,6 +425,13 @@ def run_sextractor(simdir, outdir, args):
         if r.returncode:
             raise SystemExit("psfex failed: " + r.stderr[-2000:])
         clk.stop("psfex", t)
+        nodes = truth_nodes(simdir, fr["band"])
+        S = nodes[0][3].shape[0]
+        rr = []
+        for (xn, yn, _, t) in nodes:
+            m = psfex_eval(base + ".psf", xn, yn, S)
+            rr.append((relres(m, t), relres(m, t, True)))
+        fid.setdefault(fr["band"], []).append((rr, [c for (_, _, c, _) in nodes]))
         t = clk.start()
         sex(base + ".fits", common + ["-CATALOG_NAME", base + ".cat.fits", "-CATALOG_TYPE", "FITS_1.0",
                                       "-PARAMETERS_NAME", "p2.param", "-PSF_NAME", base + ".psf",
@@ -378,7 +469,9 @@ def run_sextractor(simdir, outdir, args):
     write_store(os.path.join(outdir, "sextractor.h5"), cat, rows, bands, fluxes, "fit", x=xs, y=ys, conv=conv)
     return dict(peer="sextractor+psfex", version=ver + "; " + pver, steps=clk.steps, nframes=len(frames),
                 nbands=len(bands), ndetected=ndet, nassociated=nmatch, nsources=int(len(rows)),
-                nsource_frames=int(nmatch))
+                nsource_frames=int(nmatch),
+                epsf_relres={b: relres_summary(sum((r for r, _ in v), []), sum((c for _, c in v), []))
+                             for b, v in fid.items()})
 
 
 def main():

@@ -213,6 +213,18 @@ const sp_config_key sp_cfg_schema[] = {
     KB("epsf.fallback_borrow", epsf.fallback_borrow, SC, "true",
        "A cell whose ePSF fails its quality gate borrows the star-weighted mean of its neighbouring cells' "
        "empirical ePSFs (else of every empirical ePSF of the band) before the analytic fallback_model."),
+    KD("epsf.fallback_residual_fwhm", epsf.fallback_residual_fwhm, SC, "0", 0, 100, "FWHM",
+       "> 0: a cell whose ePSF fails its quality gate gets the Moffat fitted to its stars plus the stars' "
+       "stacked residual from that Moffat beyond this many FWHM (ramped in over one more), pooled over the "
+       "band by epsf.wing_pool, so light a Moffat cannot hold (a wide wing) can enter the PSF. 0 (default): "
+       "the bare Moffat; with 10-30 stars of SNR 20-200 per cell the residual's sum is too noisy (each "
+       "star's background error over the ~1400 wing pixels), measured worse (docs/psf.md)."),
+    KB("epsf.wing_pool", epsf.wing_pool, SC, "true",
+       "Every empirical or borrowed cell ePSF keeps its own profile within wing_pool_fwhm[0] FWHM, tapered to "
+       "the band's mean empirical ePSF (outer part smoothed) at wing_pool_fwhm[1] FWHM and beyond: one "
+       "cell's 5-30 stars leave its faint wing noisy (docs/psf.md). No effect on Moffat-fallback cells."),
+    KDV("epsf.wing_pool_fwhm", epsf.wing_pool_fwhm, SC | ORD, "[2.0, 3.0]", 0, 100, "FWHM",
+        "Inner and outer radius of the taper from a cell's own ePSF to the band's mean (epsf.wing_pool)."),
     KI("epsf.max_stars", epsf.max_stars, SC, "30", 1, 100000, "", "Most PSF stars used per band per cell."),
     KDV("epsf.q_range", epsf.q_range, SC | ORD, "[0.7, 1.3]", 0, 10, "",
         "Allowed [min, max] axis ratio of a candidate from its second moments (round stars are near 1)."),
@@ -236,8 +248,11 @@ const sp_config_key sp_cfg_schema[] = {
     KI("epsf.recenter_boxsize", epsf.recenter_boxsize, SC | ODD, "9", 3, 101, "pix",
        "Box in which each star is recentred on the current ePSF."),
     KE("epsf.smoothing_kernel", epsf.smoothing_kernel, SC, "none", v_smooth, NULL,
-       "Smoothing of the ePSF updates between iterations: none (default; measured 3-5x closer to the true "
-       "PSF in the run, docs/psf.md), or quartic / quadratic (a triangle filter of 2 oversamp - 1 samples)."),
+       "Smoothing of the ePSF updates between iterations: none (default) or quartic / quadratic (a "
+       "triangle filter of 2 oversamp - 1 samples). With none and oversamp > 1 the run's 5-30 stars per "
+       "cell grow a sub-pixel grid pattern that fails the quality gate, so every cell gets the Moffat "
+       "fitted to its stars; that measured better photometry on the simulated tiles than the smoothed "
+       "empirical stack (docs/psf.md)."),
     KI("epsf.final_psf_size", epsf.final_psf_size, SC | ODD, "41", 5, 1001, "pix",
        "Side of the ePSF stamp in image pixels; also sets the patch halo, "
        "max((final_psf_size-1)/2+2, patches.halo_pix_min)."),

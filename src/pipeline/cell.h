@@ -138,6 +138,7 @@ int psf_grid_share(run_t *r);
 /* epsf.fallback_borrow (called by psf_grid_share): fallback cells take their
  * empirical neighbours' mean ePSF; not collective, same result on every rank. */
 int psf_grid_borrow(run_t *r);
+int psf_grid_pool(run_t *r);
 /* The PSF of band b at tile position (x, y) for a source of cell `cell`:
  * epsf.interpolation bilinear blends the neighbouring cells' ePSFs into *scratch
  * (allocated on first use, same geometry); none returns the cell's own. */

@@ -87,6 +87,7 @@ static void params_from_config(const sp_config *cfg, int threads, int nbands, st
     s->epsf.fallback_beta = e->fallback_model == SP_CFG_FALLBACK_GAUSSIAN ? 20.0 : e->fallback_moffat_beta;
     s->epsf.keep_stamps = e->save_residual_diagnostics;
     s->epsf.core_fwhm = e->empirical_core_fwhm;
+    s->epsf.fallback_resid_fwhm = e->fallback_residual_fwhm;
     s->blend_psf = e->interpolation == SP_CFG_EPSF_INTERP_BILINEAR;
     s->use_catalog = e->psfstar_use_catalog;
     s->nb_mask_sigma = e->neighbour_mask_sigma;
@@ -835,6 +836,59 @@ cleanup:
     return status;
 }
 
+/* epsf.wing_pool: per band, every cell keeps its own ePSF in the core and takes
+ * the band's nstars-weighted mean of the empirical cells (outer part smoothed)
+ * in the wing (sp_epsf_pool_wings). Applied in memory after every share, from
+ * the cells as built (or borrowed), which is what /epsf/<band>_os holds and a
+ * resume reads: the grid is the same however the run was split or resumed.
+ * The owning rank rewrites /epsf/<band> (image pixels) with the pooled PSF,
+ * the one the fit uses at the cell centre. */
+int psf_grid_pool(run_t *r)
+{
+    int status = SP_OK;
+    const sp_plan *p = r->plan;
+    long nc = p->ncells;
+    int size = r->cfg->epsf.final_psf_size;
+    double *w = NULL;
+    uint8_t *apply = NULL;
+    float *buf = NULL;
+    SP_ALLOC(w, nc);
+    SP_ALLOC(apply, nc);
+    SP_ALLOC(buf, (size_t)size * size);
+    const int resid = r->sp.epsf.fallback_resid_fwhm > 0;
+    sp_epsf_pool_params pp;
+    sp_epsf_pool_params_default(&pp);
+    pp.rin_fwhm = r->cfg->epsf.wing_pool_fwhm[0];
+    pp.rout_fwhm = r->cfg->epsf.wing_pool_fwhm[1];
+    for (int b = 0; b < p->nbands; b++) {
+        sp_psf **g = r->grid + (long)b * nc;
+        const int32_t *kind = r->grid_kind + (long)b * nc, *nst = r->grid_nstars + (long)b * nc;
+        for (long k = 0; k < nc; k++) {
+            /* contributors: cells whose wing comes from their own stars (empirical, or
+             * the fitted Moffat plus the stars' residual, epsf.fallback_residual_fwhm);
+             * they and the borrowed cells take the band's wing. A bare Moffat is left
+             * alone, so with no empirical wing in the band nothing changes. */
+            int own = kind[k] == SP_EPSF_EMPIRICAL || (kind[k] == SP_EPSF_MOFFAT_FIT && resid);
+            w[k] = g[k] && own && nst[k] > 0 ? nst[k] : 0.0;
+            apply[k] = (uint8_t)(g[k] && (own || kind[k] == SP_EPSF_BORROWED));
+        }
+        SP_TRY(sp_epsf_pool_wings(g, w, apply, (int)nc, &pp));
+        for (long k = 0; k < nc; k++) {
+            if (!apply[k] || !r->grid_mine[k]) continue;
+            sample_pixels(g[k], size, buf);
+            long st4[4] = {p->cells[k].iy, p->cells[k].ix, 0, 0}, n4[4] = {1, 1, size, size};
+            char path[160];
+            snprintf(path, sizeof path, "/epsf/%s", p->bands[b]);
+            SP_TRY(sp_h5_array_write(r->store->h, path, SP_H5_F32, st4, n4, buf));
+        }
+    }
+cleanup:
+    free(w);
+    free(apply);
+    free(buf);
+    return status;
+}
+
 /* Every rank sends the ePSFs it built; records are [cell, band, nstars, kind, S*S samples]. */
 int psf_grid_share(run_t *r)
 {
@@ -881,6 +935,20 @@ int psf_grid_share(run_t *r)
         status = grid_set(r, (long)b * nc + k, o + 4, so, os, (int)o[2], (int)o[3]);
     }
     if (status == SP_OK && r->sp.borrow) status = psf_grid_borrow(r);
+    if (status == SP_OK && r->cfg->epsf.wing_pool) status = psf_grid_pool(r);
+    if (status == SP_OK && r->rank == 0)
+        for (int b = 0; b < nb; b++) {
+            int nk[4] = {0, 0, 0, 0};
+            for (long k = 0; k < nc; k++) {
+                int kd = r->grid_kind[(long)b * nc + k];
+                if (r->grid[(long)b * nc + k] && kd >= 0 && kd < 4) nk[kd]++;
+            }
+            /* the kinds decide the photometry: say so when the empirical ePSF lost */
+            sp_log(nk[0] == 0 && nk[1] + nk[2] > 0 ? SP_LOG_WARN : SP_LOG_INFO,
+                   "ePSF band %s: %d cell(s) empirical, %d Moffat fitted to the stars, %d configured Moffat, %d "
+                   "borrowed (quality-gate reasons: logging.level debug)",
+                   p->bands[b], nk[0], nk[1], nk[2], nk[3]);
+        }
 cleanup:
     free(counts);
     free(displs);

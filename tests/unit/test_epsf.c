@@ -752,12 +752,94 @@ static void t_parallel(void **s)
     free_scene(&sc);
 }
 
+/* Wing pooling (sp_epsf_pool_wings): 9 cells = a core + wide wing truth plus
+ * independent noise; the pooled cells must (1) equal their own ePSF inside
+ * rin up to the renormalisation, (2) be closer to the truth beyond rout than
+ * any noisy cell by about sqrt(9) or more (mean + smoothing), (3) have unit
+ * sum; a cell with weight 0 and apply 0 is untouched, and with no weight
+ * nothing changes. */
+static void t_pool(void **st)
+{
+    (void)st;
+    enum { NC = 9 };
+    const int N = 41, os = 2, S = os * (N - 1) + 1;
+    sp_psf *core = NULL, *wing = NULL, *t = NULL, *cells[NC + 1], *orig[NC + 1];
+    assert_int_equal(sp_psf_moffat(4.0, 3.0, 1.0, 0.0, S, os, &core), SP_OK);
+    assert_int_equal(sp_psf_moffat(12.0, 2.0, 1.0, 0.0, S, os, &wing), SP_OK);
+    assert_int_equal(sp_psf_alloc(S, os, &t), SP_OK);
+    for (int q = 0; q < S * S; q++) t->data[q] = 0.97f * core->data[q] + 0.03f * wing->data[q];
+    assert_int_equal(sp_psf_normalize(t), SP_OK);
+    float pk = 0;
+    for (int q = 0; q < S * S; q++) pk = t->data[q] > pk ? t->data[q] : pk;
+    uint64_t rng = 12345;
+    double w[NC + 1];
+    uint8_t ap[NC + 1];
+    for (int k = 0; k <= NC; k++) {
+        assert_int_equal(sp_psf_alloc(S, os, &cells[k]), SP_OK);
+        for (int q = 0; q < S * S; q++) {
+            double g = 0; /* ~N(0,1): sum of 12 uniforms - 6 */
+            for (int a = 0; a < 12; a++) {
+                rng = rng * 6364136223846793005ULL + 1442695040888963407ULL;
+                g += (double)(rng >> 11) / 9007199254740992.0;
+            }
+            cells[k]->data[q] = t->data[q] + (float)(0.005 * pk * (g - 6.0));
+        }
+        assert_int_equal(sp_psf_normalize(cells[k]), SP_OK);
+        assert_int_equal(sp_psf_copy(cells[k], &orig[k]), SP_OK);
+        w[k] = k < NC ? 10 : 0;
+        ap[k] = k < NC;
+    }
+    /* outer-region rms error against the truth */
+    const double c = 0.5 * (S - 1), rin = 2 * 4.0, rout = 3 * 4.0;
+    double e_before = 0, e_after = 0, core_dev = 0;
+    for (int k = 0; k < NC; k++) {
+        double eb = 0;
+        for (int q = 0; q < S * S; q++)
+            if (hypot(q % S - c, q / S - c) / os > rout) eb += pow(cells[k]->data[q] - t->data[q], 2);
+        e_before += eb / NC;
+    }
+    sp_epsf_pool_params pp;
+    sp_epsf_pool_params_default(&pp);
+    assert_int_equal(sp_epsf_pool_wings(cells, w, ap, NC + 1, &pp), SP_OK);
+    for (int k = 0; k < NC; k++) {
+        double ea = 0, s = 0, ratio = 0;
+        int nr = 0;
+        for (int q = 0; q < S * S; q++) {
+            double r = hypot(q % S - c, q / S - c) / os;
+            s += cells[k]->data[q];
+            if (r > rout) ea += pow(cells[k]->data[q] - t->data[q], 2);
+            if (r < rin && orig[k]->data[q] > 0.01 * pk) ratio += cells[k]->data[q] / orig[k]->data[q], nr++;
+        }
+        e_after += ea / NC;
+        assert_true(fabs(s / (os * os) - 1.0) < 1e-5);
+        /* inside rin: the cell's own ePSF times one renormalisation factor */
+        ratio /= nr;
+        for (int q = 0; q < S * S; q++) {
+            double r = hypot(q % S - c, q / S - c) / os;
+            if (r < rin) core_dev = fmax(core_dev, fabs(cells[k]->data[q] - ratio * orig[k]->data[q]));
+        }
+    }
+    print_message("pool: outer rms error^2 %.3g -> %.3g (x%.1f lower), core deviation %.2g of peak\n", e_before, e_after, e_before / e_after, core_dev / pk);
+    assert_true(core_dev < 1e-6 * pk);
+    assert_true(e_after < e_before / 30.0); /* the mean of 9 alone gives ~9 */
+    assert_memory_equal(cells[NC]->data, orig[NC]->data, sizeof(float) * S * S);
+    /* no weight: nothing changes */
+    double w0[NC + 1] = {0};
+    sp_psf *keep = NULL;
+    assert_int_equal(sp_psf_copy(cells[0], &keep), SP_OK);
+    assert_int_equal(sp_epsf_pool_wings(cells, w0, ap, NC + 1, &pp), SP_OK);
+    assert_memory_equal(cells[0]->data, keep->data, sizeof(float) * S * S);
+    sp_psf_free(&keep);
+    for (int k = 0; k <= NC; k++) sp_psf_free(&cells[k]), sp_psf_free(&orig[k]);
+    sp_psf_free(&core), sp_psf_free(&wing), sp_psf_free(&t);
+}
+
 int main(void)
 {
     const struct CMUnitTest tests[] = {
         cmocka_unit_test(t_fidelity), cmocka_unit_test(t_noiseless), cmocka_unit_test(t_fallback),
         cmocka_unit_test(t_diagnostics), cmocka_unit_test(t_starsel), cmocka_unit_test(t_grid),
-        cmocka_unit_test(t_spatial),     cmocka_unit_test(t_parallel),
+        cmocka_unit_test(t_spatial),     cmocka_unit_test(t_parallel), cmocka_unit_test(t_pool),
     };
     return cmocka_run_group_tests_name("epsf", tests, NULL, NULL);
 }
