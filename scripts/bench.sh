@@ -20,6 +20,7 @@
 #      (weak scaling), the big tile's memory per rank against the planner (BENCH_BIG=0 skips it)
 #   6. `surveyproc score` of our store; the peers (scripts/bench/peers.py: sep, photutils,
 #      SExtractor+PSFEx) on the same frames, scored by the same `surveyproc score`
+#   6b. detection completeness at SNR > 10, ours vs source-extractor (scripts/bench/detect_compare.py)
 #   7. scripts/bench/report.py: the tables and the extrapolation model into BENCH_DOC
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -189,6 +190,16 @@ for t in $TILES; do
     done
     unset OMP_NUM_THREADS OPENBLAS_NUM_THREADS
 done
+
+# ---- 6b. detection completeness: ours against source-extractor on the same frames ---------------
+if [ "$PEERS" = 1 ]; then
+    make -s build/rel/bench/detect_check
+    for t in $TILES; do
+        $PY scripts/bench/detect_compare.py "$DIR/$t" "$RES/detect_$t.json" > "$RES/detect_$t.log" 2>&1 ||
+            log "detection comparison on $t failed: $(tail -2 "$RES/detect_$t.log")"
+        log "detection $t: done"
+    done
+fi
 
 # ---- 7. report ----------------------------------------------------------------------------------
 LOAD1=$(cut -d' ' -f1-3 /proc/loadavg)

@@ -12,7 +12,8 @@
  * filtered pixel down (watershed): two basins that meet stay separate objects
  * when each rises above the saddle by at least deblend_nsigma filtered-noise
  * units and by deblend_contrast of its own peak; otherwise the lesser is
- * merged into the greater.
+ * merged into the greater. The flooding runs on the detection image, or (deblend_fwhm_frac
+ * < 1) on the image filtered with a narrower Gaussian, in its own noise units.
  *
  * Measurements (on the unfiltered image): isophotal flux and error, peak,
  * windowed centroid (SExtractor XWIN-like: Gaussian window of the filter's
@@ -51,8 +52,12 @@ typedef struct {
                               * also the window size when > 0; default 3 */
     int deblend;             /* 1: split touching peaks; default 1 */
     double deblend_nsigma;   /* a peak must rise this far above the saddle (filtered
-                              * noise units); default 5 */
-    double deblend_contrast; /* ... and by this fraction of its own peak; default 0.3 */
+                              * noise units); default 3 */
+    double deblend_contrast; /* ... and by this fraction of its own peak; default 0.1 */
+    double deblend_fwhm_frac;/* the deblender floods an image filtered with a Gaussian of this
+                              * fraction of the detection filter's FWHM (a matched filter blurs
+                              * close pairs into one peak); 1 (or <= 0): the detection image
+                              * itself; default 0.6 */
     uint8_t sat_bits;        /* mask bits meaning saturated; default SP_PIX_SAT (2) */
     int max_sources;         /* stop after this many (0: no limit); default 0 */
 } sp_detect_params;

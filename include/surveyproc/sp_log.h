@@ -50,6 +50,11 @@ typedef struct {
 void sp_progress_start(sp_progress *p, const char *what, long total, double heartbeat_s);
 void sp_progress_update(sp_progress *p, long done);
 void sp_progress_finish(sp_progress *p);
+/* A heartbeat of the progress started last (if still active): reprints it when heartbeat_s (0.2 s
+ * on a TTY) has passed without an update, so a cell that runs for minutes still shows the run
+ * alive. Cheap (a clock read); a no-op on OpenMP threads other than 0 and where no progress is
+ * active (ranks other than 0). The coordinator's poll calls it. */
+void sp_progress_heartbeat(void);
 
 /* Driver only: print "FATAL rank R [where] status: message" to stderr and the
  * log file, flush, and end the job: MPI_Abort on all ranks when MPI is running

@@ -4,6 +4,7 @@
 
 #include <errno.h>
 #include <mpi.h>
+#include <omp.h>
 #include <pthread.h>
 #include <stdarg.h>
 #include <stdlib.h>
@@ -105,9 +106,12 @@ void sp_log(sp_log_level level, const char *fmt, ...)
 
 /* ---- progress ---------------------------------------------------------------- */
 
+static sp_progress *g_progress; /* the progress started last, for sp_progress_heartbeat */
+
 void sp_progress_start(sp_progress *p, const char *what, long total, double heartbeat_s)
 {
     memset(p, 0, sizeof *p);
+    g_progress = p;
     p->what = what;
     p->total = total;
     p->t0 = mono_now();
@@ -154,9 +158,17 @@ void sp_progress_update(sp_progress *p, long done)
 
 void sp_progress_finish(sp_progress *p)
 {
+    if (g_progress == p) g_progress = NULL;
     if (!p->active) return;
     progress_print(p, 1);
     p->active = 0;
+}
+
+void sp_progress_heartbeat(void)
+{
+    sp_progress *p = g_progress;
+    if (!p || !p->active || (omp_in_parallel() && omp_get_thread_num() != 0)) return;
+    sp_progress_update(p, p->done);
 }
 
 /* ---- fatal ------------------------------------------------------------------- */

@@ -1,6 +1,7 @@
 /* coordinator.c — dynamic cell queue on rank 0 (see sp_coord.h). */
 #include "surveyproc/sp_coord.h"
 #include "surveyproc/sp_error.h"
+#include "surveyproc/sp_log.h"
 #include "surveyproc/sp_prof.h"
 
 #include <omp.h>
@@ -58,7 +59,10 @@ static void probe_any(int tag, MPI_Comm comm, MPI_Status *st)
     int flag = 0;
     for (int k = 0; !flag; k++) {
         MPI_Iprobe(MPI_ANY_SOURCE, tag, comm, &flag, st);
-        if (!flag && k > 200) nap();
+        if (!flag && k > 200) {
+            nap();
+            if (k % 1024 == 0) sp_progress_heartbeat();
+        }
     }
 }
 
@@ -78,6 +82,7 @@ static void serve_one(int src, const double msg[3])
 
 void sp_coord_poll(void)
 {
+    sp_progress_heartbeat(); /* rank 0 shows the run alive while a long cell runs */
     if (!q.active || (omp_in_parallel() && omp_get_thread_num() != 0)) return;
     double t0 = cpu_now();
     for (;;) {

@@ -47,7 +47,7 @@ cleanup() {
     SLURM_CONF=$T/slurm.conf scancel --quiet --user=root >/dev/null 2>&1 || true
   fi
   for f in "$T/slurmd.pid" "$T/slurmctld.pid"; do stop_pid "$f"; done
-  [ "$STARTED_MUNGE" = 1 ] && stop_pid /run/munge/munged.pid
+  [ "$STARTED_MUNGE" = 1 ] && stop_pid "$T/munge/munged.pid"
   if [ -n "${SP_KEEP_TMP:-}" ]; then echo "kept $T"; else rm -rf "$T"; fi
   echo "test_slurm: $((SECONDS - T0)) s in all, daemons stopped"
 }
@@ -61,14 +61,16 @@ stop_pid() {
 trap cleanup EXIT
 trap 'exit 130' INT TERM
 
-# ---- munge: reuse a running one, else start it ----
-if ! (munge -n | unmunge) >/dev/null 2>&1; then
-  mkdir -p /run/munge; chown munge:munge /run/munge; chmod 0755 /run/munge
-  if [ ! -s /etc/munge/munge.key ]; then skip "slurm (no /etc/munge/munge.key)"; exit 0; fi
-  runuser -u munge -- /usr/sbin/munged || { fail slurm_start "munged did not start"; exit 1; }
-  STARTED_MUNGE=1
-  for _ in $(seq 1 50); do (munge -n | unmunge) >/dev/null 2>&1 && break; sleep 0.1; done
-fi
+# ---- munge: a private munged on its own socket (AuthInfo below), so a concurrent run of this
+# test (another worktree, another CI job) neither shares nor stops ours ----
+if [ ! -s /etc/munge/munge.key ]; then skip "slurm (no /etc/munge/munge.key)"; exit 0; fi
+mkdir -p "$T/munge"; chown munge:munge "$T/munge"; chmod 0755 "$T/munge"
+MSOCK=$T/munge/munge.socket
+runuser -u munge -- /usr/sbin/munged --socket="$MSOCK" --pid-file="$T/munge/munged.pid" \
+  --log-file="$T/munge/munged.log" --seed-file="$T/munge/munged.seed" ||
+  { fail slurm_start "munged did not start" "$(tail -3 "$T/munge/munged.log" 2>/dev/null)"; exit 1; }
+STARTED_MUNGE=1
+for _ in $(seq 1 50); do (munge -n --socket="$MSOCK" | unmunge --socket="$MSOCK") >/dev/null 2>&1 && break; sleep 0.1; done
 
 # ---- a private cluster: free ports, own state ----
 port_free() { ! (exec 3<>"/dev/tcp/127.0.0.1/$1") 2>/dev/null; }
@@ -91,6 +93,7 @@ SlurmUser=root
 SlurmdUser=root
 AuthType=auth/munge
 CredType=cred/munge
+AuthInfo=socket=$MSOCK
 MpiDefault=pmix
 ProctrackType=proctrack/linuxproc
 TaskPlugin=task/none

@@ -187,6 +187,57 @@ static void t_deblend(void **s)
     sp_psf_free(&truth);
 }
 
+/* A faint star (SNR 20) 2.5 FWHM from one 10x brighter: the matched filter blurs the pair into
+ * one peak with a shoulder; the deblender floods a narrower-filtered image (deblend_fwhm_frac) and
+ * splits it. The old settings (detection image, 5 sigma, contrast 0.3) did not — kept as the
+ * check that the test can tell. An extended source (FWHM 3x the seeing) stays whole. */
+static void t_deblend_faint_neighbour(void **s)
+{
+    (void)s;
+    sp_psf *truth = NULL, *wide = NULL;
+    assert_int_equal(sp_psf_moffat(FWHM, BETA, 1.0, 0.0, 4 * 30 + 1, 4, &truth), SP_OK);
+    assert_int_equal(sp_psf_moffat(3 * FWHM, BETA, 1.0, 0.0, 4 * 30 + 1, 4, &wide), SP_OK);
+    double f20 = 20.0 / psf_snr_per_flux(truth, 5.0);
+    int split_new = 0, split_old = 0, trials = 10;
+    for (int t = 0; t < trials; t++) {
+        double pair[6] = {60.3, 64.1, 10 * f20, 60.3 + 2.5 * FWHM, 64.6, f20};
+        float *img = stamp(128, 128, truth, pair, 2, 5.0, 100 + t);
+        sp_detect_params p;
+        sp_detect_params_default(&p);
+        p.fwhm = FWHM;
+        sp_source *src = NULL;
+        int n = 0;
+        assert_int_equal(sp_detect(img, NULL, NULL, 128, 128, NULL, &p, &src, &n), SP_OK);
+        for (int k = 0; k < n; k++) split_new += fabs(src[k].x - pair[3]) < 1.5 && fabs(src[k].y - pair[4]) < 1.5;
+        free(src);
+        p.deblend_fwhm_frac = 1;
+        p.deblend_nsigma = 5;
+        p.deblend_contrast = 0.3;
+        assert_int_equal(sp_detect(img, NULL, NULL, 128, 128, NULL, &p, &src, &n), SP_OK);
+        for (int k = 0; k < n; k++) split_old += fabs(src[k].x - pair[3]) < 1.5 && fabs(src[k].y - pair[4]) < 1.5;
+        free(src);
+        free(img);
+    }
+    printf("faint neighbour found in %d/%d trials (old settings %d/%d)\n", split_new, trials, split_old, trials);
+    assert_true(split_new >= 9);
+    assert_true(split_old <= 5);
+    /* a bright extended source: one object */
+    double one[3] = {64.2, 63.7, 3e5};
+    float *img = stamp(128, 128, wide, one, 1, 5.0, 7);
+    sp_detect_params p;
+    sp_detect_params_default(&p);
+    p.fwhm = FWHM;
+    sp_source *src = NULL;
+    int n = 0;
+    assert_int_equal(sp_detect(img, NULL, NULL, 128, 128, NULL, &p, &src, &n), SP_OK);
+    printf("extended source: %d objects\n", n);
+    assert_int_equal(n, 1);
+    free(src);
+    free(img);
+    sp_psf_free(&truth);
+    sp_psf_free(&wide);
+}
+
 static void t_shape_and_flags(void **s)
 {
     (void)s;
@@ -271,6 +322,7 @@ int main(void)
     const struct CMUnitTest tests[] = {
         cmocka_unit_test(t_completeness),
         cmocka_unit_test(t_deblend),
+        cmocka_unit_test(t_deblend_faint_neighbour),
         cmocka_unit_test(t_shape_and_flags),
         cmocka_unit_test(t_empty),
     };
