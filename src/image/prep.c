@@ -198,33 +198,77 @@ int sp_prep_ivar(const float *data, const uint8_t *mask, size_t npix, const sp_p
     return SP_OK;
 }
 
+/* One chunk of the coadd: frames outer, pixels inner (so the loops vectorise), with the
+ * per-pixel sums accumulated over frames in ascending order exactly as a per-pixel loop
+ * would (a frame that is not good at a pixel adds +0, which changes no sum: the sums are
+ * never -0). "Good" (!(ivar <= 0)) and the selects are bit masks: with -ftrapping-math GCC
+ * does not if-convert a float comparison feeding a select. */
+#define COADD_CHUNK 1024
+static inline double dmask(double x, uint64_t m)
+{
+    uint64_t u;
+    memcpy(&u, &x, 8);
+    u &= m;
+    memcpy(&x, &u, 8);
+    return x;
+}
+static inline float fmask(float x, uint32_t m)
+{
+    uint32_t u;
+    memcpy(&u, &x, 4);
+    u &= m;
+    memcpy(&x, &u, 4);
+    return x;
+}
+SP_KERNEL static void coadd_kernel(int nf, const float *const *data, const float *const *ivar,
+                                   const uint8_t *const *mask, const double *wsky, size_t i0, size_t n,
+                                   float *restrict out_data, float *restrict out_ivar, uint8_t *restrict out_mask)
+{
+    double sw[COADD_CHUNK], swd[COADD_CHUNK], sw2v[COADD_CHUNK];
+    uint8_t sat[COADD_CHUNK], good[COADD_CHUNK];
+    memset(sw, 0, n * sizeof *sw);
+    memset(swd, 0, n * sizeof *swd);
+    memset(sw2v, 0, n * sizeof *sw2v);
+    memset(sat, 0, n);
+    memset(good, 0, n);
+    for (int k = 0; k < nf; k++) {
+        const float *restrict d = data[k] + i0, *restrict iv = ivar[k] + i0;
+        const uint8_t *restrict m = mask[k] + i0;
+        const double w = wsky[k], w2 = w * w;
+        for (size_t i = 0; i < n; i++) {
+            uint32_t b;
+            memcpy(&b, &iv[i], 4);
+            /* !(ivar <= 0): ivar > 0 (+Inf included) or NaN, as the per-pixel definition */
+            uint32_t ok = (b - 1u < 0x7F800000u) | ((b & 0x7FFFFFFFu) > 0x7F800000u);
+            uint64_t okm = (uint64_t)0 - (uint64_t)ok;
+            sat[i] |= m[i] & SP_PIX_SAT;
+            good[i] |= (uint8_t)ok;
+            const double we = dmask(w, okm);
+            sw[i] += we;
+            swd[i] += we * dmask((double)d[i], okm);
+            sw2v[i] += dmask(w2 / (double)iv[i], okm);
+        }
+    }
+    for (size_t i = 0; i < n; i++) {
+        uint64_t b;
+        memcpy(&b, &sw[i], 8);
+        uint32_t okm = (uint32_t)0 - (uint32_t)(b - 1u < 0x7FF0000000000000ull); /* sw > 0 */
+        out_data[i0 + i] = fmask((float)(swd[i] / sw[i]), okm);
+        out_ivar[i0 + i] = fmask((float)(sw[i] * sw[i] / sw2v[i]), okm);
+        out_mask[i0 + i] = (uint8_t)(sat[i] | (good[i] ? 0 : SP_PIX_BAD));
+    }
+}
+
 int sp_prep_coadd(int nf, const float *const *data, const float *const *ivar, const uint8_t *const *mask,
                   const double *wsky, size_t npix, float *out_data, float *out_ivar, uint8_t *out_mask,
                   int nthreads)
 {
     if (nf < 1) return SP_FAIL(SP_ERR_INTERNAL, "coadd of %d frames", nf);
-#pragma omp parallel for schedule(static) num_threads(nthreads > 0 ? nthreads : 1)
-    for (size_t i = 0; i < npix; i++) {
-        double sw = 0, swd = 0, sw2v = 0;
-        uint8_t sat = 0, allbad = SP_PIX_BAD;
-        for (int k = 0; k < nf; k++) {
-            sat |= mask[k][i] & SP_PIX_SAT;
-            if (ivar[k][i] <= 0) continue;
-            allbad = 0;
-            double w = wsky[k];
-            sw += w;
-            swd += w * data[k][i];
-            sw2v += w * w / ivar[k][i];
-        }
-        if (sw > 0) {
-            out_data[i] = (float)(swd / sw);
-            out_ivar[i] = (float)(sw * sw / sw2v);
-            out_mask[i] = sat;
-        } else {
-            out_data[i] = 0.0f;
-            out_ivar[i] = 0.0f;
-            out_mask[i] = (uint8_t)(allbad | sat);
-        }
+    long nchunk = (long)((npix + COADD_CHUNK - 1) / COADD_CHUNK);
+#pragma omp parallel for schedule(static) num_threads(nthreads > 0 ? nthreads : 1) if (nthreads > 1)
+    for (long c = 0; c < nchunk; c++) {
+        size_t i0 = (size_t)c * COADD_CHUNK, n = npix - i0 < COADD_CHUNK ? npix - i0 : COADD_CHUNK;
+        coadd_kernel(nf, data, ivar, mask, wsky, i0, n, out_data, out_ivar, out_mask);
     }
     return SP_OK;
 }

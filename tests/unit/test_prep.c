@@ -292,6 +292,66 @@ static void t_prep_sky_matches_definition(void **s)
         }
 }
 
+/* The coadd's definition per pixel (frames in order, skipping frames not good at the
+ * pixel); sp_prep_coadd runs frames outer / pixels inner and must give the same bytes. */
+static void t_coadd_matches_definition(void **s)
+{
+    (void)s;
+    unsigned seed = 4242;
+    for (int nf = 1; nf <= 5; nf++) {
+        size_t n = 1024 * 3 + 77 + (size_t)nf;
+        float *d[5], *iv[5];
+        uint8_t *m[5];
+        double w[5];
+        for (int k = 0; k < nf; k++) {
+            w[k] = 1.0 / ((3.0 + k) * (3.0 + k) * (0.7 + 0.1 * k));
+            d[k] = malloc(n * sizeof(float));
+            iv[k] = malloc(n * sizeof(float));
+            m[k] = malloc(n);
+            for (size_t i = 0; i < n; i++) {
+                seed = seed * 1103515245u + 12345u;
+                double u = (seed >> 8) / 16777216.0;
+                int bad = u < 0.15, sat = u > 0.93;
+                m[k][i] = (uint8_t)(bad ? SP_PIX_BAD : sat ? SP_PIX_SAT : 0);
+                d[k][i] = bad || sat ? 0.0f : (float)(1e3 * (u - 0.4) * (u - 0.2));
+                iv[k][i] = bad || sat ? 0.0f : (float)(w[k] / (1.0 + 5 * u));
+                if (i % 97 == 3) d[k][i] = -0.0f;
+                if (i % 211 == 5 + (size_t)k) iv[k][i] = NAN; /* not "<= 0": enters the sums */
+                if (i % 331 == 7) iv[k][i] = -1.0f;
+            }
+        }
+        float *od = malloc(n * sizeof(float)), *oi = malloc(n * sizeof(float));
+        uint8_t *om = malloc(n);
+        assert_int_equal(sp_prep_coadd(nf, (const float *const *)d, (const float *const *)iv,
+                                       (const uint8_t *const *)m, w, n, od, oi, om, 1), SP_OK);
+        for (size_t i = 0; i < n; i++) {
+            double sw = 0, swd = 0, sw2v = 0;
+            uint8_t sat = 0, allbad = SP_PIX_BAD;
+            for (int k = 0; k < nf; k++) {
+                sat |= m[k][i] & SP_PIX_SAT;
+                if (iv[k][i] <= 0) continue;
+                allbad = 0;
+                sw += w[k];
+                swd += w[k] * d[k][i];
+                sw2v += w[k] * w[k] / iv[k][i];
+            }
+            float rd = sw > 0 ? (float)(swd / sw) : 0.0f, ri = sw > 0 ? (float)(sw * sw / sw2v) : 0.0f;
+            uint8_t rm = sw > 0 ? sat : (uint8_t)(allbad | sat);
+            if (memcmp(&rd, &od[i], 4) || memcmp(&ri, &oi[i], 4) || rm != om[i])
+                fail_msg("nf %d pixel %zu: (%a %a %d) vs definition (%a %a %d)", nf, i, (double)od[i], (double)oi[i],
+                         om[i], (double)rd, (double)ri, rm);
+        }
+        for (int k = 0; k < nf; k++) {
+            free(d[k]);
+            free(iv[k]);
+            free(m[k]);
+        }
+        free(od);
+        free(oi);
+        free(om);
+    }
+}
+
 int main(void)
 {
     const struct CMUnitTest tests[] = {
@@ -299,6 +359,7 @@ int main(void)
         cmocka_unit_test(t_prep_sky_estimate),
         cmocka_unit_test(t_prep_sky_matches_definition),
         cmocka_unit_test(t_coadd_and_white_threads),
+        cmocka_unit_test(t_coadd_matches_definition),
         cmocka_unit_test(t_aperture),
         cmocka_unit_test(t_aperture_clipped_median),
     };
