@@ -599,6 +599,9 @@ static void t_direct_matches_cfitsio(void **s)
     sp_test_path("d_i4.fits", path, sizeof path);
     write_raw(path, 32, nx, ny, i4, 1, 0, 0, 0, 0);
     compare_routes(path, nx, ny, 1);
+    sp_test_path("d_u4.fits", path, sizeof path); /* unsigned 32-bit convention */
+    write_raw(path, 32, nx, ny, i4, 1, 2147483648.0, 0, 0, 0);
+    compare_routes(path, nx, ny, 1);
     sp_test_path("d_i4s.fits", path, sizeof path);
     write_raw(path, 32, nx, ny, i4, 2.5e-3, 1e5, 0, 0, 0);
     compare_routes(path, nx, ny, 1);
