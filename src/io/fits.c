@@ -133,6 +133,9 @@ static int hdu_is_2d_image(fitsfile *fp, int *naxis, long *nx, long *ny, int *cf
 static void direct_setup(sp_fits *f, long long datastart)
 {
     int cfst = 0, bitpix = 0;
+#if !defined(__BYTE_ORDER__) || __BYTE_ORDER__ != __ORDER_LITTLE_ENDIAN__
+    goto no; /* the conversion below byte-swaps: little-endian hosts only */
+#endif
     if (fits_is_compressed_image(f->fp, &cfst) || cfst) goto no;
     if (fits_get_img_type(f->fp, &bitpix, &cfst)) goto no;
     if (bitpix != 8 && bitpix != 16 && bitpix != 32 && bitpix != -32 && bitpix != -64) goto no;
