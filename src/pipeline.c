@@ -22,6 +22,7 @@
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#include <sys/resource.h>
 #include <sys/stat.h>
 #include <unistd.h>
 
@@ -30,38 +31,170 @@
 
 /* ---- one cell ---------------------------------------------------------------------- */
 
+/* ---- read+prep ---------------------------------------------------------------------- */
+
+/* What read+prep keeps per rank from one cell to the next (a rank runs its cells one at
+ * a time, on its main thread): the cell's band images (data, ivar, mask: the pool the
+ * cells borrow), the raw ROI buffer and the per-frame buffers of multi-frame bands, all
+ * sized for the largest cell and allocated on first use, and a bounded set of open
+ * frames. Fresh buffers per cell cost a page fault per 4 KB at first touch, and opening a
+ * frame (stat, header parse) ~30 us: together ~40% of read+prep on the bench tile
+ * (docs/performance.md). Memory is what the planner already counts for the largest cell. */
+typedef struct ioprep_state {
+    size_t cap;          /* pixels per buffer: the largest cell ROI */
+    int nb, maxf;        /* bands; frames of the largest band */
+    float **data, **ivar; /* nb band images lent to the current cell */
+    uint8_t **mask;
+    float *raw;
+    float **fd, **fi;    /* maxf frames of a multi-frame band (maxf > 1 only) */
+    uint8_t **fm;
+    double *wsky;
+    sp_fits **open;      /* per frame of the plan; NULL: not open */
+    long *stamp;         /* last use, for closing the least recently used */
+    long clock;
+    int nopen, maxopen;
+} ioprep_state;
+
+static void ioprep_free(run_t *r)
+{
+    ioprep_state *s = r->iop;
+    if (!s) return;
+    for (int b = 0; b < s->nb; b++) {
+        if (s->data) free(s->data[b]);
+        if (s->ivar) free(s->ivar[b]);
+        if (s->mask) free(s->mask[b]);
+    }
+    for (int k = 0; k < s->maxf; k++) {
+        if (s->fd) free(s->fd[k]);
+        if (s->fi) free(s->fi[k]);
+        if (s->fm) free(s->fm[k]);
+    }
+    if (s->open)
+        for (int i = 0; i < r->plan->nframes; i++) sp_fits_close(&s->open[i]);
+    free(s->data);
+    free(s->ivar);
+    free(s->mask);
+    free(s->raw);
+    free(s->fd);
+    free(s->fi);
+    free(s->fm);
+    free(s->wsky);
+    free(s->open);
+    free(s->stamp);
+    free(s);
+    r->iop = NULL;
+}
+
+static int ioprep_init(run_t *r)
+{
+    int status = SP_OK;
+    const sp_plan *p = r->plan;
+    ioprep_state *s = NULL;
+    if (r->iop) return SP_OK;
+    SP_ALLOC(s, 1);
+    r->iop = s;
+    for (int k = 0; k < p->ncells; k++) {
+        const sp_cell *ce = &p->cells[k];
+        size_t n = (size_t)(ce->rx1 - ce->rx0) * (size_t)(ce->ry1 - ce->ry0);
+        if (n > s->cap) s->cap = n;
+    }
+    if (!s->cap) s->cap = 1;
+    s->nb = p->nbands;
+    s->maxf = 1;
+    for (int b = 0; b < p->nbands; b++)
+        if (p->band_nframes[b] > s->maxf) s->maxf = p->band_nframes[b];
+    /* malloc, not calloc: every pixel is written before it is read */
+#define IOP_NEW(ptr, n)                                                                                   \
+    do {                                                                                                  \
+        (ptr) = malloc((size_t)(n) * sizeof *(ptr));                                                      \
+        SP_CHECK((ptr), SP_ERR_NOMEM, "out of memory allocating %zu x %zu bytes (read+prep buffers)",      \
+                 (size_t)(n), sizeof *(ptr));                                                             \
+    } while (0)
+    SP_ALLOC(s->data, s->nb);
+    SP_ALLOC(s->ivar, s->nb);
+    SP_ALLOC(s->mask, s->nb);
+    for (int b = 0; b < s->nb; b++) {
+        IOP_NEW(s->data[b], s->cap);
+        IOP_NEW(s->ivar[b], s->cap);
+        IOP_NEW(s->mask[b], s->cap);
+    }
+    IOP_NEW(s->raw, s->cap);
+    SP_ALLOC(s->wsky, s->maxf);
+    if (s->maxf > 1) {
+        SP_ALLOC(s->fd, s->maxf);
+        SP_ALLOC(s->fi, s->maxf);
+        SP_ALLOC(s->fm, s->maxf);
+        for (int k = 0; k < s->maxf; k++) {
+            IOP_NEW(s->fd[k], s->cap);
+            IOP_NEW(s->fi[k], s->cap);
+            IOP_NEW(s->fm[k], s->cap);
+        }
+    }
+#undef IOP_NEW
+    /* open frames: at most 64, and each takes up to two descriptors (cfitsio's and the
+     * direct reader's): leave most of the descriptor limit to everything else */
+    struct rlimit rl;
+    long fdmax = getrlimit(RLIMIT_NOFILE, &rl) == 0 && rl.rlim_cur != RLIM_INFINITY ? (long)rl.rlim_cur : 1024;
+    long mo = (fdmax - 256) / 4;
+    s->maxopen = (int)(mo < 0 ? 0 : mo > 64 ? 64 : mo);
+    if (s->maxopen > p->nframes) s->maxopen = p->nframes;
+    SP_ALLOC(s->open, p->nframes);
+    SP_ALLOC(s->stamp, p->nframes);
+cleanup:
+    if (status != SP_OK) ioprep_free(r);
+    return status;
+}
+
+/* Read the cell's ROI of frame i into raw, through the set of open frames. A frame whose
+ * read fails is closed (a later cell or a resumed run opens it afresh). */
+static int read_frame_roi(run_t *r, int i, const cell_t *c, float *raw)
+{
+    ioprep_state *s = r->iop;
+    int status = SP_OK;
+    sp_fits *f = s->open[i];
+    if (!f) {
+        SP_TRY(sp_fits_open(r->plan->frames[i].path, &f));
+        if (s->maxopen > 0) {
+            if (s->nopen >= s->maxopen) {
+                int old = -1;
+                for (int k = 0; k < r->plan->nframes; k++)
+                    if (s->open[k] && (old < 0 || s->stamp[k] < s->stamp[old])) old = k;
+                sp_fits_close(&s->open[old]);
+                s->nopen--;
+            }
+            s->open[i] = f;
+            s->nopen++;
+        }
+    }
+    s->stamp[i] = ++s->clock;
+    status = sp_fits_read_subset(f, c->x0, c->y0, c->nx, c->ny, raw);
+    if (status != SP_OK || !s->open[i]) {
+        if (s->open[i]) s->nopen--;
+        s->open[i] = NULL;
+        sp_fits_close(&f);
+    }
+cleanup:
+    return status;
+}
+
+/* The cell's band images: each frame's ROI read, scaled, masked and given its noise
+ * model; a band of one frame is prepared straight into the cell's band image, several
+ * frames of a band are coadded. */
 static int stage_io_prep(cell_t *c)
 {
     int status = SP_OK;
     run_t *r = c->run;
     const sp_plan *p = r->plan;
-    int nb = p->nbands, maxf = 1;
-    float *raw = NULL, **fd = NULL, **fi = NULL;
-    uint8_t **fm = NULL;
-    double *wsky = NULL;
-    sp_fits *f = NULL;
-    for (int b = 0; b < nb; b++)
-        if (p->band_nframes[b] > maxf) maxf = p->band_nframes[b];
-    SP_ALLOC(raw, c->npix);
-    SP_ALLOC(fd, maxf);
-    SP_ALLOC(fi, maxf);
-    SP_ALLOC(fm, maxf);
-    SP_ALLOC(wsky, maxf);
-    for (int k = 0; k < maxf; k++) {
-        SP_ALLOC(fd[k], c->npix);
-        SP_ALLOC(fi[k], c->npix);
-        SP_ALLOC(fm[k], c->npix);
-    }
+    ioprep_state *s = r->iop;
+    int nb = p->nbands;
     for (int b = 0; b < nb; b++) {
-        int nf = 0;
+        int nf = 0, single = p->band_nframes[b] == 1;
         for (int i = 0; i < p->nframes; i++) {
             const sp_frame *fr = &p->frames[i];
             if (fr->band_index != b) continue;
             /* the ROI of this frame only: never the whole frame */
             sp_prof_push("io");
-            status = sp_fits_open(fr->path, &f);
-            if (status == SP_OK) status = sp_fits_read_subset(f, c->x0, c->y0, c->nx, c->ny, raw);
-            sp_fits_close(&f);
+            status = read_frame_roi(r, i, c, s->raw);
             sp_prof_bytes((double)c->npix * 4.0);
             sp_prof_pop();
             SP_TRY(status);
@@ -70,40 +203,27 @@ static int stage_io_prep(cell_t *c)
             sp_prep_params pp = {.scale = fr->scale, .skysig = fr->skysig, .egain = fr->egain,
                                  .saturate = fr->saturate,
                                  .sat_level_frac = r->cfg->image_scaling.saturation_fraction};
+            float *d = single ? c->data[b] : s->fd[nf], *iv = single ? c->ivar[b] : s->fi[nf];
+            uint8_t *m = single ? c->mask[b] : s->fm[nf];
             double sky = 0;
-            status = sp_prep_frame(raw, c->npix, &pp, fd[nf], fm[nf], &sky, r->prep_threads);
-            if (status == SP_OK) status = sp_prep_ivar(fd[nf], fm[nf], c->npix, &pp, sky, NULL, fi[nf], r->prep_threads);
-            wsky[nf] = 1.0 / (fr->skysig * fr->scale * fr->skysig * fr->scale);
+            status = sp_prep_frame(s->raw, c->npix, &pp, d, m, &sky, r->prep_threads);
+            if (status == SP_OK) status = sp_prep_ivar(d, m, c->npix, &pp, sky, NULL, iv, r->prep_threads);
+            s->wsky[nf] = 1.0 / (fr->skysig * fr->scale * fr->skysig * fr->scale);
             sp_prof_pop();
             SP_TRY(status);
             nf++;
             sp_coord_poll();
         }
-        if (nf == 1) {
-            /* one frame: it is the band image (swap buffers, no copy) */
-            float *t = c->data[b]; c->data[b] = fd[0]; fd[0] = t;
-            t = c->ivar[b]; c->ivar[b] = fi[0]; fi[0] = t;
-            uint8_t *m = c->mask[b]; c->mask[b] = fm[0]; fm[0] = m;
-        } else {
+        if (!single) {
             sp_prof_push("coadd");
-            status = sp_prep_coadd(nf, (const float *const *)fd, (const float *const *)fi, (const uint8_t *const *)fm,
-                                   wsky, c->npix, c->data[b], c->ivar[b], c->mask[b], r->prep_threads);
+            status = sp_prep_coadd(nf, (const float *const *)s->fd, (const float *const *)s->fi,
+                                   (const uint8_t *const *)s->fm, s->wsky, c->npix, c->data[b], c->ivar[b],
+                                   c->mask[b], r->prep_threads);
             sp_prof_pop();
             SP_TRY(status);
         }
     }
 cleanup:
-    sp_fits_close(&f);
-    for (int k = 0; k < maxf && fd; k++) {
-        free(fd[k]);
-        free(fi[k]);
-        free(fm[k]);
-    }
-    free(fd);
-    free(fi);
-    free(fm);
-    free(wsky);
-    free(raw);
     return status;
 }
 
@@ -236,14 +356,9 @@ static const cell_stage fit_stages[] = {
 
 static void cell_free(cell_t *c, int nb)
 {
-    for (int b = 0; b < nb; b++) {
-        if (c->data) free(c->data[b]);
-        if (c->ivar) free(c->ivar[b]);
-        if (c->mask) free(c->mask[b]);
-    }
-    free(c->data);
-    free(c->ivar);
-    free(c->mask);
+    (void)nb; /* the band images belong to the rank's read+prep pool (ioprep_state) */
+    c->data = c->ivar = NULL;
+    c->mask = NULL;
     free(c->white);
     free(c->white_ivar);
     free(c->src);
@@ -299,14 +414,13 @@ static int process_cell(int cid, void *arg)
     c.nx = ce->rx1 - ce->rx0;
     c.ny = ce->ry1 - ce->ry0;
     c.npix = (size_t)c.nx * (size_t)c.ny;
-    SP_ALLOC(c.data, nb);
-    SP_ALLOC(c.ivar, nb);
-    SP_ALLOC(c.mask, nb);
-    for (int b = 0; b < nb; b++) {
-        SP_ALLOC(c.data[b], c.npix);
-        SP_ALLOC(c.ivar[b], c.npix);
-        SP_ALLOC(c.mask[b], c.npix);
-    }
+    /* the band images: borrowed from the rank's pool, filled by read+prep */
+    SP_TRY(ioprep_init(r));
+    SP_CHECK(c.npix <= r->iop->cap, SP_ERR_INTERNAL, "cell %d: ROI of %zu pixels > the read+prep pool's %zu", cid,
+             c.npix, r->iop->cap);
+    c.data = r->iop->data;
+    c.ivar = r->iop->ivar;
+    c.mask = r->iop->mask;
     SP_ALLOC(c.white, c.npix);
     SP_ALLOC(c.white_ivar, c.npix);
     SP_ALLOC(c.src, ce->nsrc + 1);
@@ -828,6 +942,7 @@ cleanup:
         if (status == SP_OK) status = st2;
     }
     if (have_stages) cell_stages_cleanup(&r);
+    ioprep_free(&r);
     if (have_plan) sp_plan_free(&plan);
     if (have_cfg) sp_config_free(&cfg);
     free(yaml);

@@ -34,8 +34,24 @@ void sp_fits_shape(const sp_fits *f, long *nx, long *ny);
 /* Read the rectangle [x0, x0+nx) x [y0, y0+ny) (0-based) as float into out
  * (nx*ny, row-major). Parts outside the image are filled with NaN. BLANK/null
  * pixels become NaN. Returns SP_ERR_FITS with the file/HDU on failure (e.g. a
- * truncated file). */
+ * truncated file), SP_ERR_IO on a read error.
+ *
+ * Two routes, same pixels: a plain uncompressed image (BITPIX 8/16/32 without
+ * BLANK, or -32/-64 without BSCALE/BZERO, in a file that is not gzip'ed) is read
+ * "directly": pread(2) of the ROI rows into a small buffer, byte swap and
+ * conversion into out, bit-identical to what cfitsio's fits_read_subset with a
+ * NaN null value returns (NaN/Inf -> NaN, zero/denormal floats -> +0, integers
+ * (float)(v * BSCALE + BZERO)); tests/unit/test_fits.c compares the two over
+ * every BITPIX. Everything else (tile-compressed, gzip, BLANK, scaled floats)
+ * goes through fits_read_subset. */
 int sp_fits_read_subset(sp_fits *f, long x0, long y0, long nx, long ny, float *out);
+
+/* Process-wide switch for the direct route of sp_fits_read_subset, for tests
+ * and benchmarks (default on; affects handles opened afterwards; call before
+ * threads open files). Returns the previous setting. */
+int sp_fits_set_direct(int enable);
+/* 1 if reads of this handle take the direct route. */
+int sp_fits_direct(const sp_fits *f);
 
 /* Header keys. `required`: 1 -> a missing key is SP_ERR_INPUT with the message
  * "FILE[HDU n]: missing header key KEY", 0 -> *found=0 and SP_OK (found may be NULL

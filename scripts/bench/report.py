@@ -122,7 +122,7 @@ w("From the store's `/timing/regions` of the 1 rank x 1 thread runs: work / CPU 
   "read, prepare and background-subtract every cell ROI (base + halo), so those count both; pixels are "
   "ROI pixels x bands (read+prep: every frame's). `cat` = `cat` of the same FITS files from the page cache.")
 w("")
-stg = ["read+prep", "io (cfitsio)", "background", "white stack", "detect", "ePSF", "aperture", "fit"]
+stg = ["read+prep", "io (ROI reads)", "background", "white stack", "detect", "ePSF", "aperture", "fit"]
 w("| stage | unit | " + " | ".join(tiles) + " |")
 w("|---|---|" + "---|" * len(tiles))
 for s in stg:

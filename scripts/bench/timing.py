@@ -62,7 +62,7 @@ def main():
                             per_core_s_wall=work / (wall * nthr) if wall > 0 else None)
 
     stage("read+prep", ["psf_phase/psf_cells/read+prep", "cells_phase/fit_cells/read+prep"], io_bytes / 4e6, "Mpix")
-    stage("io (cfitsio)", ["psf_phase/psf_cells/read+prep/io", "cells_phase/fit_cells/read+prep/io"], io_bytes / 4e6,
+    stage("io (ROI reads)", ["psf_phase/psf_cells/read+prep/io", "cells_phase/fit_cells/read+prep/io"], io_bytes / 4e6,
           "Mpix")
     stage("background", ["psf_phase/psf_cells/background", "cells_phase/fit_cells/background"], 2 * roi * nb / 1e6,
           "Mpix")

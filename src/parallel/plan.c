@@ -119,10 +119,30 @@ cleanup:
     return status;
 }
 
-static int cmp_double(const void *a, const void *b)
+/* The k-th smallest of a[0..n-1] (0-based; a is reordered), Hoare's quickselect with a
+ * median-of-three pivot: the value a full sort would put at a[k]. No NaNs in a. */
+static double select_kth(double *a, size_t n, size_t k)
 {
-    double x = *(const double *)a, y = *(const double *)b;
-    return (x > y) - (x < y);
+    size_t lo = 0, hi = n - 1;
+    while (hi > lo) {
+        size_t mid = lo + (hi - lo) / 2;
+        if (a[mid] < a[lo]) { double t = a[mid]; a[mid] = a[lo]; a[lo] = t; }
+        if (a[hi] < a[lo]) { double t = a[hi]; a[hi] = a[lo]; a[lo] = t; }
+        if (a[hi] < a[mid]) { double t = a[hi]; a[hi] = a[mid]; a[mid] = t; }
+        double piv = a[mid];
+        size_t i = lo, j = hi;
+        for (;;) {
+            while (a[i] < piv) i++;
+            while (piv < a[j]) j--;
+            if (i >= j) break;
+            double t = a[i]; a[i] = a[j]; a[j] = t;
+            i++;
+            j--;
+        }
+        if (k <= j) hi = j;
+        else lo = j + 1;
+    }
+    return a[k];
 }
 
 /* A required key that is missing or unreadable: say what it is for and what to do. */
@@ -204,11 +224,11 @@ static int read_frame(const char *path, double zp_ref, sp_frame *fr)
         fr->median = fr->rsigma = NAN;
         fr->nan_frac = NAN;
     } else {
-        qsort(vals, (size_t)nv, sizeof *vals, cmp_double);
-        fr->median = vals[nv / 2];
+        /* the (nv/2)-th values by selection, as a sort would give them (O(n): on an 8192-wide
+         * frame the two sorts of 262,144 samples were most of the frame's planning time) */
+        fr->median = select_kth(vals, (size_t)nv, (size_t)nv / 2);
         for (long i = 0; i < nv; i++) vals[i] = fabs(vals[i] - fr->median);
-        qsort(vals, (size_t)nv, sizeof *vals, cmp_double);
-        fr->rsigma = 1.4826 * vals[nv / 2];
+        fr->rsigma = 1.4826 * select_kth(vals, (size_t)nv, (size_t)nv / 2);
         fr->nan_frac = 1.0 - (double)nv / (double)ntot;
     }
     sp_prof_bytes((double)nrows * (double)fr->nx * 4.0);

@@ -69,6 +69,7 @@ typedef struct {
     double *xedge, *yedge;          /* cell edges in tile pixels (epsf_ngrid + 1 each) */
     sp_store_meta qa;               /* which QA diagnostics the store holds (qa_* fields) */
     long nfit_sources, nfit_patches; /* this rank's totals (summary) */
+    struct ioprep_state *iop;       /* read+prep buffers and open frames kept across cells (pipeline.c) */
 } run_t;
 
 typedef struct {

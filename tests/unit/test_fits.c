@@ -10,6 +10,7 @@
 #include "surveyproc/sp_fits.h"
 
 #include <dirent.h>
+#include <float.h>
 #include <fitsio.h>
 #include <math.h>
 #include <stdio.h>
@@ -493,6 +494,190 @@ static void t_handles_independent(void **s)
     assert_int_equal(bad, 0);
 }
 
+/* ---- the direct read route against cfitsio ------------------------------------------- */
+
+/* Write a 2-D image of `bitpix` with raw values `raw` (nx*ny of the C type of bitpix)
+ * and optional BSCALE/BZERO/BLANK keys (raw values written as they are). */
+static void write_raw(const char *path, int bitpix, long nx, long ny, const void *raw, double bscale, double bzero,
+                      int has_blank, long blank, int compress)
+{
+    int st = 0;
+    fitsfile *fp = NULL;
+    long naxes[2] = {nx, ny};
+    remove(path);
+    fits_create_diskfile(&fp, path, &st);
+    if (compress) fits_set_compression_type(fp, RICE_1, &st);
+    fits_create_img(fp, bitpix, 2, naxes, &st);
+    if (bscale != 1.0 || bzero != 0.0) {
+        fits_update_key_dbl(fp, "BSCALE", bscale, -15, NULL, &st);
+        fits_update_key_dbl(fp, "BZERO", bzero, -15, NULL, &st);
+        fits_set_bscale(fp, 1.0, 0.0, &st); /* write the raw values */
+    }
+    if (has_blank) {
+        fits_update_key_lng(fp, "BLANK", blank, NULL, &st);
+        fits_set_imgnull(fp, 0, &st); /* raw values as they are */
+    }
+    int dt = bitpix == 8 ? TBYTE : bitpix == 16 ? TSHORT : bitpix == 32 ? TINT : bitpix == -32 ? TFLOAT : TDOUBLE;
+    fits_write_img(fp, dt, 1, (LONGLONG)nx * ny, (void *)raw, &st);
+    fits_close_file(fp, &st);
+    if (st) fail_msg("%s: cfitsio status %d writing the test image", path, st);
+}
+
+/* Read the same ROIs with the direct route and with cfitsio's; the bytes must agree. */
+static void compare_routes(const char *path, long nx, long ny, int want_direct)
+{
+    const long roi[][4] = {{0, 0, nx, ny},          {3, 2, 5, 4},          {-4, -3, 9, 7},  {nx - 3, ny - 2, 8, 6},
+                           {-2, 1, nx + 4, 3},      {0, 1, nx, ny - 2},    {5, ny - 1, 1, 1}, {nx + 1, 0, 3, 3},
+                           {2, -5, nx - 4, ny + 9}};
+    sp_fits *fd = NULL, *fc = NULL;
+    if (sp_fits_open(path, &fd) != SP_OK) fail_msg("%s", sp_err_msg());
+    int old = sp_fits_set_direct(0);
+    assert_int_equal(sp_fits_open(path, &fc), SP_OK);
+    sp_fits_set_direct(old);
+    if (sp_fits_direct(fd) != want_direct) fail_msg("%s: direct route %d, expected %d", path, sp_fits_direct(fd), want_direct);
+    assert_int_equal(sp_fits_direct(fc), 0);
+    for (size_t r = 0; r < sizeof roi / sizeof roi[0]; r++) {
+        size_t n = (size_t)(roi[r][2] * roi[r][3]);
+        float *a = malloc(n * sizeof(float)), *b = malloc(n * sizeof(float));
+        memset(a, 0x55, n * sizeof(float));
+        memset(b, 0xAA, n * sizeof(float));
+        assert_int_equal(sp_fits_read_subset(fd, roi[r][0], roi[r][1], roi[r][2], roi[r][3], a), SP_OK);
+        assert_int_equal(sp_fits_read_subset(fc, roi[r][0], roi[r][1], roi[r][2], roi[r][3], b), SP_OK);
+        for (size_t i = 0; i < n; i++)
+            if (memcmp(a + i, b + i, sizeof(float)))
+                fail_msg("%s ROI %zu pixel %zu: direct %a, cfitsio %a", path, r, i, (double)a[i], (double)b[i]);
+        free(a);
+        free(b);
+    }
+    sp_fits_close(&fd);
+    sp_fits_close(&fc);
+}
+
+static void t_direct_matches_cfitsio(void **s)
+{
+    (void)s;
+    char path[600], gz[700], cmd[1600];
+    const long nx = 37, ny = 23, n = nx * ny;
+    unsigned seed = 777;
+    float *f4 = malloc(n * sizeof *f4);
+    double *f8 = malloc(n * sizeof *f8);
+    int16_t *i2 = malloc(n * sizeof *i2);
+    int32_t *i4 = malloc(n * sizeof *i4);
+    uint8_t *u1 = malloc(n);
+    for (long i = 0; i < n; i++) {
+        seed = seed * 1103515245u + 12345u;
+        double u = (seed >> 8) / 16777216.0;
+        f4[i] = (float)((u - 0.3) * 1e4);
+        f8[i] = (u - 0.3) * 1e5 + 1e-9;
+        i2[i] = (int16_t)((int)(u * 65535) - 32768);
+        i4[i] = (int32_t)((u - 0.5) * 4.2e9); /* beyond float's 24 bits: rounding */
+        u1[i] = (uint8_t)(u * 255);
+    }
+    /* the special values cfitsio treats specially (null check with a NaN nulval):
+     * NaN/Inf -> NaN, zero/denormal -> +0; the extremes of each type */
+    const float fs[] = {NAN, INFINITY, -INFINITY, -0.0f, 0.0f, 1e-40f, -1e-42f, FLT_MAX, -FLT_MAX, FLT_MIN};
+    const double ds[] = {NAN, INFINITY, -INFINITY, -0.0, 1e-310, 1e300, -1e300, 1e-300, DBL_MAX, 3.4028235e38};
+    for (size_t k = 0; k < sizeof fs / sizeof fs[0]; k++) f4[7 * k + 1] = fs[k];
+    for (size_t k = 0; k < sizeof ds / sizeof ds[0]; k++) f8[7 * k + 1] = ds[k];
+    i2[0] = INT16_MIN, i2[1] = INT16_MAX, i4[0] = INT32_MIN, i4[1] = INT32_MAX, u1[0] = 0, u1[1] = 255;
+
+    sp_test_path("d_f4.fits", path, sizeof path);
+    write_raw(path, -32, nx, ny, f4, 1, 0, 0, 0, 0);
+    compare_routes(path, nx, ny, 1);
+    sp_test_path("d_f8.fits", path, sizeof path);
+    write_raw(path, -64, nx, ny, f8, 1, 0, 0, 0, 0);
+    compare_routes(path, nx, ny, 1);
+    sp_test_path("d_i2.fits", path, sizeof path);
+    write_raw(path, 16, nx, ny, i2, 1, 0, 0, 0, 0);
+    compare_routes(path, nx, ny, 1);
+    sp_test_path("d_u2.fits", path, sizeof path); /* unsigned 16-bit convention */
+    write_raw(path, 16, nx, ny, i2, 1, 32768, 0, 0, 0);
+    compare_routes(path, nx, ny, 1);
+    sp_test_path("d_i2s.fits", path, sizeof path);
+    write_raw(path, 16, nx, ny, i2, 0.37, -12.5, 0, 0, 0);
+    compare_routes(path, nx, ny, 1);
+    sp_test_path("d_i4.fits", path, sizeof path);
+    write_raw(path, 32, nx, ny, i4, 1, 0, 0, 0, 0);
+    compare_routes(path, nx, ny, 1);
+    sp_test_path("d_u4.fits", path, sizeof path); /* unsigned 32-bit convention */
+    write_raw(path, 32, nx, ny, i4, 1, 2147483648.0, 0, 0, 0);
+    compare_routes(path, nx, ny, 1);
+    sp_test_path("d_i4s.fits", path, sizeof path);
+    write_raw(path, 32, nx, ny, i4, 2.5e-3, 1e5, 0, 0, 0);
+    compare_routes(path, nx, ny, 1);
+    sp_test_path("d_u1.fits", path, sizeof path);
+    write_raw(path, 8, nx, ny, u1, 1, 0, 0, 0, 0);
+    compare_routes(path, nx, ny, 1);
+    sp_test_path("d_u1s.fits", path, sizeof path);
+    write_raw(path, 8, nx, ny, u1, 0.5, -3, 0, 0, 0);
+    compare_routes(path, nx, ny, 1);
+    /* cfitsio's route: BLANK in an integer image, scaled floats, tile compression, gzip */
+    sp_test_path("c_i2blank.fits", path, sizeof path);
+    write_raw(path, 16, nx, ny, i2, 1, 0, 1, i2[5], 0);
+    compare_routes(path, nx, ny, 0);
+    sp_test_path("c_f4s.fits", path, sizeof path);
+    write_raw(path, -32, nx, ny, f4, 2, 1, 0, 0, 0);
+    compare_routes(path, nx, ny, 0);
+    sp_test_path("c_rice.fits", path, sizeof path);
+    write_raw(path, 16, nx, ny, i2, 1, 0, 0, 0, 1);
+    compare_routes(path, nx, ny, 0);
+    {
+        /* lossless: the compressed file's pixels are the plain file's */
+        char plain[600];
+        sp_test_path("d_i2.fits", plain, sizeof plain);
+        sp_fits *a = NULL, *b = NULL;
+        float *pa = malloc(n * sizeof *pa), *pb = malloc(n * sizeof *pb);
+        assert_int_equal(sp_fits_open(plain, &a), SP_OK);
+        assert_int_equal(sp_fits_open(path, &b), SP_OK);
+        assert_int_equal(sp_fits_read_subset(a, 0, 0, nx, ny, pa), SP_OK);
+        assert_int_equal(sp_fits_read_subset(b, 0, 0, nx, ny, pb), SP_OK);
+        assert_memory_equal(pa, pb, n * sizeof *pa);
+        sp_fits_close(&a);
+        sp_fits_close(&b);
+        free(pa);
+        free(pb);
+    }
+    sp_test_path("d_f4.fits", path, sizeof path);
+    snprintf(gz, sizeof gz, "%s.gz", path);
+    snprintf(cmd, sizeof cmd, "gzip -c '%s' > '%s'", path, gz);
+    if (system(cmd) == 0) compare_routes(gz, nx, ny, 0);
+    else fprintf(stderr, "NOTE: gzip not available: the gzip'ed-file case of the direct route is not tested\n");
+
+    /* rows longer than the read buffer (256 KB) and full-width spans */
+    const long wx = 70001, wy = 3;
+    float *w = malloc((size_t)(wx * wy) * sizeof *w);
+    for (long i = 0; i < wx * wy; i++) w[i] = (float)i * 0.5f - 7.0f;
+    sp_test_path("d_wide.fits", path, sizeof path);
+    write_raw(path, -32, wx, wy, w, 1, 0, 0, 0, 0);
+    compare_routes(path, wx, wy, 1);
+    free(w);
+
+    /* a file cut short after it was opened: the direct read says so, naming the file */
+    sp_test_path("d_f4.fits", path, sizeof path);
+    char cut[600];
+    sp_test_path("d_cut.fits", cut, sizeof cut);
+    truncate_copy(path, cut, 1L << 30);
+    sp_fits *f = NULL;
+    assert_int_equal(sp_fits_open(cut, &f), SP_OK);
+    assert_int_equal(sp_fits_direct(f), 1);
+    assert_int_equal(truncate(cut, 2880 + 4 * nx * 5), 0);
+    float *out = malloc(n * sizeof *out);
+    sp_err_clear();
+    assert_int_equal(sp_fits_read_subset(f, 0, 0, nx, ny, out), SP_ERR_FITS);
+    assert_non_null(strstr(sp_err_msg(), cut));
+    assert_non_null(strstr(sp_err_msg(), "truncated"));
+    /* rows before the cut still read */
+    assert_int_equal(sp_fits_read_subset(f, 0, 1, nx, 3, out), SP_OK);
+    assert_true(out[0] == f4[nx]);
+    sp_fits_close(&f);
+    free(out);
+    free(f4);
+    free(f8);
+    free(i2);
+    free(i4);
+    free(u1);
+}
+
 int main(void)
 {
     const struct CMUnitTest tests[] = {
@@ -504,6 +689,7 @@ int main(void)
         cmocka_unit_test(t_extension_and_integer_images),
         cmocka_unit_test(t_atomic_write),
         cmocka_unit_test(t_handles_independent),
+        cmocka_unit_test(t_direct_matches_cfitsio),
     };
     return cmocka_run_group_tests_name("fits", tests, NULL, NULL);
 }

@@ -228,12 +228,138 @@ static void t_aperture_clipped_median(void **s)
     free(scratch);
 }
 
+/* The sky estimate's definition (as it was first written): sigma-clipped median of a
+ * strided subsample of good pixels, each round by selection (sorting here). sp_prep_frame
+ * computes it from one sorted copy; the values must be the same bit for bit. */
+static double ref_sky(const float *raw, size_t npix, double sat)
+{
+    size_t stride = npix / 20000 + 1, n = 0;
+    float *s = malloc((npix / stride + 1) * sizeof *s), *d = malloc((npix / stride + 1) * sizeof *d);
+    double med = NAN;
+    for (size_t i = 0; i < npix; i += stride)
+        if (isfinite(raw[i]) && !((double)raw[i] >= sat)) s[n++] = raw[i];
+    for (int it = 0; it < 5 && n > 0; it++) {
+        memcpy(d, s, n * sizeof *d);
+        qsort(d, n, sizeof *d, cmpf);
+        med = d[n / 2];
+        for (size_t k = 0; k < n; k++) d[k] = fabsf(s[k] - (float)med);
+        qsort(d, n, sizeof *d, cmpf);
+        double sig = 1.4826 * d[n / 2];
+        if (!(sig > 0)) break;
+        size_t m = 0;
+        for (size_t k = 0; k < n; k++)
+            if (fabs(s[k] - med) <= 3.0 * sig) s[m++] = s[k];
+        if (m == n) break;
+        n = m;
+    }
+    free(s);
+    free(d);
+    return med;
+}
+
+static void t_prep_sky_matches_definition(void **s)
+{
+    (void)s;
+    const size_t sizes[] = {1, 2, 3, 5, 17, 100, 1001, 20000, 20001, 65536, 310000};
+    unsigned seed = 99;
+    for (size_t si = 0; si < sizeof sizes / sizeof sizes[0]; si++)
+        for (int trial = 0; trial < 6; trial++) {
+            size_t n = sizes[si];
+            float *raw = malloc(n * sizeof *raw), *data = malloc(n * sizeof *data);
+            uint8_t *mask = malloc(n);
+            for (size_t i = 0; i < n; i++) {
+                seed = seed * 1103515245u + 12345u;
+                double u = (seed >> 8) / 16777216.0;
+                double g = (u - 0.5) * (u - 0.5) * (u < 0.5 ? -40 : 40);
+                switch (trial) {
+                case 0: raw[i] = (float)(250 + g); break;                      /* smooth, skewed tails */
+                case 1: raw[i] = (float)floor(100 + 8 * (u - 0.5)); break;     /* integers: many ties */
+                case 2: raw[i] = (float)(u > 0.9 ? 3e4 * u : -5 + u); break;   /* bright sources, negative sky */
+                case 3: raw[i] = 7.0f; break;                                  /* constant: MAD = 0 */
+                case 4: raw[i] = u < 0.2 ? NAN : u > 0.97 ? 65000.0f : (float)(1e-3 * g); break; /* masks */
+                default: raw[i] = (float)(u < 0.5 ? -0.0 : 0.0) + (float)(u > 0.99 ? 1 : 0); break; /* signed zeros */
+                }
+            }
+            sp_prep_params p = {.scale = 1.3, .skysig = 8, .egain = 1, .saturate = 60000, .sat_level_frac = 0.95};
+            double sky = 0;
+            assert_int_equal(sp_prep_frame(raw, n, &p, data, mask, &sky, 1), SP_OK);
+            double ref = ref_sky(raw, n, 60000 * 0.95);
+            if (!(sky == ref || (isnan(sky) && isnan(ref))))
+                fail_msg("npix %zu trial %d: sky %.9g, definition %.9g", n, trial, sky, ref);
+            free(raw);
+            free(data);
+            free(mask);
+        }
+}
+
+/* The coadd's definition per pixel (frames in order, skipping frames not good at the
+ * pixel); sp_prep_coadd runs frames outer / pixels inner and must give the same bytes. */
+static void t_coadd_matches_definition(void **s)
+{
+    (void)s;
+    unsigned seed = 4242;
+    for (int nf = 1; nf <= 5; nf++) {
+        size_t n = 1024 * 3 + 77 + (size_t)nf;
+        float *d[5], *iv[5];
+        uint8_t *m[5];
+        double w[5];
+        for (int k = 0; k < nf; k++) {
+            w[k] = 1.0 / ((3.0 + k) * (3.0 + k) * (0.7 + 0.1 * k));
+            d[k] = malloc(n * sizeof(float));
+            iv[k] = malloc(n * sizeof(float));
+            m[k] = malloc(n);
+            for (size_t i = 0; i < n; i++) {
+                seed = seed * 1103515245u + 12345u;
+                double u = (seed >> 8) / 16777216.0;
+                int bad = u < 0.15, sat = u > 0.93;
+                m[k][i] = (uint8_t)(bad ? SP_PIX_BAD : sat ? SP_PIX_SAT : 0);
+                d[k][i] = bad || sat ? 0.0f : (float)(1e3 * (u - 0.4) * (u - 0.2));
+                iv[k][i] = bad || sat ? 0.0f : (float)(w[k] / (1.0 + 5 * u));
+                if (i % 97 == 3) d[k][i] = -0.0f;
+                if (i % 211 == 5 + (size_t)k) iv[k][i] = NAN; /* not "<= 0": enters the sums */
+                if (i % 331 == 7) iv[k][i] = -1.0f;
+            }
+        }
+        float *od = malloc(n * sizeof(float)), *oi = malloc(n * sizeof(float));
+        uint8_t *om = malloc(n);
+        assert_int_equal(sp_prep_coadd(nf, (const float *const *)d, (const float *const *)iv,
+                                       (const uint8_t *const *)m, w, n, od, oi, om, 1), SP_OK);
+        for (size_t i = 0; i < n; i++) {
+            double sw = 0, swd = 0, sw2v = 0;
+            uint8_t sat = 0, allbad = SP_PIX_BAD;
+            for (int k = 0; k < nf; k++) {
+                sat |= m[k][i] & SP_PIX_SAT;
+                if (iv[k][i] <= 0) continue;
+                allbad = 0;
+                sw += w[k];
+                swd += w[k] * d[k][i];
+                sw2v += w[k] * w[k] / iv[k][i];
+            }
+            float rd = sw > 0 ? (float)(swd / sw) : 0.0f, ri = sw > 0 ? (float)(sw * sw / sw2v) : 0.0f;
+            uint8_t rm = sw > 0 ? sat : (uint8_t)(allbad | sat);
+            if (memcmp(&rd, &od[i], 4) || memcmp(&ri, &oi[i], 4) || rm != om[i])
+                fail_msg("nf %d pixel %zu: (%a %a %d) vs definition (%a %a %d)", nf, i, (double)od[i], (double)oi[i],
+                         om[i], (double)rd, (double)ri, rm);
+        }
+        for (int k = 0; k < nf; k++) {
+            free(d[k]);
+            free(iv[k]);
+            free(m[k]);
+        }
+        free(od);
+        free(oi);
+        free(om);
+    }
+}
+
 int main(void)
 {
     const struct CMUnitTest tests[] = {
         cmocka_unit_test(t_prep_scaling_and_masks),
         cmocka_unit_test(t_prep_sky_estimate),
+        cmocka_unit_test(t_prep_sky_matches_definition),
         cmocka_unit_test(t_coadd_and_white_threads),
+        cmocka_unit_test(t_coadd_matches_definition),
         cmocka_unit_test(t_aperture),
         cmocka_unit_test(t_aperture_clipped_median),
     };
