@@ -20,8 +20,9 @@
 #     its host and its cell, marks the cell failed, exit 5; rank 0 in the fit pass -> rank 1 names
 #     rank 0; rank 1 stopped inside the final store close (exit_shim's H5Fclose hook) -> rank 0's
 #     watchdog thread ends the job. Each time: the job ends within HANG_TIMEOUT + FAULT_END_MAX s
-#     of the stop, the store opens, resume -> identical. A stop shorter than the timeout (2 s, then
-#     SIGCONT) is no alarm: the run completes, identical.
+#     of the stop, the store opens, resume -> identical. Rank 1 dying (exit 3) in that close: the
+#     same checks. A stop shorter than the timeout (2 s, then SIGCONT) is no alarm: the run
+#     completes, identical.
 # Prints PASS:/FAIL:/SKIP: lines and one "figures:" line per part. About 100 s on 2 cores.
 # Knobs: SP_FAULT_SEED (delays), FAULT_TRIALS, HANG_TIMEOUT, SP_KEEP=1 (keep the folder).
 set -u
@@ -262,6 +263,10 @@ if [ -n "$SHIM" ]; then
   END_MAX=$((HANG_TIMEOUT + FAULT_END_MAX)) RC_WANT=5 one_rank fault_sigstop_in_store_close shim 'x^' 0 \
     'r0 ERROR FATAL .*rank 0 \(host [^)]+\) has waited [0-9.]+ s for the other ranks while closing the store' \
     -x LD_PRELOAD="$SHIM" -x SP_FAULT_RANK=1 -x SP_FAULT_H5FCLOSE=1 -x SP_FAULT_ACTION=stop
+  # the same close, rank 1 dying in it (exit 3, as a node crash): mpirun ends the job; the store
+  # (every cell done, the finish phase's metadata not yet flushed) is completed by resume
+  RC_WANT=3 one_rank fault_exit3_in_store_close shim 'x^' 0 'Process name: \[\[[0-9]+,[0-9]+\],1\]' \
+    -x LD_PRELOAD="$SHIM" -x SP_FAULT_RANK=1 -x SP_FAULT_H5FCLOSE=1 -x SP_FAULT_CODE=3
 else
   echo "SKIP: fault_sigstop_in_store_close (mpicc could not build tests/faults/exit_shim.c)"
 fi
