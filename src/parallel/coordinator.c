@@ -246,7 +246,7 @@ int sp_coord_run(const int *order, int n, int dedicated, MPI_Comm comm, sp_coord
         char name[MPI_MAX_PROCESSOR_NAME] = "";
         int len = 0;
         MPI_Get_processor_name(name, &len);
-        snprintf(me, sizeof me, "%s", name);
+        memcpy(me, name, HOSTLEN - 1); /* truncated to HOSTLEN - 1 characters, NUL-terminated by me[] = "" */
         hosts = calloc((size_t)size, HOSTLEN);
         if (!hosts) return SP_FAIL(SP_ERR_NOMEM, "out of memory for %d host names", size);
         MPI_Allgather(me, HOSTLEN, MPI_CHAR, hosts, HOSTLEN, MPI_CHAR, comm);
