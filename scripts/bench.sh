@@ -16,7 +16,8 @@
 #   4. our run per tile and layout 1x1, 2x1 (2 ranks x 1 thread), 1x2 (1 rank x 2 threads), repeated;
 #      figures per run from the store's /timing + the log (scripts/bench/timing.py)
 #   5. oversubscribed 8 and 16 ranks on the demo tile cut into 8x8 ePSF cells: coordinator overhead,
-#      load imbalance
+#      load imbalance; 5b. what the diagnostics toggles and the staged fit cost, two tiles at once
+#      (weak scaling), the big tile's memory per rank against the planner (BENCH_BIG=0 skips it)
 #   6. `surveyproc score` of our store; the peers (scripts/bench/peers.py: sep, photutils,
 #      SExtractor+PSFEx) on the same frames, scored by the same `surveyproc score`
 #   7. scripts/bench/report.py: the tables and the extrapolation model into BENCH_DOC
@@ -126,6 +127,46 @@ for np in 8 16; do
         --set epsf.ngrid=2 --set performance.dedicated_coordinator=never
     rm -f "$RES/demo_${np}x1_1.h5"
 done
+
+# ---- 5b. what options cost, two tiles at once, the big tile --------------------------------------
+# On the largest tile of the run, 1 rank x 1 thread, against the 1x1 runs of step 4 (same settings
+# otherwise): every QA/diagnostic output off; everything on; the single-stage fit (the seed's staged-fit
+# claim). Then two independent 1-rank jobs of that tile at once (the tract-array pattern: weak scaling by
+# tile count on the 2 cores), and the big tile (32 x 8192^2 frames, > 8 GB) once on 2 ranks: peak RSS per
+# rank against the planner's estimate (BENCH_BIG=0 skips it; simulated once, ~10 min, cached).
+XT=${TILES##* }
+DIAG_OFF=(--set epsf.save_patch_background_diagnostics=false --set epsf.save_growth_curve=false
+          --set epsf.save_residual_diagnostics=false --set epsf.save_star_montage_max=0
+          --set patch_run.no_cutouts=true --set patch_run.no_patch_overview=true)
+DIAG_FULL=(--set outputs.save_white=true --set epsf.save_star_local_background_diagnostics=true
+           --set patch_run.cutout_max_sources=1000 --set outputs.work_dir="$RES/work_diagfull")
+for rep in $(seq "$REPS"); do
+    run_ours "$XT" 1x1-diagoff 1 1 "$rep" "${DIAG_OFF[@]}"
+    run_ours "$XT" 1x1-diagfull 1 1 "$rep" "${DIAG_FULL[@]}"
+    run_ours "$XT" 1x1-unstaged 1 1 "$rep" --set patch_run.enable_staged_fit=false
+    run_ours "$XT" 1x1-pairA 1 1 "$rep" & pa=$!
+    run_ours "$XT" 1x1-pairB 1 1 "$rep" & pb=$!
+    wait $pa; wait $pb
+    [ "$rep" = "$REPS" ] || rm -f "$RES/${XT}"_1x1-*_"$rep".h5
+    du -sb "$RES/work_diagfull" 2>/dev/null | cut -f1 > "$RES/diagfull_workdir_bytes_$rep.txt" || true
+    rm -rf "$RES/work_diagfull"
+done
+"$BIN" score "$RES/${XT}_1x1-unstaged_$REPS.h5" "$DIR/$XT" --json "$RES/score_unstaged_$XT.json" --quiet-table \
+    > "$RES/score_unstaged_$XT.log" 2>&1 || true
+"$BIN" score "$RES/${XT}_1x1_$REPS.h5" "$DIR/$XT" --json "$RES/score_staged_$XT.json" --quiet-table \
+    > "$RES/score_staged_$XT.log" 2>&1 || true
+if [ "${BENCH_BIG:-$([ "$QUICK" = 1 ] && echo 0 || echo 1)}" = 1 ]; then
+    if [ -s "$DIR/big/truth.csv" ] && [ -s "$DIR/big/config.yaml" ]; then log "tile big: cached in $DIR/big"
+    else
+        log "simulating tile big (32 x 8192^2, 8.6 GB; cached for later runs)"
+        rm -rf "$DIR/big"
+        "$BIN" simulate --preset big --out "$DIR/big" > "$RES/simulate_big.log" 2>&1
+    fi
+    du -cb $(sed -e 's/#.*//' -e '/^\s*$/d' "$DIR/big/image_list.txt" | sed "s|^|$DIR/big/|") | tail -1 | cut -f1 \
+        > "$RES/big_frames_bytes.txt"
+    run_ours big 2x1 2 1 1
+    rm -f "$RES/big_2x1_1.h5"
+fi
 
 # ---- 6. accuracy: ours and the peers ------------------------------------------------------------
 for t in $TILES; do

@@ -2,10 +2,12 @@
  * expensive first, handed to whichever rank asks (DESIGN §4).
  *
  * Protocol (tags are private): a worker sends "ready" (with the cell it just
- * finished, or -1) and receives the next cell, or -1 to stop. Rank 0 works too
- * unless `dedicated`; while it processes a cell it answers requests whenever
- * the cell code calls sp_coord_poll() (between patches, from the main thread),
- * so workers wait at most about one patch.
+ * finished, or -1) and receives the next cell, or -1 when the queue is empty;
+ * it asks one cell ahead (the request for the next cell goes out when a cell
+ * starts), then sends a last message with its final cell and stops. Rank 0
+ * works too unless `dedicated`; while it processes a cell it answers requests
+ * whenever the cell code calls sp_coord_poll() (between stages and patches,
+ * from the main thread) — the one-ahead request hides that latency.
  *
  * Watch (sp_coord_set_watch, performance.rank_timeout_s): rank 0 knows which cell each worker
  * holds, since when, and when it last heard from it. A worker sends a heartbeat (a "ready" message

@@ -169,6 +169,98 @@ for t in tiles:
         w("| %s | %s | %s | %s | %s |" % (t, lay, f(pk, "%.0f"), f(es, "%.0f"), f(pk / es if pk and es else None, "%.2f")))
 w("")
 
+# ---- options, two tiles at once, big tile ---------------------------------------------------
+xt = [t for t in tiles if (t, "1x1-diagoff") in runs]
+if xt:
+    t = xt[-1]
+    base = runs[(t, "1x1")]
+
+    def score_of(name):
+        try:
+            return json.load(open(os.path.join(RES, "score_%s_%s.json" % (name, t))))
+        except Exception:
+            return None
+
+    w("### What the options cost (%s tile, 1 rank x 1 thread)" % t)
+    w("")
+    w("CPU seconds (all top-level regions, config to store; medians over repeats) against the default run (the "
+      "1x1 runs above). Diagnostics off: `epsf.save_patch_background_diagnostics`, `save_growth_curve`, "
+      "`save_residual_diagnostics` false, `save_star_montage_max` 0, `patch_run.no_cutouts`, `no_patch_overview` "
+      "true. Diagnostics full: defaults + `outputs.save_white`, `epsf.save_star_local_background_diagnostics`, "
+      "`patch_run.cutout_max_sources` 1000. Single-stage fit: `patch_run.enable_staged_fit: false` (all "
+      "parameters from the first iteration; the seed claims the staged fit is 1.5-2x faster).")
+    w("")
+    w("| variant | CPU s | vs default | fit CPU s | ePSF CPU s | store MB | isolated-star pull std | scatter/CRLB | "
+      "star flux bias | converged |")
+    w("|---|---|---|---|---|---|---|---|---|---|")
+    c0 = med([r["cpu_total"] for r in base])
+    for lab, name, sc in (("1x1", "default (staged fit, default diagnostics)", score_of("staged")),
+                          ("1x1-diagoff", "diagnostics off", None), ("1x1-diagfull", "diagnostics full", None),
+                          ("1x1-unstaged", "single-stage fit", score_of("unstaged"))):
+        rs = runs.get((t, lab))
+        if not rs:
+            continue
+        c = med([r["cpu_total"] for r in rs])
+        wf = [float(open(x).read() or 0) for x in glob.glob(os.path.join(RES, "diagfull_workdir_bytes_*.txt"))
+              if os.path.getsize(x)] if lab == "1x1-diagfull" else []
+        w("| %s | %s | %s | %s | %s | %s%s | %s | %s | %s | %s |" %
+          (name, f(c, "%.2f"), f(c / c0 if c and c0 else None, "%.3fx"), f(med([r["fit_cpu"] for r in rs]), "%.2f"),
+           f(med([r["stages"]["ePSF"]["cpu"] for r in rs]), "%.2f"), f(med([r.get("store_MB") for r in rs]), "%.1f"),
+           " (+ %.1f MB FITS in work_dir)" % (med(wf) / 1e6) if wf else "",
+           f(sc.get("star_pull_std") if sc else None, "%.3f"),
+           f(sc.get("star_flux_scatter_over_crlb_free") if sc else None, "%.3f"),
+           f(sc.get("star_flux_bias") if sc else None, "%+.4f"),
+           f(med([r["nconverged"] / r["nfitted"] for r in rs if r["nfitted"]]), "%.3f")))
+    w("")
+    pa, pb = runs.get((t, "1x1-pairA")), runs.get((t, "1x1-pairB"))
+    if pa and pb:
+        wa = med([max(a["wall"], b["wall"]) for a, b in zip(pa, pb)])
+        w0 = med([r["wall"] for r in base])
+        ca = med([(a["cpu_total"] + b["cpu_total"]) / 2 for a, b in zip(pa, pb)])
+        w("### Two tiles at once (weak scaling by tile count)")
+        w("")
+        w("Two independent 1-rank jobs of the %s tile started together (the tract-array pattern: one job per "
+          "tile) against one such job alone. Efficiency = wall alone / wall of the pair (1 = two tiles in the "
+          "time of one). CPU per job together / alone is the machine's own cost of running two busy processes "
+          "(shared caches and memory bandwidth of the 2 vCPUs): it bounds every 2-way speedup on this machine, "
+          "including 2 ranks on one tile." % t)
+        w("")
+        w("| jobs | wall s (median) | tiles per hour | efficiency | CPU s per job | CPU per job together / alone |")
+        w("|---|---|---|---|---|---|")
+        w("| 1 alone | %s | %s | 1 | %s | 1 |" % (f(w0, "%.2f"), f(3600 / w0 if w0 else None, "%.0f"), f(c0, "%.2f")))
+        w("| 2 at once | %s | %s | %s | %s | %s |" %
+          (f(wa, "%.2f"), f(2 * 3600 / wa if wa else None, "%.0f"), f(w0 / wa if wa and w0 else None, "%.2f"),
+           f(ca, "%.2f"), f(ca / c0 if ca and c0 else None, "%.3f")))
+        two = runs.get((t, "2x1"))
+        if two:
+            c2 = med([r["cpu_total"] for r in two])
+            w("")
+            w("For comparison, 2 ranks on one tile: CPU 2x1 / 1x1 = %s, wall speedup %s." %
+              (f(c2 / c0 if c2 and c0 else None, "%.3f"),
+               f(w0 / med([r["wall"] for r in two]) if two else None, "%.2fx")))
+        w("")
+big = runs.get(("big", "2x1"))
+if big:
+    r = big[0]
+    try:
+        gb = float(open(os.path.join(RES, "big_frames_bytes.txt")).read()) / 1e9
+    except Exception:
+        gb = None
+    w("### The big tile: memory per rank (32 bands x 8192^2, one frame each)")
+    w("")
+    w("One run on 2 ranks x 1 thread. Peak RSS per rank: `/timing/ranks`; estimate: the planner's line of the "
+      "same run (baseline + largest cell).")
+    w("")
+    w("| frames GB | sources fitted | cells | wall s | CPU s | peak RSS per rank MiB | planner estimate MiB | "
+      "peak / estimate (max rank) |")
+    w("|---|---|---|---|---|---|---|---|")
+    pk = max(r["peak_rss_MiB"])
+    es = r.get("plan_mem_est_MiB")
+    w("| %s | %d | %d | %s | %s | %s | %s | %s |" %
+      (f(gb, "%.2f"), r["nfitted"], r["ncells"], f(r.get("wall"), "%.1f"), f(r.get("cpu_total"), "%.0f"),
+       ", ".join("%.0f" % x for x in r["peak_rss_MiB"]), f(es, "%.0f"), f(pk / es if es else None, "%.2f")))
+    w("")
+
 # ---- peers ----------------------------------------------------------------------------------
 scores = {}
 for p in glob.glob(os.path.join(RES, "score_*_*.json")):

@@ -11,6 +11,7 @@ those stages count the pixels of both.
 """
 import hashlib
 import json
+import os
 import re
 import sys
 
@@ -22,6 +23,7 @@ def main():
     store, log, out = sys.argv[1:4]
     extra = dict(a.split("=", 1) for a in sys.argv[4:])
     r = dict(extra)
+    r["store_MB"] = os.path.getsize(store) / 1e6
     with h5py.File(store, "r") as f:
         bands = f.attrs["bands"]
         bands = (bands.decode() if isinstance(bands, bytes) else str(bands)).split(",")

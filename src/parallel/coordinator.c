@@ -31,8 +31,9 @@ static struct {
     double overhead;
     sp_coord_done_fn done;
     void *done_arg;
-    /* watch: per rank, the cell it holds (-1 none, -2 told to stop), since when, last message */
-    int *held;
+    /* watch: per rank, the cell it works on (-1 none yet, -2 stopped), since when, its last
+     * message; and the cell last assigned to it (one ahead: it starts that one next) */
+    int *held, *ahead;
     double *since, *heard, last_check;
     char *hosts;          /* HOSTLEN per rank */
     int lost;             /* a silent worker was found: the run ends */
@@ -46,7 +47,7 @@ static struct {
     double every, last;
     MPI_Request rq;
     int pending;
-    double buf[2];
+    double buf[3];
     long sent;
 } hb;
 
@@ -122,7 +123,7 @@ static int check_silence(void)
         if (cell >= 0 && watch.lost) watch.lost(cell, r, desc, sizeof desc, watch.arg);
         char what[512];
         if (cell >= 0)
-            snprintf(what, sizeof what, "while it holds cell %d %s of the %s (assigned %.1f s ago)", cell, desc,
+            snprintf(what, sizeof what, "while it holds cell %d %s of the %s (started %.1f s ago)", cell, desc,
                      watch.pass ? watch.pass : "run", now - q.since[r]);
         else
             snprintf(what, sizeof what, "since the %s started, without asking for a cell",
@@ -151,7 +152,10 @@ static void probe_any(int tag, MPI_Comm comm, MPI_Status *st)
     }
 }
 
-static void serve_one(int src, const double msg[2])
+/* msg = {finished cell or -1, its seconds, want}: want 1 asks for the next cell (answered with
+ * a cell or -1), want 0 is a worker's last message (it holds no cell and stops). A heartbeat is
+ * {MSG_HEARTBEAT, 0, 0}: no answer. */
+static void serve_one(int src, const double msg[3])
 {
     int finished = (int)msg[0];
     if (q.heard) q.heard[src] = sp_wtime();
@@ -160,10 +164,16 @@ static void serve_one(int src, const double msg[2])
         return;
     }
     if (finished >= 0 && q.done) q.done(finished, src, msg[1], q.done_arg);
+    if (msg[2] == 0) {
+        q.stopped++;
+        if (q.held) q.held[src] = -2;
+        return;
+    }
     int cell = q.next < q.n ? q.order[q.next++] : -1;
-    if (cell < 0) q.stopped++;
     if (q.held) {
-        q.held[src] = cell < 0 ? -2 : cell;
+        /* a request goes out when the worker starts the cell assigned before (one ahead) */
+        q.held[src] = q.ahead[src];
+        q.ahead[src] = cell;
         q.since[src] = q.heard[src];
     }
     MPI_Send(&cell, 1, MPI_INT, src, TAG_ASSIGN, q.comm);
@@ -188,8 +198,8 @@ static void heartbeat(void)
         hb.pending = 0;
     }
     hb.buf[0] = MSG_HEARTBEAT;
-    hb.buf[1] = 0;
-    MPI_Isend(hb.buf, 2, MPI_DOUBLE, 0, TAG_READY, hb.comm, &hb.rq);
+    hb.buf[1] = hb.buf[2] = 0;
+    MPI_Isend(hb.buf, 3, MPI_DOUBLE, 0, TAG_READY, hb.comm, &hb.rq);
     hb.pending = 1;
     hb.last = now;
     hb.sent++;
@@ -209,8 +219,8 @@ void sp_coord_poll(void)
         MPI_Status stt;
         MPI_Iprobe(MPI_ANY_SOURCE, TAG_READY, q.comm, &flag, &stt);
         if (!flag) break;
-        double msg[2];
-        MPI_Recv(msg, 2, MPI_DOUBLE, stt.MPI_SOURCE, TAG_READY, q.comm, MPI_STATUS_IGNORE);
+        double msg[3];
+        MPI_Recv(msg, 3, MPI_DOUBLE, stt.MPI_SOURCE, TAG_READY, q.comm, MPI_STATUS_IGNORE);
         serve_one(stt.MPI_SOURCE, msg);
     }
     q.overhead += cpu_now() - t0;
@@ -221,10 +231,11 @@ void sp_coord_poll(void)
 static void watch_free(void)
 {
     free(q.held);
+    free(q.ahead);
     free(q.since);
     free(q.heard);
     free(q.hosts);
-    q.held = NULL;
+    q.held = q.ahead = NULL;
     q.since = q.heard = NULL;
     q.hosts = NULL;
 }
@@ -265,15 +276,16 @@ int sp_coord_run(const int *order, int n, int dedicated, MPI_Comm comm, sp_coord
             q.hosts = hosts;
             hosts = NULL;
             q.held = malloc(sizeof *q.held * (size_t)size);
+            q.ahead = malloc(sizeof *q.ahead * (size_t)size);
             q.since = malloc(sizeof *q.since * (size_t)size);
             q.heard = malloc(sizeof *q.heard * (size_t)size);
-            if (!q.held || !q.since || !q.heard) {
+            if (!q.held || !q.ahead || !q.since || !q.heard) {
                 watch_free();
                 q.active = 0;
                 return SP_FAIL(SP_ERR_NOMEM, "out of memory for the watch of %d ranks", size);
             }
             for (int r = 0; r < size; r++) {
-                q.held[r] = -1;
+                q.held[r] = q.ahead[r] = -1;
                 q.since[r] = q.heard[r] = t_start;
             }
         }
@@ -298,7 +310,7 @@ int sp_coord_run(const int *order, int n, int dedicated, MPI_Comm comm, sp_coord
         }
         /* hand out the rest and stop every worker */
         while (q.stopped < q.nworkers) {
-            double msg[2];
+            double msg[3];
             MPI_Status stt;
             double t0 = sp_wtime();
             probe_any(TAG_READY, comm, &stt);
@@ -309,7 +321,7 @@ int sp_coord_run(const int *order, int n, int dedicated, MPI_Comm comm, sp_coord
                 return SP_ERR_MPI; /* the driver aborts the job */
             }
             t0 = cpu_now();
-            MPI_Recv(msg, 2, MPI_DOUBLE, stt.MPI_SOURCE, TAG_READY, comm, MPI_STATUS_IGNORE);
+            MPI_Recv(msg, 3, MPI_DOUBLE, stt.MPI_SOURCE, TAG_READY, comm, MPI_STATUS_IGNORE);
             serve_one(stt.MPI_SOURCE, msg);
             q.overhead += cpu_now() - t0;
         }
@@ -318,9 +330,14 @@ int sp_coord_run(const int *order, int n, int dedicated, MPI_Comm comm, sp_coord
         watch_free();
         q.active = 0;
     } else {
-        double msg[2] = {-1, 0};
+        /* One cell ahead: the request for the next cell goes out when this one starts, so its
+         * answer is there when this one ends — rank 0 answers only at its poll points (between
+         * stages and patches), which may be a long patch away. */
+        double msg[3] = {-1, 0, 1};
+        int next = -1;
+        MPI_Request rq;
         /* how long rank 0 may take to answer: it answers between the stages of its own cell */
-        double wait_lim = 0;
+        double wait_lim = 0, waited = 0;
         if (watching) {
             double emax = 0;
             for (int k = 0; k < n && watch.estimate; k++) {
@@ -332,24 +349,21 @@ int sp_coord_run(const int *order, int n, int dedicated, MPI_Comm comm, sp_coord
             hb.comm = comm;
             hb.every = watch.timeout_s / 8 < 30 ? watch.timeout_s / 8 : 30;
         }
-        double waited = 0;
-        for (;;) {
-            int cell;
-            double t0 = sp_wtime();
-            MPI_Request rq;
-            if (hb.pending) { /* the last heartbeat must have left before the "ready" (order) */
+        double t0 = sp_wtime();
+        MPI_Irecv(&next, 1, MPI_INT, 0, TAG_ASSIGN, comm, &rq);
+        MPI_Send(msg, 3, MPI_DOUBLE, 0, TAG_READY, comm);
+        if (wait_request(&rq, wait_lim, &waited)) goto lost0;
+        st->idle += sp_wtime() - t0;
+        while (next >= 0) {
+            int cell = next;
+            next = -1;
+            /* the last heartbeat must have left before the request (they share a tag: order) */
+            if (hb.pending) {
                 if (wait_request(&hb.rq, wait_lim, &waited)) goto lost0;
                 hb.pending = 0;
             }
-            MPI_Irecv(&cell, 1, MPI_INT, 0, TAG_ASSIGN, comm, &rq);
-            MPI_Send(msg, 2, MPI_DOUBLE, 0, TAG_READY, comm);
-            if (wait_request(&rq, wait_lim, &waited)) {
-                MPI_Cancel(&rq); /* no answer may land in this frame after it returns */
-                MPI_Wait(&rq, MPI_STATUS_IGNORE);
-                goto lost0;
-            }
-            st->idle += sp_wtime() - t0;
-            if (cell < 0) break;
+            MPI_Irecv(&next, 1, MPI_INT, 0, TAG_ASSIGN, comm, &rq);
+            MPI_Send(msg, 3, MPI_DOUBLE, 0, TAG_READY, comm);
             t0 = sp_wtime();
             hb.active = watching;
             hb.last = t0;
@@ -360,16 +374,35 @@ int sp_coord_run(const int *order, int n, int dedicated, MPI_Comm comm, sp_coord
             st->cells++;
             if (status != SP_OK) {
                 free(hosts);
-                return status; /* the driver aborts the job */
+                return status; /* the driver aborts the job (the request is moot) */
             }
             msg[0] = cell;
             msg[1] = dt;
+            t0 = sp_wtime();
+            if (wait_request(&rq, wait_lim, &waited)) goto lost0;
+            st->idle += sp_wtime() - t0;
         }
+        if (hb.pending) {
+            if (wait_request(&hb.rq, wait_lim, &waited)) goto lost0;
+            hb.pending = 0;
+        }
+        msg[2] = 0; /* last message: the cell just finished, and stop */
+        MPI_Send(msg, 3, MPI_DOUBLE, 0, TAG_READY, comm);
         free(hosts);
         hosts = NULL;
         st->heartbeats = hb.sent;
         goto done;
     lost0:
+        /* no answer may land in this frame after it returns (MPI_Cancel of a completed or
+         * heartbeat-less request is harmless: the assignment receive is cancelled here) */
+        {
+            int flag = 0;
+            MPI_Test(&rq, &flag, MPI_STATUS_IGNORE);
+            if (!flag) {
+                MPI_Cancel(&rq);
+                MPI_Wait(&rq, MPI_STATUS_IGNORE);
+            }
+        }
         status = SP_FAIL(SP_ERR_MPI,
                          "rank 0 (the coordinator, host %s) has not answered the request of rank %d for a "
                          "cell of the %s for %.1f s; the limit is %.0f s (the larger of performance.rank_timeout_s "

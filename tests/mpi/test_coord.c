@@ -230,8 +230,8 @@ static void t_watch_silent_worker(void **st)
             MPI_Status stt;
             MPI_Iprobe(MPI_ANY_SOURCE, MPI_ANY_TAG, MPI_COMM_WORLD, &flag, &stt);
             if (flag) {
-                double msg[2];
-                MPI_Recv(msg, 2, MPI_DOUBLE, stt.MPI_SOURCE, stt.MPI_TAG, MPI_COMM_WORLD, MPI_STATUS_IGNORE);
+                double msg[3];
+                MPI_Recv(msg, 3, MPI_DOUBLE, stt.MPI_SOURCE, stt.MPI_TAG, MPI_COMM_WORLD, MPI_STATUS_IGNORE);
             } else {
                 usleep(1000);
             }
