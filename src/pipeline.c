@@ -14,6 +14,7 @@
 #include "surveyproc/sp_prof.h"
 #include "surveyproc/sp_resources.h" /* [issue 6] */
 #include "surveyproc/sp_store.h"
+#include "surveyproc/sp_watchdog.h"
 #include "surveyproc/sp_zp.h" /* [issue 10] */
 
 #include <errno.h>
@@ -470,6 +471,29 @@ cleanup:
     return status;
 }
 
+/* [watchdog] the coordinator's watch (sp_coord_set_watch): the plan's estimate of a cell, and on
+ * rank 0 the cell of a worker that went silent: marked failed in the fit pass (resume redoes it;
+ * in the PSF pass its ePSF is rebuilt on resume anyway). */
+static double watch_estimate(int cell, void *arg)
+{
+    const run_t *r = arg;
+    return r->plan->cells[cell].cost;
+}
+
+static void watch_lost(int cell, int rank, char *desc, size_t ndesc, void *arg)
+{
+    run_t *r = arg;
+    const sp_cell *ce = &r->plan->cells[cell];
+    snprintf(desc, ndesc, "(x %ld-%ld, y %ld-%ld)", ce->bx0, ce->bx1, ce->by0, ce->by1);
+    if (r->phase != RUN_FIT_PASS || !r->store) return;
+    sp_store_cellrow row = {.id = ce->id, .ix = ce->ix, .iy = ce->iy, .bx0 = ce->bx0, .by0 = ce->by0,
+                            .bx1 = ce->bx1, .by1 = ce->by1, .rx0 = ce->rx0, .ry0 = ce->ry0, .rx1 = ce->rx1,
+                            .ry1 = ce->ry1, .nsrc = ce->nsrc, .active = 1, .status = SP_CELL_FAILED,
+                            .rank = rank, .seconds = 0, .cost = ce->cost, .mem_est = ce->mem_bytes,
+                            .bytes_read = 0};
+    (void)sp_store_write_cell(r->store, &row); /* best effort: the cell is not done either way */
+}
+
 static void on_cell_done(int cell, int rank, double seconds, void *arg)
 {
     run_t *r = arg;
@@ -700,6 +724,8 @@ int sp_pipeline_run(const sp_run_opts *o, int *agreed)
     SP_TRY(status);
     have_cfg = 1;
     r.cfg = &cfg;
+    /* [watchdog] waits for other ranks end after performance.rank_timeout_s instead of never */
+    if (r.nranks > 1) SP_TRY(sp_watchdog_start(cfg.performance.rank_timeout_s));
     /* [issue 6] resource planner: ranks, nodes, cores, binding, memory -> threads per rank */
     SP_TRY(sp_resources_setup(&cfg, r.comm, &res, &r.threads));
     r.prep_threads = cfg.performance.frame_prep_workers == SP_CONFIG_AUTO ? r.threads : cfg.performance.frame_prep_workers;
@@ -782,6 +808,7 @@ int sp_pipeline_run(const sp_run_opts *o, int *agreed)
     SP_ALLOC(cstat, plan.ncells);
     int exists = access(cfg.outputs.store, F_OK) == 0;
     sp_prof_push("store");
+    sp_watchdog_arm("creating or opening the store (collective HDF5 calls)", 0);
     if (o->resume && exists) {
         status = sp_store_open_resume(cfg.outputs.store, &plan, &meta, r.comm, &store, cstat);
     } else if (exists && !cfg.outputs.overwrite && !o->resume) {
@@ -794,6 +821,7 @@ int sp_pipeline_run(const sp_run_opts *o, int *agreed)
         status = sp_store_create(cfg.outputs.store, &plan, &meta, r.comm, &store);
         for (int k = 0; k < plan.ncells; k++) cstat[k] = plan.cells[k].active ? SP_CELL_TODO : SP_CELL_SKIPPED;
     }
+    sp_watchdog_disarm();
     sp_prof_pop();
     SP_TRY(status);
     have_store = 1;
@@ -841,6 +869,9 @@ int sp_pipeline_run(const sp_run_opts *o, int *agreed)
     int dedicated = cfg.performance.dedicated_coordinator == SP_CFG_COORD_ALWAYS ||
                     (cfg.performance.dedicated_coordinator == SP_CFG_COORD_AUTO && r.nranks >= 16);
     sp_coord_stats st = {0}, st_psf = {0};
+    sp_coord_watch watch = {.timeout_s = cfg.performance.rank_timeout_s, .estimate = watch_estimate,
+                            .lost = watch_lost, .fatal = sp_fatal, .arg = &r, .pass = "PSF pass"};
+    sp_coord_set_watch(&watch);
     /* PSF pass: the ePSF of every active cell that has none yet */
     r.phase = RUN_PSF_PASS;
     if (r.rank == 0) sp_progress_start(&r.progress, "ePSF cells", npsf, cfg.logging.progress_heartbeat_s);
@@ -854,7 +885,9 @@ int sp_pipeline_run(const sp_run_opts *o, int *agreed)
     }
     if (r.rank == 0) sp_progress_finish(&r.progress);
     sp_prof_push("psf_share");
+    sp_watchdog_arm("sharing the ePSF grid after the PSF pass", 0);
     status = psf_grid_share(&r);
+    sp_watchdog_disarm();
     sp_prof_pop();
     SP_TRY(status);
     /* fit pass */
@@ -871,6 +904,8 @@ int sp_pipeline_run(const sp_run_opts *o, int *agreed)
                     ndone_before, ntodo, npsf);
         sp_progress_start(&r.progress, "cells", ntodo, cfg.logging.progress_heartbeat_s);
     }
+    watch.pass = "fit pass";
+    sp_coord_set_watch(&watch);
     sp_prof_push("cells_phase");
     status = sp_coord_run(order, ntodo, dedicated, r.comm, process_cell, &r, on_cell_done, &r, &st);
     sp_prof_pop();
@@ -888,7 +923,9 @@ int sp_pipeline_run(const sp_run_opts *o, int *agreed)
     /* finish: timing table, summary */
     sp_prof_push("finish");
     double imbalance = 1;
+    sp_watchdog_arm("writing the timing tables (collective HDF5 calls)", 0);
     status = write_timing(&r, &st, &imbalance);
+    sp_watchdog_disarm();
     sp_prof_pop();
     if (status != SP_OK) /* (agreed) e.g. a disk that filled up during the run */
         sp_err_context("finish phase (every cell is done and stored; fix this, then `surveyproc run --resume` "
@@ -897,7 +934,9 @@ int sp_pipeline_run(const sp_run_opts *o, int *agreed)
     SP_TRY(sp_resources_fftw_wisdom_save(cfg.performance.fftw_wisdom_file, r.comm)); /* [issue 6] */
     /* [issue 10] zero points and exports: every rank closes the store, then rank 0 calibrates it
      * and writes outputs.export_formats with the serial driver; the outcome is agreed. */
+    sp_watchdog_arm("closing the store (a collective HDF5 call: every rank must take part)", 0);
     status = sp_store_close(&store);
+    sp_watchdog_disarm();
     have_store = 0;
     SP_TRY(sp_mpi_agree(status, r.comm));
     if (r.rank == 0) {
@@ -914,12 +953,15 @@ int sp_pipeline_run(const sp_run_opts *o, int *agreed)
     SP_TRY(sp_mpi_agree(status, r.comm)); /* [/issue 10] */
     sp_prof_merged *mg = NULL;
     int nmg = 0;
-    SP_TRY(sp_prof_merge(r.comm, &mg, &nmg));
+    sp_watchdog_arm("merging the timing profiles of the ranks", 0);
+    status = sp_prof_merge(r.comm, &mg, &nmg);
     double coord_over = st.overhead;
     MPI_Bcast(&coord_over, 1, MPI_DOUBLE, 0, r.comm);
     double wall = sp_wtime() - t_start;
     long nfit[2] = {r.nfit_sources, r.nfit_patches}, nfit_all[2] = {0, 0};
     MPI_Reduce(nfit, nfit_all, 2, MPI_LONG, MPI_SUM, 0, r.comm);
+    sp_watchdog_disarm();
+    SP_TRY(status);
     if (r.rank == 0) {
         if (cfg.logging.timing_report) sp_prof_print(stderr, mg, nmg, r.nranks);
         long nexcl = 0;

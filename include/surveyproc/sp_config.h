@@ -182,6 +182,7 @@ typedef struct {
     char *blas_coretype;     /* "auto", "none" or an OpenBLAS core name */
     char *fftw_wisdom_file;  /* resolved against work_dir; NULL: no wisdom file */
     bool allow_oversubscribe; /* run even when ranks x threads > cores of a node (issue 6) */
+    double rank_timeout_s;   /* watchdog: a silent rank / a blocked collective ends the job; 0: off */
 } sp_cfg_performance;
 
 typedef struct {

@@ -15,8 +15,12 @@
 /* Collective. Given this rank's status (its message in sp_err_msg()). Returns
  * SP_OK if every rank had SP_OK; otherwise the status of the lowest failing
  * rank, whose message (prefixed with "rank R: " when R is not rank 0)
- * is installed as the current error on every rank. */
-int sp_mpi_agree(int status, MPI_Comm comm);
+ * is installed as the current error on every rank.
+ * The wait is bounded by the watchdog (sp_watchdog.h, performance.rank_timeout_s): a rank that
+ * never arrives (stuck, stopped, lost node) ends the job with a message naming file:line of the
+ * call, instead of a silent hang. */
+int sp_mpi_agree_at(int status, MPI_Comm comm, const char *file, int line);
+#define sp_mpi_agree(status, comm) sp_mpi_agree_at((status), (comm), __FILE__, __LINE__)
 
 /* Collective. Broadcast a malloc'd byte buffer from root: on root *buf and *len are
  * given; elsewhere *buf is allocated (with a trailing NUL) and *len set. */

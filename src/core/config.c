@@ -1552,7 +1552,8 @@ int sp_config_write_markdown(FILE *f)
         fputs(" |\n", f);
     }
     fprintf(f, "\nAlso new in surveyproc (no tract7dt equivalent): `performance.ranks`, `threads_per_rank`,\n"
-               "`memory_per_rank_mb`, `dedicated_coordinator`, `blas_coretype`, `fftw_wisdom_file`; the staged fit\n"
+               "`memory_per_rank_mb`, `dedicated_coordinator`, `blas_coretype`, `fftw_wisdom_file`, `rank_timeout_s`; the\n"
+               "staged fit "
                "(`patch_run.enable_staged_fit`), sky fitting (`fit_sky`, `sky_order`), halo handling\n"
                "(`halo_source_mode`), shape bounds; and `outputs.store`, `export_formats`, `save_white`.\n");
     sp_config_free(&d);

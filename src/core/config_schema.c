@@ -170,6 +170,11 @@ const sp_config_key sp_cfg_schema[] = {
        "(leave OpenBLAS alone), or a core name such as Haswell or SkylakeX."),
     KP("performance.fftw_wisdom_file", performance.fftw_wisdom_file, WD | NUL, "null",
        "FFTW wisdom read at start and saved at the end, so plans are made once; null: plan afresh each run."),
+    KD("performance.rank_timeout_s", performance.rank_timeout_s, 0, "1800", 0, 1e7, "s",
+       "Watchdog: a rank that sends nothing for this long while it holds a cell (or 10x the plan's cost "
+       "estimate of that cell, if longer), or a wait for the other ranks in a collective step that lasts "
+       "this long, ends the job with a message naming the rank, its host and the cell; the cell stays "
+       "unfinished for `run --resume`. 0: no watchdog (a stopped rank then hangs the job)."),
 
     /* ------------------------------------------------------------------ epsf */
     KI("epsf.epsf_ngrid", epsf.epsf_ngrid, SC, "7", 1, 64, "",

@@ -1,6 +1,7 @@
 /* mpi_util.c — error agreement and broadcasts (see sp_mpi.h). */
 #include "surveyproc/sp_mpi.h"
 #include "surveyproc/sp_error.h"
+#include "surveyproc/sp_watchdog.h"
 
 #include <errno.h>
 #include <stdio.h>
@@ -23,14 +24,16 @@ int sp_mpi_size(void)
     return n;
 }
 
-int sp_mpi_agree(int status, MPI_Comm comm)
+int sp_mpi_agree_at(int status, MPI_Comm comm, const char *file_at, int line_at)
 {
     int rank, size;
     MPI_Comm_rank(comm, &rank);
     MPI_Comm_size(comm, &size);
     /* lowest failing rank: min over (status ? rank : size) */
     int mine = status != SP_OK ? rank : size, first = size;
+    if (size > 1) sp_watchdog_arm_at("agreeing on the outcome of a step", 0, file_at, line_at);
     MPI_Allreduce(&mine, &first, 1, MPI_INT, MPI_MIN, comm);
+    if (size > 1) sp_watchdog_disarm();
     if (first == size) return SP_OK;
     int code = status;
     char msg[2048], where[256];

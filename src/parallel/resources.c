@@ -1366,8 +1366,9 @@ int sp_resources_emit_script(const sp_res_emit *e, const sp_config *cfg, const s
                 "export OPENBLAS_NUM_THREADS=1\n"
                 "# NFS/Lustre without flock: HDF5 cannot lock the store\n"
                 "export HDF5_USE_FILE_LOCKING=${HDF5_USE_FILE_LOCKING:-FALSE}\n"
-                "# srun does not pass --cpus-per-task on to the tasks by itself (SLURM >= 22.05)\n"
-                "srun --mpi=pmix --cpus-per-task=\"$OMP_NUM_THREADS\" \"$SURVEYPROC\" run \"$CONFIG\" \"$@\"\n",
+                "# srun does not pass --cpus-per-task on to the tasks by itself (SLURM >= 22.05);\n"
+                "# --kill-on-bad-exit=1: a rank that dies or fails ends the whole step at once\n"
+                "srun --mpi=pmix --kill-on-bad-exit=1 --cpus-per-task=\"$OMP_NUM_THREADS\" \"$SURVEYPROC\" run \"$CONFIG\" \"$@\"\n",
                 name, plan ? plan->nx : 0L, plan ? plan->ny : 0L, plan ? plan->nbands : 0, active, nodes, rpn, t,
                 peak, tbuf, name, nodes, rpn, t, mem_per_cpu_mb, tbuf, exe, cfgabs, t);
     } else {

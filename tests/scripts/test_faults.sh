@@ -15,8 +15,16 @@
 #     store -> a "disk full" message naming the store, no store left; a tmpfs that fills up
 #     during the run -> "disk full" naming the store, the cells finished before stay done,
 #     and after space is freed `run --resume` completes it identically.
-# Prints PASS:/FAIL:/SKIP: lines and one "figures:" line per part. About 70 s on 2 cores.
-# Knobs: SP_FAULT_SEED (delays), FAULT_TRIALS, SP_KEEP=1 (keep the folder).
+#  4. one rank hangs (SIGSTOP: no socket closes, mpirun sees nothing), with
+#     performance.rank_timeout_s = HANG_TIMEOUT (6 s): rank 1 in the fit pass -> rank 0 names it,
+#     its host and its cell, marks the cell failed, exit 5; rank 0 in the fit pass -> rank 1 names
+#     rank 0; rank 1 stopped inside the final store close (exit_shim's H5Fclose hook) -> rank 0's
+#     watchdog thread ends the job. Each time: the job ends within HANG_TIMEOUT + FAULT_END_MAX s
+#     of the stop, the store opens, resume -> identical. Rank 1 dying (exit 3) in that close: the
+#     same checks. A stop shorter than the timeout (2 s, then SIGCONT) is no alarm: the run
+#     completes, identical.
+# Prints PASS:/FAIL:/SKIP: lines and one "figures:" line per part. About 100 s on 2 cores.
+# Knobs: SP_FAULT_SEED (delays), FAULT_TRIALS, HANG_TIMEOUT, SP_KEEP=1 (keep the folder).
 set -u
 cd "$(dirname "$0")/../.."
 ROOT=$PWD
@@ -25,6 +33,7 @@ PY=/usr/bin/python3
 TRIALS=${FAULT_TRIALS:-10}
 SEED=${SP_FAULT_SEED:-8}
 FAULT_END_MAX=${FAULT_END_MAX:-10}   # seconds from the fault to the end of the job
+HANG_TIMEOUT=${HANG_TIMEOUT:-6}      # performance.rank_timeout_s of the hang cases (part 4)
 export OMPI_ALLOW_RUN_AS_ROOT=1 OMPI_ALLOW_RUN_AS_ROOT_CONFIRM=1 OMPI_MCA_rmaps_base_oversubscribe=1
 export OMP_NUM_THREADS=1 OPENBLAS_NUM_THREADS=1
 if [ ! -x "$BIN" ]; then echo "FAIL: faults_setup (bin/surveyproc is not built; run make)"; exit 1; fi
@@ -43,18 +52,19 @@ elapsed() { awk -v a="$1" -v b="$2" 'BEGIN { printf "%.2f", b - a }'; }
 # a private copy: a concurrent `make` relinking bin/surveyproc cannot pull it away mid-suite
 cp "$BIN" "$T/surveyproc" && BIN=$T/surveyproc
 SHIM=$T/exit_shim.so
-mpicc -shared -fPIC -O1 "$ROOT/tests/faults/exit_shim.c" -o "$SHIM" 2>"$T/shim.log" || SHIM=""
+mpicc -shared -fPIC -O1 "$ROOT/tests/faults/exit_shim.c" -o "$SHIM" -ldl 2>"$T/shim.log" || SHIM=""
 if ! "$BIN" -q simulate --preset tiny --seed 5 --out "$T/sim" >"$T/sim.log" 2>&1; then
   fail faults_setup "simulate failed: $(tail -3 "$T/sim.log")"; exit 1
 fi
 NROWS=$(($(wc -l <"$T/sim/input_catalog.csv") - 1))
 SETS=(--set epsf.epsf_ngrid=4 --set epsf.ngrid=2 --set 'outputs.export_formats=[]' --set performance.threads_per_rank=1)
+XSETS=()  # extra --set options of the next start (part 4)
 
 # start NAME STORE [args]: the job in the background, in its own process group; sets JOB (mpirun's pid)
 start() {
   local name=$1 store=$2; shift 2
   : >"$T/$name.log"
-  setsid mpirun -np 2 --bind-to none "$@" "$BIN" -v run "$T/sim/config.yaml" "${SETS[@]}" \
+  setsid mpirun -np 2 --bind-to none "$@" "$BIN" -v run "$T/sim/config.yaml" "${SETS[@]}" ${XSETS[@]+"${XSETS[@]}"} \
     --set outputs.store="$store" >"$T/$name.log" 2>&1 &
   JOB=$!
 }
@@ -98,7 +108,7 @@ with h5py.File(sys.argv[1], "r") as f:
     assert n == int(sys.argv[2]), "catalog has %d rows, the input %s" % (n, sys.argv[2])
     f["catalog"][...]
     st = f["cells"]["status"][:]
-    print("%d/%d cells done" % ((st == 1).sum(), len(st)))
+    print("%d/%d cells done" % ((st == 1).sum(), len(st)) + (" (%d failed)" % (st == 2).sum() if (st == 2).any() else ""))
 EOF
 }
 # resume_same NAME STORE: `run --resume` (timeout) -> the reference catalog; sets WHY
@@ -126,7 +136,8 @@ ends=()
 # PATTERN was logged N times, then check the end, the message, the store and the resume
 one_rank() {
   local name=$1 what=$2 pat=$3 n=$4 msg=$5; shift 5
-  local s=$T/$name.h5 t_fault pid
+  local s=$T/$name.h5 t_fault pid="" end_max=${END_MAX:-$FAULT_END_MAX}
+  STATE=""
   start "$name" "$s" "$@" -x SP_FAULT_STAMP="$T/$name.stamp"
   if ! wait_for "$T/$name.log" "$pat" "$n"; then
     [ "$what" = shim ] || { fail "$name" "the run ended before the fault"; wait_end 30; return; }
@@ -136,25 +147,33 @@ one_rank() {
     kill*) pid=$(rank_pid "${what#kill}")
            if [ -z "$pid" ]; then fail "$name" "no pid for rank ${what#kill}"; kill_job; wait_end 5; return; fi
            kill -9 "$pid" ;;
+    stop*) pid=$(rank_pid "${what#stop}")
+           if [ -z "$pid" ]; then fail "$name" "no pid for rank ${what#stop}"; kill_job; wait_end 5; return; fi
+           kill -STOP "$pid" ;;
     shim) t_fault=$(now) ;;
   esac
-  if ! wait_end 60; then fail "$name" "the job still ran 60 s after the fault (hang)"; return; fi
+  if ! wait_end $((end_max + 50)); then fail "$name" "the job still ran $((end_max + 50)) s after the fault (hang)"; return; fi
+  # a stopped rank that outlived mpirun (it should not: mpirun SIGKILLs it) must not linger
+  if [ -n "$pid" ] && kill -0 "$pid" 2>/dev/null && [ "$(ps -o stat= -p "$pid" | cut -c1)" != Z ]; then
+    kill -9 "$pid" 2>/dev/null; fail "$name" "the stopped rank (pid $pid) was still alive after the job ended"; return
+  fi
   local took; took=$(elapsed "$t_fault" "$(now)")
   if [ "$what" = shim ]; then  # the exit happened inside the program: the shim stamped its time
     [ -s "$T/$name.stamp" ] || { fail "$name" "the injected exit did not happen (no $name.stamp)"; return; }
     took=$(elapsed "$(cat "$T/$name.stamp")" "$(now)")
   fi
   ends+=("$took")
-  local state; state=$(store_state "$s")
+  local state; state=$(store_state "$s"); STATE=$state
   local said; said=$(grep -E -m1 -- "$msg" "$T/$name.log")
   if [ "$RC" -eq 0 ]; then fail "$name" "exit 0 after a rank died"; return; fi
+  if [ -n "${RC_WANT:-}" ] && [ "$RC" -ne "$RC_WANT" ]; then fail "$name" "exit $RC, expected $RC_WANT" "$(grep -m2 ERROR "$T/$name.log")"; return; fi
   if [ -z "$said" ]; then fail "$name" "no message naming the rank (/$msg/)" "$(tail -4 "$T/$name.log")"; return; fi
   if ! echo "$state" | grep -q 'cells done'; then fail "$name" "the store does not open in h5py: $state"; return; fi
-  if awk -v t="$took" -v m="$FAULT_END_MAX" 'BEGIN { exit !(t > m) }'; then
-    fail "$name" "the job took $took s to end after the fault (> $FAULT_END_MAX s)"; return
+  if awk -v t="$took" -v m="$end_max" 'BEGIN { exit !(t > m) }'; then
+    fail "$name" "the job took $took s to end after the fault (> $end_max s)"; return
   fi
   if ! resume_same "$name" "$s"; then fail "$name" "$WHY"; return; fi
-  pass "$name (exit $RC; ${took} s from the fault to the end of the job; '$(echo "$said" | sed 's/^ *//' | cut -c1-70)'; store $state; resume: identical)"
+  pass "$name (exit $RC; ${took} s from the fault to the end of the job; '$(echo "$said" | sed 's/^ *//; s/^.*MPI error: //' | cut -c1-110)'; store $state; resume: identical)"
 }
 one_rank fault_kill9_worker_fit_pass kill1 'r1 DEBUG patch' 3 'process rank 1 with PID .* signal 9'
 one_rank fault_kill9_coordinator_psf_pass kill0 'r0 DEBUG cell .*PSF-star' 4 'process rank 0 with PID .* signal 9'
@@ -229,6 +248,52 @@ else
   fail fault_store_in_use "the first job ended before the second started"; wait_end 30
 fi
 
+# ---- 4. one rank hangs (SIGSTOP) ----------------------------------------------------------------------
+XSETS=(--set performance.rank_timeout_s="$HANG_TIMEOUT")
+ends=()
+END_MAX=$((HANG_TIMEOUT + FAULT_END_MAX)) RC_WANT=5 one_rank fault_sigstop_worker_fit_pass stop1 'r1 DEBUG patch' 3 \
+  'r0 ERROR FATAL .*rank 1 \(host [^)]+\) has sent nothing for [0-9.]+ s while it holds cell [0-9]+ \(x [0-9]+-[0-9]+, y [0-9]+-[0-9]+\) of the fit pass'
+# the store as the stopped job left it (before the resume): rank 0 marked the stopped rank's cell
+# failed, unless the rank itself finished that cell when mpirun's teardown continued it (Open MPI
+# sends SIGCONT before SIGTERM; its rows are written before its status, so "done" is then true)
+if echo "$STATE" | grep -q '(1 failed)'; then
+  pass "fault_sigstop_worker_marks_cell (the stopped rank's cell is 'failed' in /cells: $STATE)"
+elif echo "$STATE" | grep -q '^16/16 cells done$'; then
+  pass "fault_sigstop_worker_marks_cell (every cell done: the stopped rank finished its cell during the teardown)"
+else
+  fail fault_sigstop_worker_marks_cell "store after the stop: '$STATE' (expected one failed cell, or every cell done)"
+fi
+END_MAX=$((HANG_TIMEOUT + FAULT_END_MAX)) RC_WANT=5 one_rank fault_sigstop_coordinator_fit_pass stop0 'r0 DEBUG patch' 3 \
+  'r1 ERROR FATAL .*rank 0 \(the coordinator, host [^)]+\) has not answered the request of rank 1'
+if [ -n "$SHIM" ]; then
+  # rank 1's only H5Fclose is the store's final close: rank 0 waits in it, its watchdog thread ends the job
+  END_MAX=$((HANG_TIMEOUT + FAULT_END_MAX)) RC_WANT=5 one_rank fault_sigstop_in_store_close shim 'x^' 0 \
+    'r0 ERROR FATAL .*rank 0 \(host [^)]+\) has waited [0-9.]+ s for the other ranks while closing the store' \
+    -x LD_PRELOAD="$SHIM" -x SP_FAULT_RANK=1 -x SP_FAULT_H5FCLOSE=1 -x SP_FAULT_ACTION=stop
+  # the same close, rank 1 dying in it (exit 3, as a node crash): mpirun ends the job; the store
+  # (every cell done, the finish phase's metadata not yet flushed) is completed by resume
+  RC_WANT=3 one_rank fault_exit3_in_store_close shim 'x^' 0 'Process name: \[\[[0-9]+,[0-9]+\],1\]' \
+    -x LD_PRELOAD="$SHIM" -x SP_FAULT_RANK=1 -x SP_FAULT_H5FCLOSE=1 -x SP_FAULT_CODE=3
+else
+  echo "SKIP: fault_sigstop_in_store_close (mpicc could not build tests/faults/exit_shim.c)"
+fi
+echo "figures: one rank hangs (rank_timeout_s = $HANG_TIMEOUT): ${#ends[@]} stop(s), seconds from the stop to the end of the job: ${ends[*]}"
+# a pause shorter than the timeout is no alarm
+s=$T/pause.h5
+start pause "$s"
+if wait_for "$T/pause.log" 'r1 DEBUG patch' 3; then
+  pid=$(rank_pid 1); kill -STOP "$pid"; sleep 2; kill -CONT "$pid"
+  wait_end 120
+  if [ "$RC" = 0 ] && out=$("$PY" "$ROOT/tests/scripts/same_store.py" "$REF" "$s" 2>&1); then
+    pass "fault_sigstop_short_pause (rank 1 stopped for 2 s < rank_timeout_s = $HANG_TIMEOUT s, then continued: the run completes, identical)"
+  else
+    fail fault_sigstop_short_pause "rc $RC; ${out:-}" "$(grep -m2 ERROR "$T/pause.log")"
+  fi
+else
+  fail fault_sigstop_short_pause "the run ended before the pause"; wait_end 30
+fi
+XSETS=()
+
 # ---- 3. disk full -----------------------------------------------------------------------------------
 MNT=$T/mnt; mkdir -p "$MNT"
 if ! unshare -m true 2>/dev/null; then
@@ -250,34 +315,45 @@ else
   fail fault_disk_full_create "rc ${rc:-?}, left on the tmpfs: '$(cat "$T/full_a.ls" 2>/dev/null)'" "$msg" "$(tail -3 "$T/full_a.log")"
 fi
 
-# 3b. the disk fills up during the run (another writer takes the rest of the space once 2 cells are done);
-#     then the space is freed and the run resumed, in the same namespace (the tmpfs lives as long as it)
-cat >"$T/full_b.sh" <<EOF
+# 3b. the disk fills up during the run (another writer takes the rest of the space), then the space
+#     is freed and the run resumed, in the same namespace (the tmpfs lives as long as it). Twice:
+#     in the fit pass (after 8 patches: cell rows) and in the PSF pass (after 2 cells' PSF stars:
+#     the /epsf writes). Both write into space allocated when the store was made, so the error
+#     comes at the finish phase's first new allocation, with every cell stored.
+# full_during NAME PATTERN N: fill the disk once the run's log has N lines matching PATTERN
+full_during() {
+  local name=$1 pat=$2 n=$3
+  cat >"$T/$name.sh" <<EOF
 set -u
-$RUN >'$T/full_b.run.log' 2>&1 &
+rm -f '$MNT/s.h5' '$MNT/filler'
+$RUN >'$T/$name.run.log' 2>&1 &
 job=\$!
-for i in \$(seq 2400); do [ "\$(grep -c 'DEBUG patch' '$T/full_b.run.log')" -ge 8 ] && break; kill -0 \$job 2>/dev/null || break; sleep 0.05; done
+for i in \$(seq 2400); do [ "\$(grep -c '$pat' '$T/$name.run.log')" -ge $n ] && break; kill -0 \$job 2>/dev/null || break; sleep 0.05; done
 head -c 1G /dev/zero >'$MNT/filler' 2>/dev/null
 wait \$job; echo "rc=\$?"
-cp '$MNT/s.h5' '$T/full_b.killed.h5' 2>/dev/null || echo "copy failed"
+cp '$MNT/s.h5' '$T/$name.killed.h5' 2>/dev/null || echo "copy failed"
 rm -f '$MNT/filler'
-timeout -k 5 120 mpirun -np 2 --bind-to none '$BIN' run '$T/sim/config.yaml' ${SETS[*]} --set outputs.store='$MNT/s.h5' --resume >'$T/full_b.resume.log' 2>&1
+timeout -k 5 120 mpirun -np 2 --bind-to none '$BIN' run '$T/sim/config.yaml' ${SETS[*]} --set outputs.store='$MNT/s.h5' --resume >'$T/$name.resume.log' 2>&1
 echo "resume_rc=\$?"
-cp '$MNT/s.h5' '$T/full_b.h5'
+cp '$MNT/s.h5' '$T/$name.h5'
 EOF
-in_ns $((STORE_MB + 4)) "bash '$T/full_b.sh'" >"$T/full_b.log" 2>&1
-rc=$(grep -o '^rc=[0-9]*' "$T/full_b.log" | cut -d= -f2)
-rrc=$(grep -o '^resume_rc=[0-9]*' "$T/full_b.log" | cut -d= -f2)
-msg=$(grep -m1 'ERROR' "$T/full_b.run.log")
-state=$(store_state "$T/full_b.killed.h5")
-if [ "$rc" != 4 ] || ! echo "$msg" | grep -q "$MNT/s.h5.*disk full"; then
-  fail fault_disk_full_during_run "rc ${rc:-?}; expected 4 and a 'disk full' message naming the store" "$msg" "$(tail -3 "$T/full_b.run.log")"
-elif ! echo "$state" | grep -q 'cells done'; then
-  fail fault_disk_full_during_run "the store does not open in h5py after the disk-full error: $state"
-elif [ "$rrc" != 0 ]; then
-  fail fault_disk_full_during_run "resume after freeing space: rc ${rrc:-?}: $(grep -m2 ERROR "$T/full_b.resume.log")"
-elif ! out=$("$PY" "$ROOT/tests/scripts/same_store.py" "$REF" "$T/full_b.h5" 2>&1); then
-  fail fault_disk_full_during_run "after resume: $out"
-else
-  pass "fault_disk_full_during_run (exit 4, store left with $state; resume after freeing space: identical; '$(echo "$msg" | sed 's/.*error: //' | cut -c1-160)')"
-fi
+  in_ns $((STORE_MB + 4)) "bash '$T/$name.sh'" >"$T/$name.log" 2>&1
+  local rc rrc msg state out
+  rc=$(grep -o '^rc=[0-9]*' "$T/$name.log" | cut -d= -f2)
+  rrc=$(grep -o '^resume_rc=[0-9]*' "$T/$name.log" | cut -d= -f2)
+  msg=$(grep -m1 'ERROR' "$T/$name.run.log")
+  state=$(store_state "$T/$name.killed.h5")
+  if [ "$rc" != 4 ] || ! echo "$msg" | grep -q "$MNT/s.h5.*disk full"; then
+    fail "$name" "rc ${rc:-?}; expected 4 and a 'disk full' message naming the store" "$msg" "$(tail -3 "$T/$name.run.log")"
+  elif ! echo "$state" | grep -q 'cells done'; then
+    fail "$name" "the store does not open in h5py after the disk-full error: $state"
+  elif [ "$rrc" != 0 ]; then
+    fail "$name" "resume after freeing space: rc ${rrc:-?}: $(grep -m2 ERROR "$T/$name.resume.log")"
+  elif ! out=$("$PY" "$ROOT/tests/scripts/same_store.py" "$REF" "$T/$name.h5" 2>&1); then
+    fail "$name" "after resume: $out"
+  else
+    pass "$name (exit 4, store left with $state; resume after freeing space: identical; '$(echo "$msg" | sed 's/.*error: //' | cut -c1-160)')"
+  fi
+}
+full_during fault_disk_full_during_run 'DEBUG patch' 8
+full_during fault_disk_full_during_psf_pass 'DEBUG cell .*PSF-star' 2

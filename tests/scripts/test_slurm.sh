@@ -12,6 +12,10 @@
 #      finishes the store (cells kept + cells redone), the second is removed
 #   6. jobs/pbs/tile.pbs             through slurm-wlm-torque's qsub wrapper: store complete
 #   7. the script `surveyproc plan --emit slurm` writes, submitted as is: store complete
+#   8. faults under srun (tests/faults/exit_shim.c, LD_PRELOAD through a wrapper of the binary):
+#      rank 1 exits with status 3 mid-run -> srun --kill-on-bad-exit=1 ends the step, the job is
+#      FAILED within seconds; rank 1 stops dead (SIGSTOP) with performance.rank_timeout_s = 5 ->
+#      rank 0 names it and ends the job (FAILED) within 5 + 30 s; both stores resumable (inspect)
 # and stops the daemons it started (trap), by their PIDs. Prints PASS:/FAIL:/SKIP: lines and the
 # duration. Installs slurm-wlm, munge and slurm-wlm-torque when missing (scripts/install-deps.sh).
 #
@@ -259,6 +263,46 @@ if [ "$st" = COMPLETED ] && store_done "$T/tile/work_e/surveyproc.h5"; then
 else
   fail slurm_emitted_script "job ${jid:-none}: $st" "$(cat "$T/emit.log" "$T/sbatch.err" | tail -5)" \
        "$(tail -5 "$T"/jobs/sp-*"$jid".out 2>/dev/null)"
+fi
+
+# 8. faults under srun: a rank that exits non-zero, a rank that hangs
+SHIM=$T/exit_shim.so
+if mpicc -shared -fPIC -O1 "$ROOT/tests/faults/exit_shim.c" -o "$SHIM" -ldl 2>"$T/shim.log"; then
+  # fault_job NAME ACTION(exit3|stop) [run options]: tile.sbatch with rank 1 faulting at its 4th "ready"
+  fault_job() {
+    local name=$1 action=$2; shift 2
+    local wrap=$T/wrap_$name.sh stamp=$T/$name.stamp cfg=$T/tile/config_$name.yaml
+    sed "s|work_dir: work|work_dir: work_$name|" "$T/tile/config.yaml" >"$cfg"
+    { echo '#!/bin/sh'
+      echo "export LD_PRELOAD='$SHIM' SP_FAULT_RANK=1 SP_FAULT_AFTER=4 SP_FAULT_STAMP='$stamp'"
+      [ "$action" = stop ] && echo "export SP_FAULT_ACTION=stop" || echo "export SP_FAULT_CODE=3"
+      echo "exec '$BIN' \"\$@\""; } >"$wrap"
+    chmod +x "$wrap"
+    FJ=$(cd "$T/jobs" && SURVEYPROC=$wrap sbatch --parsable "$ROOT/jobs/slurm/tile.sbatch" "$cfg" \
+         --set epsf.epsf_ngrid=4 "$@" 2>"$T/sbatch.err")
+    FST=$(wait_job "${FJ:-0}" 120)
+    FTOOK=$( [ -s "$stamp" ] && awk -v a="$(cat "$stamp")" -v b="$EPOCHREALTIME" 'BEGIN { printf "%.1f", b - a }' || echo "?")
+    FOUT=$T/jobs/surveyproc-tile-$FJ.out
+    "$BIN" inspect "$T/tile/work_$name/surveyproc.h5" >"$T/inspect_$name.txt" 2>&1
+  }
+  fault_job exit3 exit3
+  if [ "$FST" = FAILED ] && [ "$FTOOK" != "?" ] && awk -v t="$FTOOK" 'BEGIN { exit !(t < 30) }' &&
+     grep -q '^Cells: 16 total' "$T/inspect_exit3.txt"; then
+    pass "slurm_rank_exit_kills_step (rank 1 exited 3: job $FJ $FST ${FTOOK} s after the exit; store opens: $(grep '^Cells' "$T/inspect_exit3.txt"))"
+  else
+    fail slurm_rank_exit_kills_step "job ${FJ:-none}: $FST, ${FTOOK} s after the exit" "$(tail -6 "$FOUT" 2>/dev/null)" "$(head -3 "$T/inspect_exit3.txt")"
+  fi
+  fault_job stop stop --set performance.rank_timeout_s=5
+  msg=$(grep -m1 'has sent nothing for\|has not answered the request' "$FOUT" 2>/dev/null)
+  if [ "$FST" = FAILED ] && [ -n "$msg" ] && [ "$FTOOK" != "?" ] && awk -v t="$FTOOK" 'BEGIN { exit !(t < 35) }' &&
+     grep -q '^Cells: 16 total' "$T/inspect_stop.txt"; then
+    pass "slurm_rank_hang_ends_job (rank 1 stopped: job $FJ $FST ${FTOOK} s after the stop; '$(echo "$msg" | sed 's/.*MPI error: //' | cut -c1-90)')"
+  else
+    fail slurm_rank_hang_ends_job "job ${FJ:-none}: $FST, ${FTOOK} s after the stop" "$(tail -6 "$FOUT" 2>/dev/null)"
+    scancel "${FJ:-0}" 2>/dev/null
+  fi
+else
+  skip "slurm_faults (mpicc could not build tests/faults/exit_shim.c: $(head -1 "$T/shim.log"))"
 fi
 
 [ "$FAILED" = 0 ]
