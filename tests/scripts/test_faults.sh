@@ -260,8 +260,12 @@ if echo "$STATE" | grep -q '(1 failed)'; then
   pass "fault_sigstop_worker_marks_cell (the stopped rank's cell is 'failed' in /cells: $STATE)"
 elif echo "$STATE" | grep -q '^16/16 cells done$'; then
   pass "fault_sigstop_worker_marks_cell (every cell done: the stopped rank finished its cell during the teardown)"
+elif echo "$STATE" | grep -q '^15/16 cells done$'; then
+  # the mark is an independent write that the abort can overtake (parallel HDF5 cannot flush
+  # without the stopped rank); the cell is then simply not done, and the resume above redid it
+  pass "fault_sigstop_worker_marks_cell (the stopped rank's cell is not done: the failed mark did not reach the file before the abort)"
 else
-  fail fault_sigstop_worker_marks_cell "store after the stop: '$STATE' (expected one failed cell, or every cell done)"
+  fail fault_sigstop_worker_marks_cell "store after the stop: '$STATE' (expected one failed cell, the stopped cell not done, or every cell done)"
 fi
 END_MAX=$((HANG_TIMEOUT + FAULT_END_MAX)) RC_WANT=5 one_rank fault_sigstop_coordinator_fit_pass stop0 'r0 DEBUG patch' 3 \
   'r1 ERROR FATAL .*rank 0 \(the coordinator, host [^)]+\) has not answered the request of rank 1'
