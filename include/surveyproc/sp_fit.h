@@ -189,6 +189,11 @@ typedef struct {
     sp_fit_conv conv;       /* galaxy PSF convolution route (default: see docs/fitting.md) */
     int psf_gmix_k;         /* Gaussians in the ePSF mixture fit (route GMIX; 4) */
     int max_group;          /* larger groups are fitted in chunks, in turn (block Gauss-Seidel) (100) */
+    int gs_iter_cap;        /* LM steps per chunk visit while more Gauss-Seidel sweeps may follow
+                             * (inexact block solves; 0 = n_opt_iters) */
+    int gs_skip_static;     /* skip a chunk whose last visit converged and whose neighbours did not
+                             * move since (1) */
+    int lm_osc_damp;        /* extra damping of parameters whose accepted LM steps flip sign (1) */
 } sp_fit_options;
 
 void sp_fit_options_default(sp_fit_options *opt);
