@@ -125,6 +125,8 @@ struct sp_fit_workspace {
     wgroup *gr;
     size_t cap_gr;
     int *adjo, *adj; /* chunk adjacency (CSR) */
+    const double **mptr; /* per group member: its packed model + planes (cache or arena) */
+    size_t cap_mptr;
     size_t cap_adjo, cap_adj;
     int *gmem, *uf, *tmpi;
     size_t cap_gmem, cap_uf, cap_tmpi;
@@ -150,6 +152,8 @@ struct sp_fit_workspace {
     /* misc scratch */
     double *tmp, *vlin;
     size_t cap_tmp, cap_vlin;
+    double *skyuv; /* joint sky solve: D^-1 y and D^-1 c per source and band */
+    size_t cap_skyuv;
     unsigned *tmpu;
     size_t cap_tmpu;
     double *mixscr;
@@ -302,7 +306,7 @@ void sp_fit_options_default(sp_fit_options *o)
     memset(o, 0, sizeof *o);
     o->staged = 1;
     o->n_opt_iters = 30;
-    o->dlnp_stop = 1e-3;
+    o->dlnp_stop = 1e-2;
     o->multiband = 1;
     o->fit_sky = 0;
     o->fit_positions = 1;
@@ -323,9 +327,10 @@ void sp_fit_options_default(sp_fit_options *o)
     o->conv = SP_FIT_CONV_GMIX;
     o->psf_gmix_k = 4;
     o->max_group = 100;
-    o->gs_iter_cap = 0;
+    o->gs_iter_cap = 3;
     o->gs_skip_static = 0;
     o->lm_osc_damp = 0;
+    o->sky_joint = 1;
 }
 
 void sp_fit_image_aligned(sp_fit_image *img, int x0, int y0, int nx, int ny)
@@ -416,8 +421,10 @@ void sp_fit_workspace_free(sp_fit_workspace **wsp)
     free(w->bflag);
     free(w->im);
     free(w->gr);
+    free(w->skyuv);
     free(w->adjo);
     free(w->adj);
+    free((void *)w->mptr);
     free(w->gmem);
     free(w->uf);
     free(w->tmpi);
@@ -650,7 +657,7 @@ static int mc_get(sp_fit_workspace *ws, const sp_fit_options *o, int nimg, const
  * i at g, packed as the accumulation wants them (m, then one plane per free
  * parameter in index order): from the cache, or rendered (and cached). */
 static int mc_get_derivs(sp_fit_workspace *ws, const sp_fit_options *o, int nimg, const wimg *wi, const wsrc *s,
-                         int i, const fit_geom *g, const fit_box *bx, unsigned fm, double *out)
+                         int i, const fit_geom *g, const fit_box *bx, unsigned fm, double *out, const double **res)
 {
     const size_t np = mc_np(bx);
     double *c = mc_find(ws, nimg, s, i, g, bx, fm);
@@ -667,6 +674,13 @@ static int mc_get_derivs(sp_fit_workspace *ws, const sp_fit_options *o, int nimg
         }
         mc_setmask(ws, nimg, s, i, c, keep | fm);
     }
+    if ((fm & (fm + 1)) == 0) {
+        /* the free parameters are the first ones (x, y [, shape]): the
+         * slot already has the packed layout, no copy */
+        *res = c;
+        return SP_OK;
+    }
+    *res = out;
     memcpy(out, c, sizeof(double) * np);
     int q = 0;
     for (int j = 0; j < P_MAX; j++)
@@ -804,12 +818,14 @@ static int group_eval(sp_fit_workspace *ws, const runctx *rc, const wgroup *G, i
             const size_t np = (size_t)bx->bw * bx->bh;
             double *m = ws->arena + ws->aoff[l];
             const fit_geom *gg = trial ? &s->gt : &s->g;
+            (void)np;
+            /* models are read in place from the cache (a slot is only
+             * rewritten by a render of the same source and image, and each
+             * is rendered at most once here) */
             if (derivs && ws->nf[l] > 0) {
-                SP_TRY(mc_get_derivs(ws, rc->o, rc->nimg, wi, s, i, gg, bx, s->freemask, m));
+                SP_TRY(mc_get_derivs(ws, rc->o, rc->nimg, wi, s, i, gg, bx, s->freemask, m, &ws->mptr[l]));
             } else {
-                const double *c;
-                SP_TRY(mc_get(ws, rc->o, rc->nimg, wi, s, i, gg, bx, &c));
-                memcpy(m, c, sizeof(double) * np);
+                SP_TRY(mc_get(ws, rc->o, rc->nimg, wi, s, i, gg, bx, &ws->mptr[l]));
             }
         }
         /* self terms */
@@ -818,7 +834,7 @@ static int group_eval(sp_fit_workspace *ws, const runctx *rc, const wgroup *G, i
             const fit_box *bx = &ws->box[(size_t)s->idx * rc->nimg + i];
             if (bx->bw == 0) continue;
             const size_t np = (size_t)bx->bw * bx->bh;
-            const double *m = ws->arena + ws->aoff[l];
+            const double *m = ws->mptr[l];
             const int nfl = derivs ? ws->nf[l] : 0, j0 = derivs ? ws->th_off[l] : 0;
             const fit_acc_box ab = {bx->bx0, bx->by0, bx->bw, bx->bh, nx};
             fit_acc_self o;
@@ -850,7 +866,7 @@ static int group_eval(sp_fit_workspace *ws, const runctx *rc, const wgroup *G, i
             int yb = b1->by0 + b1->bh < b2->by0 + b2->bh ? b1->by0 + b1->bh : b2->by0 + b2->bh;
             if (xa >= xb || ya >= yb) continue;
             const size_t np1 = (size_t)b1->bw * b1->bh, np2 = (size_t)b2->bw * b2->bh;
-            const double *m1 = ws->arena + ws->aoff[l1], *m2 = ws->arena + ws->aoff[l2];
+            const double *m1 = ws->mptr[l1], *m2 = ws->mptr[l2];
             const int nf1 = derivs ? ws->nf[l1] : 0, nf2 = derivs ? ws->nf[l2] : 0;
             const int j1 = derivs ? ws->th_off[l1] : 0, j2 = derivs ? ws->th_off[l2] : 0;
             const fit_acc_pair_in pin = {w, nx, xa, xb, ya, yb, m1, m2, np1, np2,
@@ -1388,6 +1404,100 @@ static int sky_alternate(sp_fit_workspace *ws, runctx *rc, wgroup *grs, int ngr,
         }
     }
 cleanup:
+    return status;
+}
+
+/* Sky and fluxes solved jointly (geometry held), exactly: components do not
+ * overlap, so each one's fluxes are linear in the band's sky change ds,
+ * f = D^-1 y - ds D^-1 c, and the sky equation sum w (dp - ds - model) = 0
+ * gives ds = (sum w dp - sum c.D^-1 y) / (sum w - sum c.D^-1 c). One pass
+ * over the components instead of alternating sky and flux solves (which
+ * converge to the same point). mf holds every fitted model on entry and on
+ * return. */
+static int sky_joint(sp_fit_workspace *ws, runctx *rc, wgroup *grs, int ngr, double *sky)
+{
+    int status = SP_OK;
+    const int nb = rc->nb;
+    double num[SP_FIT_MAX_BANDS] = {0}, den[SP_FIT_MAX_BANDS] = {0};
+    size_t tot = 0;
+    const int save = rc->use_mf;
+    rc->use_mf = 1;
+    for (int gi = 0; gi < ngr; gi++) tot += (size_t)grs[gi].n;
+    GROW(ws->skyuv, ws->cap_skyuv, 2 * tot * nb + 1);
+    gacc *a = &ws->acc[0];
+    size_t off = 0;
+    for (int gi = 0; gi < ngr; gi++) {
+        wgroup *G = &grs[gi];
+        const int n = G->n;
+        SP_TRY(group_to_mf(ws, rc, G, -1.0));
+        GROW(ws->tmpu, ws->cap_tmpu, n + 1);
+        for (int l = 0; l < n; l++) {
+            wsrc *s = &ws->s[ws->gmem[G->start + l]];
+            ws->tmpu[l] = s->freemask;
+            s->freemask = 0;
+        }
+        int nth = theta_map(ws, G);
+        if (nth < 0) {
+            status = -nth;
+            goto cleanup;
+        }
+        SP_TRY(group_eval(ws, rc, G, 0, a, 0));
+        if (a->singular) G->flags |= SP_FITF_SINGULAR;
+        double *u = ws->skyuv + off * 2 * nb, *v = u + (size_t)n * nb;
+        for (int b = 0; b < nb; b++) {
+            double *ub = u + (size_t)b * n, *vb = v + (size_t)b * n;
+            const double *c = a->c + (size_t)b * n, *D = a->D + (size_t)b * n * n;
+            memcpy(ub, a->f + (size_t)b * n, sizeof(double) * n);
+            for (int l = 0; l < n; l++) vb[l] = D[(size_t)l * n + l] > 0.0 ? c[l] : 0.0;
+            chol_solve(n, a->L + (size_t)b * n * n, 1, vb);
+            for (int l = 0; l < n; l++) {
+                if (!isfinite(vb[l])) vb[l] = 0.0;
+                num[b] -= c[l] * ub[l];
+                den[b] -= c[l] * vb[l];
+            }
+        }
+        for (int l = 0; l < n; l++) ws->s[ws->gmem[G->start + l]].freemask = ws->tmpu[l];
+        off += (size_t)n;
+    }
+    for (int i = 0; i < rc->nimg; i++) {
+        const wimg *wi = &ws->im[i];
+        const size_t np = (size_t)wi->img->nx * wi->img->ny;
+        const double *dp = ws->dp + wi->off, *w = ws->w + wi->off, *mf = ws->mf + wi->off;
+        /* mf now holds only what no component fits (nothing, unless a source
+         * was left out): keep it in the sky equation */
+        for (size_t k = 0; k < np; k++) {
+            num[wi->slot] += w[k] * (dp[k] - mf[k]);
+            den[wi->slot] += w[k];
+        }
+    }
+    double ds[SP_FIT_MAX_BANDS];
+    for (int b = 0; b < nb; b++) {
+        ds[b] = den[b] > 0 && isfinite(num[b] / den[b]) ? num[b] / den[b] : 0.0;
+        sky[b] += ds[b];
+    }
+    for (int i = 0; i < rc->nimg; i++) {
+        const wimg *wi = &ws->im[i];
+        const size_t np = (size_t)wi->img->nx * wi->img->ny;
+        double *dp = ws->dp + wi->off;
+        const double *w = ws->w + wi->off;
+        const double d = ds[wi->slot];
+        for (size_t k = 0; k < np; k++)
+            if (w[k] > 0) dp[k] -= d;
+    }
+    off = 0;
+    for (int gi = 0; gi < ngr; gi++) {
+        wgroup *G = &grs[gi];
+        const int n = G->n;
+        const double *u = ws->skyuv + off * 2 * nb, *v = u + (size_t)n * nb;
+        for (int l = 0; l < n; l++) {
+            const wsrc *s = &ws->s[ws->gmem[G->start + l]];
+            for (int b = 0; b < nb; b++) ws->flux[(size_t)s->idx * nb + b] = u[(size_t)b * n + l] - ds[b] * v[(size_t)b * n + l];
+        }
+        SP_TRY(group_to_mf(ws, rc, G, +1.0));
+        off += (size_t)n;
+    }
+cleanup:
+    rc->use_mf = save;
     return status;
 }
 
@@ -2009,6 +2119,7 @@ static int run_fit(sp_fit_workspace *ws, const sp_fit_options *o, const sp_fit_i
         }
         npairs = np;
         GROW(ws->aoff, ws->cap_aoff, nsrc + 1);
+        GROW(ws->mptr, ws->cap_mptr, nsrc + 1);
     }
     int any_split = 0, maxgs = 0;
     for (int gi = 0; gi < ncomp; gi++) {
@@ -2047,7 +2158,7 @@ static int run_fit(sp_fit_workspace *ws, const sp_fit_options *o, const sp_fit_i
         /* weights from the stage-1 fluxes, and the fluxes again with them */
         SP_TRY(refit_model_weights(ws, &rc, comps, ncomp, o->fit_sky ? Ssky : NULL));
     }
-    if (o->fit_sky) SP_TRY(sky_alternate(ws, &rc, comps, ncomp, sky, 3));
+    if (o->fit_sky) SP_TRY(o->sky_joint ? sky_joint(ws, &rc, comps, ncomp, sky) : sky_alternate(ws, &rc, comps, ncomp, sky, 3));
     {
         gacc *a = &ws->acc[0];
         for (int gi = 0; gi < ncomp; gi++) {
@@ -2193,7 +2304,7 @@ static int run_fit(sp_fit_workspace *ws, const sp_fit_options *o, const sp_fit_i
         /* weights at the fitted geometry; fluxes (and sky) re-solved with them */
         SP_TRY(refit_model_weights(ws, &rc, comps, ncomp, o->fit_sky ? Ssky : NULL));
     }
-    if (o->fit_sky) SP_TRY(sky_alternate(ws, &rc, comps, ncomp, sky, 2));
+    if (o->fit_sky) SP_TRY(o->sky_joint ? sky_joint(ws, &rc, comps, ncomp, sky) : sky_alternate(ws, &rc, comps, ncomp, sky, 2));
     /* ---- errors at the solution (free set of the last stage): per chunk
      * (geometry marginalised); for split components the flux variance is the
      * component's joint linear one plus the chunk's geometry increment */
