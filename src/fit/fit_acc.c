@@ -19,14 +19,14 @@
 
 typedef double v4 __attribute__((vector_size(32)));
 
-static inline v4 ld4(const double *p)
+static inline __attribute__((always_inline)) v4 ld4(const double *p)
 {
     v4 v;
     memcpy(&v, p, sizeof v);
     return v;
 }
 
-static inline double hsum(v4 v) { return (v[0] + v[1]) + (v[2] + v[3]); }
+static inline __attribute__((always_inline)) double hsum(v4 v) { return (v[0] + v[1]) + (v[2] + v[3]); }
 
 /* Self terms, NF planes (compile-time constant after inlining). */
 static inline __attribute__((always_inline)) void self_nf(const int NF, const fit_acc_box *bx, const double *w,
