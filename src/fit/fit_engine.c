@@ -26,6 +26,7 @@
  *   out; inner products are accumulated over box overlaps only.
  */
 #include "fit_internal.h"
+#include "fit_acc.h"
 
 #include "surveyproc/sp_error.h"
 #include "surveyproc/sp_prof.h"
@@ -78,6 +79,12 @@ typedef struct {
     int pstart, npair;  /* overlapping pairs (local indices) in ws->pairs */
     unsigned flags;
     int iters[3];
+    /* block Gauss-Seidel bookkeeping of split chunks (visit stamps) */
+    int it_cap;         /* LM steps allowed in this visit (0: n_opt_iters) */
+    int capped;         /* the last visit stopped at it_cap, unconverged */
+    long visit[2];      /* stamp of the last visit per nonlinear stage */
+    int conv[2];        /* that visit converged */
+    long moved;         /* stamp of the last visit that accepted a step */
 } wgroup;
 
 typedef struct {
@@ -117,6 +124,10 @@ struct sp_fit_workspace {
     /* groups */
     wgroup *gr;
     size_t cap_gr;
+    int *adjo, *adj; /* chunk adjacency (CSR) */
+    const double **mptr; /* per group member: its packed model + planes (cache or arena) */
+    size_t cap_mptr;
+    size_t cap_adjo, cap_adj;
     int *gmem, *uf, *tmpi;
     size_t cap_gmem, cap_uf, cap_tmpi;
     int *pairs;
@@ -141,6 +152,8 @@ struct sp_fit_workspace {
     /* misc scratch */
     double *tmp, *vlin;
     size_t cap_tmp, cap_vlin;
+    double *skyuv; /* joint sky solve: D^-1 y and D^-1 c per source and band */
+    size_t cap_skyuv;
     unsigned *tmpu;
     size_t cap_tmpu;
     double *mixscr;
@@ -293,7 +306,7 @@ void sp_fit_options_default(sp_fit_options *o)
     memset(o, 0, sizeof *o);
     o->staged = 1;
     o->n_opt_iters = 30;
-    o->dlnp_stop = 1e-3;
+    o->dlnp_stop = 1e-2;
     o->multiband = 1;
     o->fit_sky = 0;
     o->fit_positions = 1;
@@ -314,6 +327,10 @@ void sp_fit_options_default(sp_fit_options *o)
     o->conv = SP_FIT_CONV_GMIX;
     o->psf_gmix_k = 4;
     o->max_group = 100;
+    o->gs_iter_cap = 3;
+    o->gs_skip_static = 0;
+    o->lm_osc_damp = 0;
+    o->sky_joint = 1;
 }
 
 void sp_fit_image_aligned(sp_fit_image *img, int x0, int y0, int nx, int ny)
@@ -404,6 +421,10 @@ void sp_fit_workspace_free(sp_fit_workspace **wsp)
     free(w->bflag);
     free(w->im);
     free(w->gr);
+    free(w->skyuv);
+    free(w->adjo);
+    free(w->adj);
+    free((void *)w->mptr);
     free(w->gmem);
     free(w->uf);
     free(w->tmpi);
@@ -636,7 +657,7 @@ static int mc_get(sp_fit_workspace *ws, const sp_fit_options *o, int nimg, const
  * i at g, packed as the accumulation wants them (m, then one plane per free
  * parameter in index order): from the cache, or rendered (and cached). */
 static int mc_get_derivs(sp_fit_workspace *ws, const sp_fit_options *o, int nimg, const wimg *wi, const wsrc *s,
-                         int i, const fit_geom *g, const fit_box *bx, unsigned fm, double *out)
+                         int i, const fit_geom *g, const fit_box *bx, unsigned fm, double *out, const double **res)
 {
     const size_t np = mc_np(bx);
     double *c = mc_find(ws, nimg, s, i, g, bx, fm);
@@ -653,6 +674,13 @@ static int mc_get_derivs(sp_fit_workspace *ws, const sp_fit_options *o, int nimg
         }
         mc_setmask(ws, nimg, s, i, c, keep | fm);
     }
+    if ((fm & (fm + 1)) == 0) {
+        /* the free parameters are the first ones (x, y [, shape]): the
+         * slot already has the packed layout, no copy */
+        *res = c;
+        return SP_OK;
+    }
+    *res = out;
     memcpy(out, c, sizeof(double) * np);
     int q = 0;
     for (int j = 0; j < P_MAX; j++)
@@ -761,49 +789,6 @@ typedef struct {
     int use_mf; /* subtract other sources' current model (split groups) */
 } runctx;
 
-/* Self terms of one source's box: sums over its valid pixels of w m m, w m t,
- * w m, and with its nf derivative planes w d_j m, w d_j t, w d_j, w d_j d_k
- * (t = data minus the other sources' models when use_mf). Pixels with w = 0
- * contribute 0 (their dp is 0 and the models are finite), so no branch. */
-static inline __attribute__((always_inline)) void self_terms(const int nf, const fit_box *bx, int nx, const double *w,
-                                                             const double *dp, const double *mf, int use_mf,
-                                                             const double *m, size_t np, double *sD, double *sy,
-                                                             double *sc, double *sB, double *sz, double *scz,
-                                                             double sA[P_MAX][P_MAX])
-{
-    double D = 0, Y = 0, C = 0, B[P_MAX] = {0}, Z[P_MAX] = {0}, CZ[P_MAX] = {0}, A[P_MAX][P_MAX] = {{0}};
-    for (int r = 0; r < bx->bh; r++) {
-        const size_t io = (size_t)(bx->by0 + r) * nx + bx->bx0;
-        const double *wr = w + io, *dr = dp + io, *fr = mf + io, *mr = m + (size_t)r * bx->bw;
-        const double *pr[P_MAX];
-        for (int j = 0; j < nf; j++) pr[j] = m + np * (size_t)(1 + j) + (size_t)r * bx->bw;
-        for (int c = 0; c < bx->bw; c++) {
-            const double ww = wr[c];
-            const double t = use_mf ? dr[c] - fr[c] : dr[c];
-            const double mm = mr[c], wm = ww * mm;
-            D += wm * mm;
-            Y += wm * t;
-            C += wm;
-            for (int j = 0; j < nf; j++) {
-                const double dj = pr[j][c] * ww;
-                B[j] += dj * mm;
-                Z[j] += dj * t;
-                CZ[j] += dj;
-                for (int k = 0; k <= j; k++) A[j][k] += dj * pr[k][c];
-            }
-        }
-    }
-    *sD = D;
-    *sy = Y;
-    *sc = C;
-    for (int j = 0; j < nf; j++) {
-        sB[j] = B[j];
-        sz[j] = Z[j];
-        scz[j] = CZ[j];
-        for (int k = 0; k <= j; k++) sA[j][k] = A[j][k];
-    }
-}
-
 /* Evaluate group G at geometry (trial ? gt : g) for all its sources: render,
  * accumulate, solve fluxes. Free parameters: s->freemask. */
 static int group_eval(sp_fit_workspace *ws, const runctx *rc, const wgroup *G, int trial, gacc *a, int derivs)
@@ -833,12 +818,14 @@ static int group_eval(sp_fit_workspace *ws, const runctx *rc, const wgroup *G, i
             const size_t np = (size_t)bx->bw * bx->bh;
             double *m = ws->arena + ws->aoff[l];
             const fit_geom *gg = trial ? &s->gt : &s->g;
+            (void)np;
+            /* models are read in place from the cache (a slot is only
+             * rewritten by a render of the same source and image, and each
+             * is rendered at most once here) */
             if (derivs && ws->nf[l] > 0) {
-                SP_TRY(mc_get_derivs(ws, rc->o, rc->nimg, wi, s, i, gg, bx, s->freemask, m));
+                SP_TRY(mc_get_derivs(ws, rc->o, rc->nimg, wi, s, i, gg, bx, s->freemask, m, &ws->mptr[l]));
             } else {
-                const double *c;
-                SP_TRY(mc_get(ws, rc->o, rc->nimg, wi, s, i, gg, bx, &c));
-                memcpy(m, c, sizeof(double) * np);
+                SP_TRY(mc_get(ws, rc->o, rc->nimg, wi, s, i, gg, bx, &ws->mptr[l]));
             }
         }
         /* self terms */
@@ -847,16 +834,14 @@ static int group_eval(sp_fit_workspace *ws, const runctx *rc, const wgroup *G, i
             const fit_box *bx = &ws->box[(size_t)s->idx * rc->nimg + i];
             if (bx->bw == 0) continue;
             const size_t np = (size_t)bx->bw * bx->bh;
-            const double *m = ws->arena + ws->aoff[l];
+            const double *m = ws->mptr[l];
             const int nfl = derivs ? ws->nf[l] : 0, j0 = derivs ? ws->th_off[l] : 0;
-            double sD = 0, sy = 0, sc = 0, sB[P_MAX] = {0}, sz[P_MAX] = {0}, scz[P_MAX] = {0};
-            double sA[P_MAX][P_MAX] = {{0}};
-            switch (nfl) { /* constant plane counts: unrolled, vectorised row loops */
-            case 0: self_terms(0, bx, nx, w, dp, mf, rc->use_mf, m, np, &sD, &sy, &sc, sB, sz, scz, sA); break;
-            case 2: self_terms(2, bx, nx, w, dp, mf, rc->use_mf, m, np, &sD, &sy, &sc, sB, sz, scz, sA); break;
-            case 5: self_terms(5, bx, nx, w, dp, mf, rc->use_mf, m, np, &sD, &sy, &sc, sB, sz, scz, sA); break;
-            default: self_terms(nfl, bx, nx, w, dp, mf, rc->use_mf, m, np, &sD, &sy, &sc, sB, sz, scz, sA); break;
-            }
+            const fit_acc_box ab = {bx->bx0, bx->by0, bx->bw, bx->bh, nx};
+            fit_acc_self o;
+            fit_acc_self_terms(nfl, &ab, w, dp, rc->use_mf ? mf : NULL, m, np, &o);
+            const double sD = o.D, sy = o.y, sc = o.c;
+            const double *sB = o.B, *sz = o.z, *scz = o.cz;
+            double(*sA)[FIT_ACC_MAXP] = o.A;
             a->D[(size_t)b * n * n + (size_t)l * n + l] += sD;
             a->y[(size_t)b * n + l] += sy;
             a->c[(size_t)b * n + l] += sc;
@@ -881,27 +866,15 @@ static int group_eval(sp_fit_workspace *ws, const runctx *rc, const wgroup *G, i
             int yb = b1->by0 + b1->bh < b2->by0 + b2->bh ? b1->by0 + b1->bh : b2->by0 + b2->bh;
             if (xa >= xb || ya >= yb) continue;
             const size_t np1 = (size_t)b1->bw * b1->bh, np2 = (size_t)b2->bw * b2->bh;
-            const double *m1 = ws->arena + ws->aoff[l1], *m2 = ws->arena + ws->aoff[l2];
+            const double *m1 = ws->mptr[l1], *m2 = ws->mptr[l2];
             const int nf1 = derivs ? ws->nf[l1] : 0, nf2 = derivs ? ws->nf[l2] : 0;
             const int j1 = derivs ? ws->th_off[l1] : 0, j2 = derivs ? ws->th_off[l2] : 0;
-            double sD = 0, sB12[P_MAX] = {0}, sB21[P_MAX] = {0}, sA[P_MAX][P_MAX] = {{0}};
-            for (int yy = ya; yy < yb; yy++) {
-                const size_t io = (size_t)yy * nx;
-                const size_t r1 = (size_t)(yy - b1->by0) * b1->bw - b1->bx0;
-                const size_t r2 = (size_t)(yy - b2->by0) * b2->bw - b2->bx0;
-                for (int xx = xa; xx < xb; xx++) {
-                    const double ww = w[io + xx];
-                    if (ww == 0.0) continue;
-                    const double v1 = m1[r1 + xx], v2 = m2[r2 + xx];
-                    sD += ww * v1 * v2;
-                    for (int j = 0; j < nf1; j++) sB12[j] += ww * m1[np1 * (1 + j) + r1 + xx] * v2;
-                    for (int k = 0; k < nf2; k++) sB21[k] += ww * m2[np2 * (1 + k) + r2 + xx] * v1;
-                    for (int j = 0; j < nf1; j++) {
-                        const double dj = ww * m1[np1 * (1 + j) + r1 + xx];
-                        for (int k = 0; k < nf2; k++) sA[j][k] += dj * m2[np2 * (1 + k) + r2 + xx];
-                    }
-                }
-            }
+            const fit_acc_pair_in pin = {w, nx, xa, xb, ya, yb, m1, m2, np1, np2,
+                                         b1->bx0, b1->by0, b1->bw, b2->bx0, b2->by0, b2->bw};
+            fit_acc_pair po;
+            fit_acc_pair_terms(nf1, nf2, &pin, &po);
+            const double sD = po.D, *sB12 = po.B12, *sB21 = po.B21;
+            double(*sA)[FIT_ACC_MAXP] = po.A;
             double *Db = a->D + (size_t)b * n * n;
             Db[(size_t)l1 * n + l2] += sD;
             Db[(size_t)l2 * n + l1] += sD;
@@ -1000,7 +973,8 @@ cleanup:
 }
 
 /* Solve (S + lambda diag S) d = g by Cholesky; returns 0 on success. */
-static int damped_solve(int nth, const double *S, const double *g, double lambda, double *Sd, double *d)
+static int damped_solve(int nth, const double *S, const double *g, double lambda, const double *extra, double *Sd,
+                        double *d)
 {
     double maxd = 0.0;
     for (int j = 0; j < nth; j++)
@@ -1010,7 +984,7 @@ static int damped_solve(int nth, const double *S, const double *g, double lambda
     for (int j = 0; j < nth; j++) {
         double dj = S[(size_t)j * nth + j];
         if (dj < 1e-12 * maxd) dj = 1e-12 * maxd;
-        Sd[(size_t)j * nth + j] = dj * (1.0 + lambda);
+        Sd[(size_t)j * nth + j] = dj * (1.0 + lambda + (extra ? extra[j] : 0.0));
         d[j] = g[j];
     }
     if (LAPACKE_dpotrf_work(LAPACK_COL_MAJOR, 'L', nth, Sd, nth) != 0) return -1;
@@ -1090,8 +1064,14 @@ static int fit_group_stage(sp_fit_workspace *ws, const runctx *rc, wgroup *G, in
         if (cur->singular) G->flags |= SP_FITF_SINGULAR;
         goto cleanup;
     }
-    GROW(ws->tmp, ws->cap_tmp, (size_t)nth * nth * 2 + (size_t)nth * 3 + 16);
+    GROW(ws->tmp, ws->cap_tmp, (size_t)nth * nth * 2 + (size_t)nth * 6 + 16);
     double *S = ws->tmp, *Sd = S + (size_t)nth * nth, *g = Sd + (size_t)nth * nth, *d = g + nth;
+    /* per-parameter extra damping of parameters whose accepted steps flip
+     * sign (the Gauss-Newton curvature underestimates theirs: a faint source
+     * on a neighbour's residual), and the previous accepted step */
+    double *osc = d + nth, *dprev = osc + nth, *d0 = dprev + nth;
+    int any_osc = 0;
+    for (int j = 0; j < nth; j++) osc[j] = dprev[j] = 0.0;
     G->dlnp = 0.0;
     if (!reuse) SP_TRY(group_eval(ws, rc, G, 0, cur, 1));
     if (cur->nonfinite) {
@@ -1104,7 +1084,9 @@ static int fit_group_stage(sp_fit_workspace *ws, const runctx *rc, wgroup *G, in
     double lambda = 1e-3;
     int it = 0, converged = 0;
     double prior_cur = pos_prior(ws, G, o, 0);
-    while (it < o->n_opt_iters) {
+    const int itmax = G->it_cap > 0 && G->it_cap < o->n_opt_iters ? G->it_cap : o->n_opt_iters;
+    G->capped = 0;
+    while (it < itmax) {
         SP_TRY(reduced_system(ws, cur, NULL, S, g));
         if (o->pos_prior_sigma > 0) {
             const double is2 = 1.0 / (o->pos_prior_sigma * o->pos_prior_sigma);
@@ -1117,8 +1099,8 @@ static int fit_group_stage(sp_fit_workspace *ws, const runctx *rc, wgroup *G, in
             }
         }
         int accepted = 0;
-        for (int tries = 0; tries < 10 && it < o->n_opt_iters; tries++) {
-            if (damped_solve(nth, S, g, lambda, Sd, d) != 0) {
+        for (int tries = 0; tries < 10 && it < itmax; tries++) {
+            if (damped_solve(nth, S, g, lambda, any_osc ? osc : NULL, Sd, d) != 0) {
                 lambda = lambda * 10.0 + 1e-6;
                 G->flags |= SP_FITF_SINGULAR;
                 if (lambda > 1e8) break;
@@ -1131,6 +1113,17 @@ static int fit_group_stage(sp_fit_workspace *ws, const runctx *rc, wgroup *G, in
                 double Sdj = 0.0;
                 for (int k = 0; k < nth; k++) Sdj += S[(size_t)j * nth + k] * d[k];
                 pred += d[j] * g[j] - 0.5 * d[j] * Sdj;
+            }
+            if (lambda <= 1e-2 && pred >= 0.0 && pred < stop && any_osc) {
+                /* damped per parameter: test the undamped step's gain */
+                if (damped_solve(nth, S, g, lambda, NULL, Sd, d0) == 0) {
+                    pred = 0.0;
+                    for (int j = 0; j < nth; j++) {
+                        double Sdj = 0.0;
+                        for (int k = 0; k < nth; k++) Sdj += S[(size_t)j * nth + k] * d0[k];
+                        pred += d0[j] * g[j] - 0.5 * d0[j] * Sdj;
+                    }
+                }
             }
             if (lambda <= 1e-2 && pred >= 0.0 && pred < stop) {
                 converged = 1;
@@ -1173,6 +1166,19 @@ static int fit_group_stage(sp_fit_workspace *ws, const runctx *rc, wgroup *G, in
                 gacc t = *cur;
                 *cur = *tri;
                 *tri = t;
+                if (o->lm_osc_damp)
+                    for (int j = 0; j < nth; j++) {
+                        const wsrc *s = &ws->s[ws->gmem[G->start + ws->th_src[j]]];
+                        const int p = ws->th_par[j];
+                        const double a = s->gt.p[p] - s->g.p[p];
+                        if (a * dprev[j] < 0.0) {
+                            osc[j] = osc[j] > 0.0 ? fmin(2.0 * osc[j], 64.0) : 1.0;
+                            any_osc = 1;
+                        } else if (a * dprev[j] > 0.0 && osc[j] > 0.0) {
+                            osc[j] = osc[j] < 0.2 ? 0.0 : 0.5 * osc[j];
+                        }
+                        dprev[j] = a;
+                    }
                 for (int l = 0; l < n; l++) {
                     wsrc *s = &ws->s[ws->gmem[G->start + l]];
                     s->g = s->gt;
@@ -1194,7 +1200,7 @@ static int fit_group_stage(sp_fit_workspace *ws, const runctx *rc, wgroup *G, in
         }
         if (converged) break;
         if (!accepted) {
-            if (it < o->n_opt_iters) {
+            if (it < itmax) {
                 /* damping exhausted: no step reduces chi2 — a (local) optimum */
                 if (lambda > 1e6) converged = 1;
                 else G->flags |= SP_FITF_DIVERGED;
@@ -1202,7 +1208,10 @@ static int fit_group_stage(sp_fit_workspace *ws, const runctx *rc, wgroup *G, in
             break;
         }
     }
-    if (!converged && it >= o->n_opt_iters) G->flags |= SP_FITF_MAXITER;
+    if (!converged && it >= itmax && itmax < o->n_opt_iters) {
+        /* an inexact block step of Gauss-Seidel: the next sweep goes on */
+        G->capped = 1;
+    } else if (!converged && it >= o->n_opt_iters) G->flags |= SP_FITF_MAXITER;
     if (stage_idx >= 0) G->iters[stage_idx] += it;
     if (!converged) G->flags |= NOTCONV;
     store_fluxes(ws, G, cur, nb);
@@ -1395,6 +1404,100 @@ static int sky_alternate(sp_fit_workspace *ws, runctx *rc, wgroup *grs, int ngr,
         }
     }
 cleanup:
+    return status;
+}
+
+/* Sky and fluxes solved jointly (geometry held), exactly: components do not
+ * overlap, so each one's fluxes are linear in the band's sky change ds,
+ * f = D^-1 y - ds D^-1 c, and the sky equation sum w (dp - ds - model) = 0
+ * gives ds = (sum w dp - sum c.D^-1 y) / (sum w - sum c.D^-1 c). One pass
+ * over the components instead of alternating sky and flux solves (which
+ * converge to the same point). mf holds every fitted model on entry and on
+ * return. */
+static int sky_joint(sp_fit_workspace *ws, runctx *rc, wgroup *grs, int ngr, double *sky)
+{
+    int status = SP_OK;
+    const int nb = rc->nb;
+    double num[SP_FIT_MAX_BANDS] = {0}, den[SP_FIT_MAX_BANDS] = {0};
+    size_t tot = 0;
+    const int save = rc->use_mf;
+    rc->use_mf = 1;
+    for (int gi = 0; gi < ngr; gi++) tot += (size_t)grs[gi].n;
+    GROW(ws->skyuv, ws->cap_skyuv, 2 * tot * nb + 1);
+    gacc *a = &ws->acc[0];
+    size_t off = 0;
+    for (int gi = 0; gi < ngr; gi++) {
+        wgroup *G = &grs[gi];
+        const int n = G->n;
+        SP_TRY(group_to_mf(ws, rc, G, -1.0));
+        GROW(ws->tmpu, ws->cap_tmpu, n + 1);
+        for (int l = 0; l < n; l++) {
+            wsrc *s = &ws->s[ws->gmem[G->start + l]];
+            ws->tmpu[l] = s->freemask;
+            s->freemask = 0;
+        }
+        int nth = theta_map(ws, G);
+        if (nth < 0) {
+            status = -nth;
+            goto cleanup;
+        }
+        SP_TRY(group_eval(ws, rc, G, 0, a, 0));
+        if (a->singular) G->flags |= SP_FITF_SINGULAR;
+        double *u = ws->skyuv + off * 2 * nb, *v = u + (size_t)n * nb;
+        for (int b = 0; b < nb; b++) {
+            double *ub = u + (size_t)b * n, *vb = v + (size_t)b * n;
+            const double *c = a->c + (size_t)b * n, *D = a->D + (size_t)b * n * n;
+            memcpy(ub, a->f + (size_t)b * n, sizeof(double) * n);
+            for (int l = 0; l < n; l++) vb[l] = D[(size_t)l * n + l] > 0.0 ? c[l] : 0.0;
+            chol_solve(n, a->L + (size_t)b * n * n, 1, vb);
+            for (int l = 0; l < n; l++) {
+                if (!isfinite(vb[l])) vb[l] = 0.0;
+                num[b] -= c[l] * ub[l];
+                den[b] -= c[l] * vb[l];
+            }
+        }
+        for (int l = 0; l < n; l++) ws->s[ws->gmem[G->start + l]].freemask = ws->tmpu[l];
+        off += (size_t)n;
+    }
+    for (int i = 0; i < rc->nimg; i++) {
+        const wimg *wi = &ws->im[i];
+        const size_t np = (size_t)wi->img->nx * wi->img->ny;
+        const double *dp = ws->dp + wi->off, *w = ws->w + wi->off, *mf = ws->mf + wi->off;
+        /* mf now holds only what no component fits (nothing, unless a source
+         * was left out): keep it in the sky equation */
+        for (size_t k = 0; k < np; k++) {
+            num[wi->slot] += w[k] * (dp[k] - mf[k]);
+            den[wi->slot] += w[k];
+        }
+    }
+    double ds[SP_FIT_MAX_BANDS];
+    for (int b = 0; b < nb; b++) {
+        ds[b] = den[b] > 0 && isfinite(num[b] / den[b]) ? num[b] / den[b] : 0.0;
+        sky[b] += ds[b];
+    }
+    for (int i = 0; i < rc->nimg; i++) {
+        const wimg *wi = &ws->im[i];
+        const size_t np = (size_t)wi->img->nx * wi->img->ny;
+        double *dp = ws->dp + wi->off;
+        const double *w = ws->w + wi->off;
+        const double d = ds[wi->slot];
+        for (size_t k = 0; k < np; k++)
+            if (w[k] > 0) dp[k] -= d;
+    }
+    off = 0;
+    for (int gi = 0; gi < ngr; gi++) {
+        wgroup *G = &grs[gi];
+        const int n = G->n;
+        const double *u = ws->skyuv + off * 2 * nb, *v = u + (size_t)n * nb;
+        for (int l = 0; l < n; l++) {
+            const wsrc *s = &ws->s[ws->gmem[G->start + l]];
+            for (int b = 0; b < nb; b++) ws->flux[(size_t)s->idx * nb + b] = u[(size_t)b * n + l] - ds[b] * v[(size_t)b * n + l];
+        }
+        SP_TRY(group_to_mf(ws, rc, G, +1.0));
+        off += (size_t)n;
+    }
+cleanup:
+    rc->use_mf = save;
     return status;
 }
 
@@ -2016,6 +2119,7 @@ static int run_fit(sp_fit_workspace *ws, const sp_fit_options *o, const sp_fit_i
         }
         npairs = np;
         GROW(ws->aoff, ws->cap_aoff, nsrc + 1);
+        GROW(ws->mptr, ws->cap_mptr, nsrc + 1);
     }
     int any_split = 0, maxgs = 0;
     for (int gi = 0; gi < ncomp; gi++) {
@@ -2054,7 +2158,7 @@ static int run_fit(sp_fit_workspace *ws, const sp_fit_options *o, const sp_fit_i
         /* weights from the stage-1 fluxes, and the fluxes again with them */
         SP_TRY(refit_model_weights(ws, &rc, comps, ncomp, o->fit_sky ? Ssky : NULL));
     }
-    if (o->fit_sky) SP_TRY(sky_alternate(ws, &rc, comps, ncomp, sky, 3));
+    if (o->fit_sky) SP_TRY(o->sky_joint ? sky_joint(ws, &rc, comps, ncomp, sky) : sky_alternate(ws, &rc, comps, ncomp, sky, 3));
     {
         gacc *a = &ws->acc[0];
         for (int gi = 0; gi < ncomp; gi++) {
@@ -2103,9 +2207,54 @@ static int run_fit(sp_fit_workspace *ws, const sp_fit_options *o, const sp_fit_i
      * one stage with everything free; split components: block Gauss-Seidel,
      * three sweeps with a joint flux solve of the component between sweeps */
     const int nsweep = any_split ? 8 : 1;
+    /* chunk adjacency (split chunks touching across their component): a
+     * chunk whose last visit converged and none of whose neighbours moved
+     * since has nothing to gain from another visit */
+    int *adj_off = NULL, *adj = NULL;
+    if (any_split) {
+        GROW(ws->adjo, ws->cap_adjo, (size_t)nchk + 2);
+        adj_off = ws->adjo;
+        for (int gi = 0; gi <= nchk; gi++) adj_off[gi] = 0;
+        for (int pass = 0; pass < 2; pass++) {
+            if (pass == 1) {
+                for (int gi = 0; gi < nchk; gi++) adj_off[gi + 1] += adj_off[gi];
+                GROW(ws->adj, ws->cap_adj, (size_t)adj_off[nchk] + 1);
+                adj = ws->adj;
+                GROW(ws->tmpi, ws->cap_tmpi, (size_t)nchk + 1);
+                for (int gi = 0; gi < nchk; gi++) ws->tmpi[gi] = adj_off[gi];
+            }
+            for (int ci = 0; ci < ncomp; ci++) {
+                const wgroup *C = &comps[ci];
+                if (!C->split) continue;
+                for (int pi = 0; pi < C->npair; pi++) {
+                    int a = ws->s[ws->gmem[C->start + ws->pairs[2 * (C->pstart + pi)]]].chunk;
+                    int b = ws->s[ws->gmem[C->start + ws->pairs[2 * (C->pstart + pi) + 1]]].chunk;
+                    if (a == b) continue;
+                    if (pass == 0) {
+                        adj_off[a + 1]++;
+                        adj_off[b + 1]++;
+                    } else {
+                        adj[ws->tmpi[a]++] = b;
+                        adj[ws->tmpi[b]++] = a;
+                    }
+                }
+            }
+        }
+        for (int gi = 0; gi < nchk; gi++) {
+            wgroup *G = &chunks[gi];
+            G->visit[0] = G->visit[1] = -1;
+            G->conv[0] = G->conv[1] = 0;
+            G->moved = -1;
+        }
+    }
+    long stamp = 0;
     for (int sw = 0; sw < nsweep; sw++) {
         double gain = 0.0;
-        int nsplitchk = 0;
+        int nsplitchk = 0, ncapped = 0;
+        /* inexact block solves while more sweeps may follow */
+        const int last = sw == nsweep - 1;
+        for (int gi = 0; gi < nchk; gi++)
+            if (chunks[gi].split) chunks[gi].it_cap = last ? 0 : o->gs_iter_cap;
         for (int stg = o->staged ? 2 : 3; stg <= 3; stg++) {
             set_stage_free(ws, nsrc, stg);
             for (int gi = 0; gi < nchk; gi++) {
@@ -2118,10 +2267,23 @@ static int run_fit(sp_fit_workspace *ws, const sp_fit_options *o, const sp_fit_i
                     nnew += __builtin_popcount(s->freemask & ~((1u << P_X) | (1u << P_Y)));
                 }
                 if (nfree == 0 || (o->staged && stg == 3 && nnew == 0)) continue;
+                const int si = stg - 2;
+                if (G->split && sw > 0 && G->conv[si] && o->gs_skip_static) {
+                    int fresh = G->moved > G->visit[si];
+                    for (int q = adj_off[gi]; q < adj_off[gi + 1] && !fresh; q++)
+                        fresh = chunks[adj[q]].moved > G->visit[si];
+                    if (!fresh) continue;
+                }
+                if (G->split && stg == (o->staged ? 2 : 3)) G->flags &= ~(NOTCONV | SP_FITF_MAXITER);
                 if (keep_mf) SP_TRY(group_to_mf(ws, &rc, G, -1.0));
+
                 SP_TRY(fit_group_stage(ws, &rc, G, o->staged ? stg - 1 : 0, 0, 0));
                 if (keep_mf) SP_TRY(group_to_mf(ws, &rc, G, +1.0));
                 if (G->split) {
+                    G->visit[si] = ++stamp;
+                    G->conv[si] = !G->capped && !(G->flags & NOTCONV);
+                    if (G->dlnp > 0) G->moved = G->visit[si];
+                    ncapped += G->capped;
                     gain += G->dlnp;
                     nsplitchk += G->n;
                 }
@@ -2136,13 +2298,13 @@ static int run_fit(sp_fit_workspace *ws, const sp_fit_options *o, const sp_fit_i
             SP_TRY(linear_keep_masks(ws, &rc, G));
             SP_TRY(group_to_mf(ws, &rc, G, +1.0));
         }
-        if (sw >= 1 && gain < o->dlnp_stop * (nsplitchk > 0 ? nsplitchk : 1)) break;
+        if (sw >= 1 && ncapped == 0 && gain < o->dlnp_stop * (nsplitchk > 0 ? nsplitchk : 1)) break;
     }
     if (model_w) {
         /* weights at the fitted geometry; fluxes (and sky) re-solved with them */
         SP_TRY(refit_model_weights(ws, &rc, comps, ncomp, o->fit_sky ? Ssky : NULL));
     }
-    if (o->fit_sky) SP_TRY(sky_alternate(ws, &rc, comps, ncomp, sky, 2));
+    if (o->fit_sky) SP_TRY(o->sky_joint ? sky_joint(ws, &rc, comps, ncomp, sky) : sky_alternate(ws, &rc, comps, ncomp, sky, 2));
     /* ---- errors at the solution (free set of the last stage): per chunk
      * (geometry marginalised); for split components the flux variance is the
      * component's joint linear one plus the chunk's geometry increment */
