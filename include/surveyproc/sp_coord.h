@@ -4,7 +4,9 @@
  * Protocol (tags are private): a worker sends "ready" (with the cell it just
  * finished, or -1) and receives the next cell, or -1 when the queue is empty;
  * it asks one cell ahead (the request for the next cell goes out when a cell
- * starts), then sends a last message with its final cell and stops. Rank 0
+ * starts; once fewer cells are left than computing ranks that request is
+ * deferred and repeated when the cell ends), then sends a last message with
+ * its final cell and stops. Rank 0
  * works too unless `dedicated`; while it processes a cell it answers requests
  * whenever the cell code calls sp_coord_poll() (between stages and patches,
  * from the main thread) — the one-ahead request hides that latency.

@@ -12,6 +12,7 @@
 
 #define TAG_READY 7101
 #define TAG_ASSIGN 7102
+#define DEFERRED (-2) /* answer to a one-ahead request: none yet, ask again when free */
 #define MSG_HEARTBEAT (-2) /* msg[0] of a heartbeat: the worker is alive, no answer wanted */
 #define EST_FACTOR 10.0    /* a cell may run this many times its estimate without a word */
 #define CHECK_EVERY 0.25   /* seconds between rank 0's scans of the workers' silence */
@@ -29,6 +30,7 @@ static struct {
     int n, next;
     int stopped;          /* workers told to stop */
     int nworkers;
+    int ncompute;         /* ranks that process cells: the workers, and rank 0 unless dedicated */
     double overhead;
     sp_coord_done_fn done;
     void *done_arg;
@@ -173,11 +175,16 @@ static void serve_one(int src, const double msg[3])
         if (q.held) q.held[src] = -2;
         return;
     }
-    int cell = q.next < q.n ? q.order[q.next++] : -1;
+    /* A request one cell ahead (want 2) is deferred when fewer cells are left than ranks that
+     * compute: the last cells go to whichever rank is free first, not to one that is still busy
+     * (with few cells per rank, one-ahead assignment would otherwise unbalance the end). */
+    int cell;
+    if (msg[2] == 2 && q.n - q.next < q.ncompute) cell = DEFERRED;
+    else cell = q.next < q.n ? q.order[q.next++] : -1;
     if (q.held) {
         /* a request goes out when the worker starts the cell assigned before (one ahead) */
         q.held[src] = q.ahead[src];
-        q.ahead[src] = cell;
+        q.ahead[src] = cell == DEFERRED ? -1 : cell;
         q.since[src] = q.heard[src];
     }
     MPI_Send(&cell, 1, MPI_INT, src, TAG_ASSIGN, q.comm);
@@ -275,6 +282,7 @@ int sp_coord_run(const int *order, int n, int dedicated, MPI_Comm comm, sp_coord
         q.order = order;
         q.n = n;
         q.nworkers = size - 1;
+        q.ncompute = size - 1 + (dedicated ? 0 : 1);
         q.done = done;
         q.done_arg = done_arg;
         if (watching) {
@@ -341,6 +349,7 @@ int sp_coord_run(const int *order, int n, int dedicated, MPI_Comm comm, sp_coord
         double msg[3] = {-1, 0, 1};
         int next = -1;
         MPI_Request rq;
+        const double want_ahead = 2, want_now = 1;
         /* how long rank 0 may take to answer: it answers between the stages of its own cell */
         double wait_lim = 0, waited = 0;
         if (watching) {
@@ -368,6 +377,7 @@ int sp_coord_run(const int *order, int n, int dedicated, MPI_Comm comm, sp_coord
                 hb.pending = 0;
             }
             MPI_Irecv(&next, 1, MPI_INT, 0, TAG_ASSIGN, comm, &rq);
+            msg[2] = want_ahead;
             MPI_Send(msg, 3, MPI_DOUBLE, 0, TAG_READY, comm);
             t0 = sp_wtime();
             hb.active = watching;
@@ -385,6 +395,21 @@ int sp_coord_run(const int *order, int n, int dedicated, MPI_Comm comm, sp_coord
             msg[1] = dt;
             t0 = sp_wtime();
             if (wait_request(&rq, wait_lim, &waited)) goto lost0;
+            if (next == DEFERRED) {
+                /* deferred (the queue's last cells): ask again now that this rank is free; the
+                 * request reports the cell just finished */
+                if (hb.pending) {
+                    if (wait_request(&hb.rq, wait_lim, &waited)) goto lost0;
+                    hb.pending = 0;
+                }
+                next = -1;
+                MPI_Irecv(&next, 1, MPI_INT, 0, TAG_ASSIGN, comm, &rq);
+                msg[2] = want_now;
+                MPI_Send(msg, 3, MPI_DOUBLE, 0, TAG_READY, comm);
+                msg[0] = -1;
+                msg[1] = 0;
+                if (wait_request(&rq, wait_lim, &waited)) goto lost0;
+            }
             st->idle += sp_wtime() - t0;
         }
         if (hb.pending) {
