@@ -234,8 +234,13 @@ echo "figures: kill -9 of the job: $TRIALS trials, $np identical after resume, $
 s=$T/busy.h5
 start busy "$s"
 if wait_for "$T/busy.log" 'DEBUG cell' 1; then
+  # hold the first job's ranks while the second tries (a fast tile could finish before the second
+  # job's mpirun is up, and it would then find a finished store); they hold the lock meanwhile
+  ranks=$(pgrep -P "$JOB")
+  kill -STOP $ranks 2>/dev/null
   timeout -k 5 60 mpirun -np 2 --bind-to none "$BIN" run "$T/sim/config.yaml" "${SETS[@]}" --set outputs.store="$s" \
     --resume >"$T/busy2.log" 2>&1; rc2=$?
+  kill -CONT $ranks 2>/dev/null
   wait_end 120
   msg=$(grep -m1 ERROR "$T/busy2.log")
   if [ "$rc2" = 5 ] && echo "$msg" | grep -q "busy.h5: the store is in use by another surveyproc job" && [ "$RC" = 0 ] &&
