@@ -59,6 +59,10 @@ typedef struct {
     int empty;             /* 1 if the image had no usable pixel (maps are 0) */
 } sp_bkg;
 
+/* k-th smallest of v[0..n) (n >= 1, k < n), moved to v[k] with smaller values before it and larger
+ * after (quickselect, median-of-three pivot; reorders v). Values must be comparable (no NaN). */
+float sp_select_k(float *v, size_t n, size_t k);
+
 /* Defaults listed in sp_bkg_params. */
 void sp_bkg_params_default(sp_bkg_params *p);
 

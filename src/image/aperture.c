@@ -1,5 +1,6 @@
 /* aperture.c — forced aperture photometry (see sp_aperture.h). */
 #include "surveyproc/sp_aperture.h"
+#include "surveyproc/sp_background.h"
 
 #include <math.h>
 #include <stdlib.h>
@@ -67,33 +68,6 @@ static double overlap(double px, double py, double xc, double yc, double r)
     return rect_circle_area(px - 0.5 - xc, px + 0.5 - xc, py - 0.5 - yc, py + 0.5 - yc, r);
 }
 
-/* k-th smallest of v[lo..hi] (inclusive) moved to v[k], smaller ones before it,
- * larger ones after (quickselect, median-of-three pivot): O(n) where a sort is
- * O(n log n). The values are finite (pixels with ivar > 0). */
-static float select_k(float *v, size_t lo, size_t hi, size_t k)
-{
-    while (hi > lo) {
-        size_t mid = lo + (hi - lo) / 2;
-        float a = v[lo], b = v[mid], c = v[hi];
-        float piv = a < b ? (b < c ? b : (a < c ? c : a)) : (a < c ? a : (b < c ? c : b));
-        size_t i = lo, j = hi;
-        while (i <= j) {
-            while (v[i] < piv) i++;
-            while (v[j] > piv) j--;
-            if (i <= j) {
-                float t = v[i]; v[i] = v[j]; v[j] = t;
-                i++;
-                if (j == 0) break;
-                j--;
-            }
-        }
-        if (k <= j) hi = j;
-        else if (k >= i) lo = i;
-        else break;
-    }
-    return v[k];
-}
-
 /* Median with 3-sigma clipping (sigma from the interquartile range), three
  * rounds. Order statistics by selection: the same values a sort would give. */
 static double clipped_median(float *v, size_t n)
@@ -102,8 +76,8 @@ static double clipped_median(float *v, size_t n)
     double med = 0;
     for (int it = 0; it < 3; it++) {
         size_t k3 = (3 * n) / 4, k2 = n / 2, k1 = n / 4;
-        double q3 = select_k(v, 0, n - 1, k3);
-        double m2 = k2 < k3 ? select_k(v, 0, k3 - 1, k2) : q3;
+        double q3 = sp_select_k(v, n, k3);
+        double m2 = k2 < k3 ? sp_select_k(v, k3, k2) : q3;
         if (n % 2) med = m2;
         else {
             /* v[0..k2) are all <= v[k2]: the (k2-1)-th order statistic is their maximum */
@@ -111,7 +85,7 @@ static double clipped_median(float *v, size_t n)
             for (size_t k = 1; k < k2; k++) mx = v[k] > mx ? v[k] : mx;
             med = 0.5 * (mx + v[k2]); /* float sum, as a sort-based median computes it */
         }
-        double q1 = k1 < k2 ? select_k(v, 0, k2 - 1, k1) : m2;
+        double q1 = k1 < k2 ? sp_select_k(v, k2, k1) : m2;
         double sig = (q3 - q1) / 1.349;
         if (!(sig > 0)) break;
         size_t m = 0;

@@ -55,8 +55,8 @@ void sp_bkg_free(sp_bkg **bkg)
 /* ------------------------------------------------------------------------ */
 /* Order statistics                                                          */
 
-/* k-th smallest of v[0..n) (Hoare quickselect, reorders v). */
-static float select_k(float *v, size_t n, size_t k)
+/* k-th smallest of v[0..n) (Hoare quickselect, reorders v; see sp_background.h). */
+float sp_select_k(float *v, size_t n, size_t k)
 {
     size_t lo = 0, hi = n - 1;
     while (lo < hi) {
@@ -90,7 +90,7 @@ static float select_k(float *v, size_t n, size_t k)
 static double median_inplace(float *v, size_t n)
 {
     if (n == 0) return NAN;
-    float m = select_k(v, n, n / 2);
+    float m = sp_select_k(v, n, n / 2);
     if (n % 2) return m;
     /* lower middle = max of the lower part */
     float lo = v[0];
