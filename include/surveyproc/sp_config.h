@@ -202,6 +202,7 @@ typedef struct {
     bool fallback_borrow;
     bool wing_pool;
     double fallback_residual_fwhm;
+    double wing_smoothing;
     double wing_pool_fwhm[2];
     double empirical_core_fwhm;
     int max_stars;

@@ -132,11 +132,25 @@ typedef struct {
     double reject_sigma;      /* reject contaminated pixels (3x3-mean residual beyond this many sigma,
                                * dilated by 1 pixel) from the 2nd iteration on (<= 0: off); default 3 */
     int smooth;               /* 1: triangle smoothing of updates when oversamp >= 2; default 1 */
-    int spatial_degree;       /* 1: fit a linear variation over the cell jointly (PSFEx degree 1):
-                               * psi(x, y) = psf + (x - x_ref) grad_x + (y - y_ref) grad_y, so the
-                               * result is the PSF at (x_ref, y_ref), not at the stars' weighted mean
-                               * position; 0: one PSF for all stars; default 1 */
-    int spatial_min_stars;    /* fewer usable stars: degree 0; default 12 */
+    int spatial_degree;       /* d >= 1: fit a polynomial variation of degree d jointly (PSFEx-like):
+                               * psi(x, y) = psf + sum_t phi_t(u, v) T_t with the monomials
+                               * u, v, u^2, u v, v^2, u^3 ... of the normalised offsets
+                               * u = (x - x_ref) / L, v = (y - y_ref) / L, so the result is the PSF at
+                               * (x_ref, y_ref), not at the stars' weighted mean position (degree 1:
+                               * psf + (x - x_ref) grad_x + (y - y_ref) grad_y); 0: one PSF for all
+                               * stars; at most 4; default 1 */
+    int spatial_min_stars;    /* fewer usable stars: degree 0; default 12. Degree d > 1 needs
+                               * spatial_min_stars * nterms(d) / 3 usable stars, else the highest
+                               * degree that has them is used (nterms(d) = (d+1)(d+2)/2) */
+    const double *field_xy;   /* 2 per star: the position the spatial terms use (e.g. tile pixels when
+                               * the image is a mosaic of cutouts, sp_epsf_build_field); NULL: the
+                               * star's image position. x_ref, y_ref are then in the same frame */
+    double spatial_scale;     /* offsets are divided by this (pixels; <= 0: the largest star offset) */
+    double wing_smooth_k;     /* > 0: smooth the stack beyond wing_smooth_r0 x fallback_fwhm from the
+                               * centre with a Gaussian of sigma wing_smooth_k (r - r0) (a wing that
+                               * varies slowly with r, measured with the noise of a few faint
+                               * stars); 0: off; default 0 */
+    double wing_smooth_r0;    /* in FWHM (fallback_fwhm); default 1.5 */
     double x_ref, y_ref;      /* where the result applies (image pixels; the cell centre); NaN: the
                                * mean star position; default NaN */
     double fit_radius;        /* star-fit box half-width (pixels; <= 0: max(3, 1.5 fwhm)); default 0 */
@@ -187,9 +201,13 @@ typedef struct {
     /* spatial variation (spatial_degree 1 and enough stars; else NULL): the PSF at
      * (x, y) of this cell is psf + (x - x_ref) grad_x + (y - y_ref) grad_y
      * (per image pixel; same geometry as psf; zero sum, no centroid shift) */
-    int spatial_degree;       /* degree actually used (0 or 1) */
+    int spatial_degree;       /* degree actually used (0 .. p->spatial_degree) */
     double x_ref, y_ref;
-    float *grad_x, *grad_y;
+    float *grad_x, *grad_y;   /* degree >= 1: the linear terms per image pixel (T_1 / L, T_2 / L) */
+    int nterms;               /* terms beyond the constant: (d+1)(d+2)/2 - 1 (0 for degree 0) */
+    float *terms;             /* nterms stamps (psf geometry) T_t in normalised offsets, monomial order
+                               * u, v, u^2, u v, v^2, ...: evaluate with sp_epsf_poly_eval */
+    double spatial_scale;     /* L */
     /* growth curve of the result: encircled energy at radius growth_r[k] (pixels) */
     int ngrowth;
     double *growth_r, *growth_ee;
@@ -215,6 +233,44 @@ int sp_epsf_build(const float *img, const float *ivar, const uint8_t *mask, int 
                   const sp_psfstar *stars, int nstars, const sp_epsf_params *p, sp_epsf_result **res);
 
 void sp_epsf_result_free(sp_epsf_result **res);
+
+/* The PSF of a polynomial model at normalised offsets (u, v): out = psf +
+ * sum_t phi_t(u, v) terms[t] (monomials u, v, u^2, u v, v^2, ... up to degree),
+ * renormalised to unit sum. out has psf's geometry (may not be psf itself).
+ * Returns SP_OK, SP_ERR_INPUT (geometry), SP_ERR_NUMERIC (no flux). */
+int sp_epsf_poly_eval(const sp_psf *psf, const float *terms, int degree, double u, double v, sp_psf *out);
+
+/* ------------------------------------------------------------------------ */
+/* Band-wide (field) builds: PSF stars cut out of many cells, one model       */
+
+/* One PSF star cut out of its image for a build over a whole field: the same
+ * n x n cutout (centre pixel ix, iy) and weights the builder would take,
+ * neighbours already masked (w = 0). Positions in field pixels (the image's
+ * pixel (i, j) is field pixel (i + x0, j + y0)). */
+typedef struct {
+    int n;                  /* side (p->final_size) */
+    int ix, iy;             /* centre pixel, field pixels */
+    double x, y;            /* star centre, field pixels */
+    double flux, bkg, bkg_rms, snr, q;
+    float *d, *w;           /* n*n each: data (background not subtracted) and weight (ivar, 0 unusable) */
+} sp_epsf_cutout;
+
+/* Cut out stars[nstars] of one image (same inputs as sp_epsf_build; the
+ * neighbours of p are masked) into out[nstars] (caller's array; each d/w
+ * malloc'd, free with sp_epsf_cutout_free). Stars whose cutout has fewer than
+ * half its pixels usable are skipped: *nout <= nstars.
+ * Returns SP_OK, SP_ERR_INPUT, SP_ERR_NOMEM. */
+int sp_epsf_cutouts(const float *img, const float *ivar, const uint8_t *mask, int nx, int ny, double x0, double y0,
+                    const sp_psfstar *stars, int nstars, const sp_epsf_params *p, sp_epsf_cutout *out, int *nout);
+void sp_epsf_cutout_free(sp_epsf_cutout *c);
+
+/* One ePSF from cutouts of a whole field (e.g. every cell of a band of a
+ * tile): the cutouts are laid side by side in a mosaic and built with
+ * sp_epsf_build, the spatial terms using their field positions (p->x_ref,
+ * y_ref, spatial_scale in field pixels; p->neighbours ignored: already masked).
+ * The result's star_x/star_y are field pixels. Deterministic for a given
+ * order of cuts. Returns as sp_epsf_build. */
+int sp_epsf_build_field(const sp_epsf_cutout *cuts, int ncuts, const sp_epsf_params *p, sp_epsf_result **res);
 
 /* Encircled energy of a PSF within radius r (image pixels) of its centre
  * (sum of oversampled samples within r / oversamp^2; the stamp's sum is 1 for a

@@ -101,6 +101,9 @@ typedef struct {
     int mpi_size, threads;
     int epsf_size;      /* stamp size of /epsf/<band> cubes */
     int epsf_oversamp;  /* oversampling of the /epsf/<band>_os cubes (<= 0: 1) */
+    int epsf_poly_terms; /* > 0 (epsf.interpolation: polynomial): /epsf/<band>_poly [terms, so, so], the
+                          * band-wide model's term stamps, and /epsf/poly_info [nbands, 8] (NaN until
+                          * built: built flag, degree, stars used, x_ref, y_ref, scale, FWHM, stars given) */
     /* QA diagnostics (docs/qa.md); each is created only when its count/factor is > 0 */
     int qa_white_ds;    /* /qa/white [ceil(ny/ds), ceil(nx/ds)], block means of the white stack */
     int qa_bkg_ds;      /* /qa/background/<band>, <band>_rms: block means of the background maps */

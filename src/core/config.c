@@ -1291,12 +1291,42 @@ int sp_config_set(sp_config *cfg, const char *name, const char *value_text)
     slot_t slot;
     memset(&slot, 0, sizeof slot);
     if (convert_text(k, value_text ? value_text : "", &slot, &el)) return el_fail(&el, SP_ERR_CONFIG);
+    const int is_wd = field(cfg, k) == (void *)&cfg->outputs.work_dir;
+    char *old_wd = is_wd && cfg->outputs.work_dir ? strdup(cfg->outputs.work_dir) : NULL;
+    if (is_wd && cfg->outputs.work_dir && !old_wd) return SP_FAIL(SP_ERR_NOMEM, "out of memory");
     commit(cfg, k, &slot);
     if (k->type == SP_CFG_T_PATH && cfg->config_dir) {
         const char *base = (k->flags & SP_CFG_F_REL_WORKDIR) && cfg->outputs.work_dir ? cfg->outputs.work_dir
                                                                                      : cfg->config_dir;
-        if (resolve_one((char **)field(cfg, k), base)) return SP_FAIL(SP_ERR_NOMEM, "out of memory");
+        if (resolve_one((char **)field(cfg, k), base)) {
+            free(old_wd);
+            return SP_FAIL(SP_ERR_NOMEM, "out of memory");
+        }
     }
+    /* a new work_dir takes along the outputs that were under the old one (the
+     * store, the log, ... resolved against it when the file was read), so
+     * `--set outputs.work_dir=DIR` moves every output that was not placed
+     * elsewhere explicitly */
+    if (is_wd && old_wd && cfg->outputs.work_dir) {
+        size_t lo = strlen(old_wd);
+        for (int i = 0; i < sp_cfg_nschema; i++) {
+            const sp_config_key *q = &sp_cfg_schema[i];
+            if (q->type != SP_CFG_T_PATH || !(q->flags & SP_CFG_F_REL_WORKDIR)) continue;
+            char **v = (char **)field(cfg, q);
+            if (!*v || strncmp(*v, old_wd, lo) != 0 || (*v)[lo] != '/') continue;
+            size_t ln = strlen(cfg->outputs.work_dir), lr = strlen(*v + lo);
+            char *nv = malloc(ln + lr + 1);
+            if (!nv) {
+                free(old_wd);
+                return SP_FAIL(SP_ERR_NOMEM, "out of memory");
+            }
+            memcpy(nv, cfg->outputs.work_dir, ln);
+            memcpy(nv + ln, *v + lo, lr + 1);
+            free(*v);
+            *v = nv;
+        }
+    }
+    free(old_wd);
     return SP_OK;
 }
 

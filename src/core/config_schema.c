@@ -218,6 +218,10 @@ const sp_config_key sp_cfg_schema[] = {
     KB("epsf.fallback_borrow", epsf.fallback_borrow, SC, "true",
        "A cell whose ePSF fails its quality gate borrows the star-weighted mean of its neighbouring cells' "
        "empirical ePSFs (else of every empirical ePSF of the band) before the analytic fallback_model."),
+    KD("epsf.wing_smoothing", epsf.wing_smoothing, SC, "0", 0, 2, "",
+       "ePSF builder: beyond 1.5 FWHM from the centre the stack is smoothed by a Gaussian whose sigma "
+       "grows as this x (r - 1.5 FWHM): a few faint stars leave the faint outer pixels as noisy as the "
+       "sky, and a real wing varies slowly with r. 0: off (docs/psf.md has the measurements)."),
     KD("epsf.fallback_residual_fwhm", epsf.fallback_residual_fwhm, SC, "0", 0, 100, "FWHM",
        "> 0: a cell whose ePSF fails its quality gate gets the Moffat fitted to its stars plus the stars' "
        "stacked residual from that Moffat beyond this many FWHM (ramped in over one more), pooled over the "
@@ -262,10 +266,13 @@ const sp_config_key sp_cfg_schema[] = {
        "Side of the ePSF stamp in image pixels; also sets the patch halo, "
        "max((final_psf_size-1)/2+2, patches.halo_pix_min)."),
     KE("epsf.interpolation", epsf.interpolation, SC, "bilinear", v_interp, NULL,
-       "How the PSF varies across the tile: bilinear between neighbouring cell ePSFs, a polynomial in "
-       "(x, y) fitted to the stars (PSFEx-like), or none (constant per cell)."),
+       "How the PSF varies across the tile: bilinear between neighbouring cell ePSFs (default), a "
+       "polynomial in (x, y) fitted per band to the PSF stars of every cell at once (PSFEx-like; needs "
+       "smoothing_kernel quartic with oversamp > 1; better only with bright PSF stars, docs/psf.md), or "
+       "none (constant per cell)."),
     KI("epsf.poly_degree", epsf.poly_degree, SC, "2", 0, 4, "",
-       "Degree of the polynomial PSF variation (interpolation: polynomial)."),
+       "Degree of the polynomial PSF variation (interpolation: polynomial); lowered for a band with fewer "
+       "than 4 usable stars per term."),
     KE("epsf.fallback_model", epsf.fallback_model, SC, "moffat", v_fallback, NULL,
        "Analytic PSF used where the ePSF fails its quality gate (patch_run.min_epsf_nstars_for_use): fitted "
        "to the stars there are, else from fallback_fwhm_pix."),

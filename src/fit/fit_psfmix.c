@@ -117,7 +117,7 @@ static int grow(double **buf, size_t *cap, size_t n)
     return 0;
 }
 
-int fit_psf_mixture(const sp_psf *psf, int k, psf_mix *out, double **scratch, size_t *scratch_cap)
+static int fit_mix_k(const sp_psf *psf, int k, psf_mix *out, double **scratch, size_t *scratch_cap)
 {
     int status = SP_OK;
     if (k < 1) k = 1;
@@ -248,5 +248,36 @@ int fit_psf_mixture(const sp_psf *psf, int k, psf_mix *out, double **scratch, si
     }
     out->rms_resid = sqrt(chi2 / ns) / peak;
 cleanup:
+    return status;
+}
+
+/* The mixture's amplitudes are free (linear): on a noisy or oddly shaped ePSF
+ * two components can become near-duplicates whose amplitudes grow large with
+ * opposite signs. Such a mixture matches the stamp but convolves a galaxy into
+ * a model whose norm is nonsense (fluxes ~0 with tiny errors, measured on an
+ * empirical ePSF of faint stars). A mixture is kept when its amplitudes sum to
+ * 0.5 .. 1.5 and cancel little (sum |a| <= 2 sum a); otherwise one component
+ * fewer is fitted, down to a single Gaussian. */
+int fit_psf_mixture(const sp_psf *psf, int k, psf_mix *out, double **scratch, size_t *scratch_cap)
+{
+    int status = SP_OK;
+    if (k < 1) k = 1;
+    if (k > PSFMIX_MAXK) k = PSFMIX_MAXK;
+    for (int kk = k; kk >= 1; kk--) {
+        status = fit_mix_k(psf, kk, out, scratch, scratch_cap);
+        if (status != SP_OK) {
+            if (kk > 1) {
+                sp_err_clear();
+                continue;
+            }
+            return status;
+        }
+        double sa = 0.0, sabs = 0.0;
+        for (int c = 0; c < out->k; c++) {
+            sa += out->amp[c];
+            sabs += fabs(out->amp[c]);
+        }
+        if ((sa >= 0.5 && sa <= 1.5 && sabs <= 2.0 * sa) || kk == 1) return SP_OK;
+    }
     return status;
 }

@@ -658,6 +658,15 @@ int sp_store_create(const char *path, const sp_plan *p, const sp_store_meta *m, 
         SP_TRY(sp_h5_array_create(s->h, path_b, SP_H5_I32, 2, dims, NULL, NULL));
         snprintf(path_b, sizeof path_b, "/epsf/%s_fallback", p->bands[b]);
         SP_TRY(sp_h5_array_create(s->h, path_b, SP_H5_I32, 2, dims, NULL, NULL));
+        if (m->epsf_poly_terms > 0) {
+            long dp[3] = {m->epsf_poly_terms, so, so}, cp[3] = {1, so, so};
+            snprintf(path_b, sizeof path_b, "/epsf/%s_poly", p->bands[b]);
+            SP_TRY(sp_h5_array_create(s->h, path_b, SP_H5_F32, 3, dp, cp, NULL));
+        }
+    }
+    if (m->epsf_poly_terms > 0) {
+        long di[2] = {p->nbands, 8};
+        SP_TRY(sp_h5_array_create(s->h, "/epsf/poly_info", SP_H5_F64, 2, di, NULL, NULL));
     }
     SP_TRY(create_qa(s, p, m));
     SP_TRY(sp_h5_attr_set_long(s->h, "/epsf", "oversamp", m->epsf_oversamp > 0 ? m->epsf_oversamp : 1));

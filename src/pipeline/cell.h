@@ -34,6 +34,7 @@ typedef struct {
     int use_catalog;      /* epsf.psfstar_use_catalog: catalog STARs as candidates, catalog isolation/masking */
     double nb_mask_sigma; /* epsf.neighbour_mask_sigma */
     int borrow;           /* epsf.fallback_borrow */
+    int poly, poly_degree; /* epsf.interpolation: polynomial, epsf.poly_degree */
 } stage_params;
 
 /* Reference-catalog stars projected on the tile (PSF-star candidates). */
@@ -67,6 +68,11 @@ typedef struct {
     int32_t *grid_nstars, *grid_kind; /* same index: stars used, SP_EPSF_* kind */
     uint8_t *grid_mine;             /* ncells: built by this rank in this run */
     double *xedge, *yedge;          /* cell edges in tile pixels (epsf_ngrid + 1 each) */
+    /* epsf.interpolation: polynomial — one model per band over the whole tile, built
+     * after the PSF pass from every cell's PSF-star cutouts (psf_poly_build) */
+    struct band_cuts *fcuts;        /* nbands: this rank's cutouts of the PSF pass */
+    struct poly_model *poly;        /* nbands: the band's model, or psf == NULL (cell grid used) */
+    int poly_decided;               /* 1 once every band's model is built or refused (or loaded) */
     sp_store_meta qa;               /* which QA diagnostics the store holds (qa_* fields) */
     long nfit_sources, nfit_patches; /* this rank's totals (summary) */
     struct ioprep_state *iop;       /* read+prep buffers and open frames kept across cells (pipeline.c) */
@@ -144,6 +150,9 @@ int psf_grid_pool(run_t *r);
  * epsf.interpolation bilinear blends the neighbouring cells' ePSFs into *scratch
  * (allocated on first use, same geometry); none returns the cell's own. */
 int psf_grid_at(const run_t *r, int b, int cell, double x, double y, sp_psf **scratch, const sp_psf **out);
+/* COLLECTIVE (called by psf_grid_share): per band, the cutouts gathered on rank
+ * b % nranks, one sp_epsf_build_field there, the model broadcast and stored. */
+int psf_poly_build(run_t *r);
 
 /* An error raised on a worker thread of an OpenMP region: sp_err_msg() is
  * thread-local, so the first failing thread copies its message here and the

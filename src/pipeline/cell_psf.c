@@ -16,6 +16,35 @@
 #include <stdlib.h>
 #include <string.h>
 
+/* epsf.interpolation: polynomial (see cell.h) */
+struct band_cuts {
+    sp_epsf_cutout *c;
+    int32_t *cell, *seq; /* the cell that cut each star out, and its order there */
+    int n, cap;
+};
+struct poly_model {
+    sp_psf *psf;         /* the constant term (the PSF at the tile centre); NULL: no model */
+    float *terms;        /* the other terms (sp_epsf_poly_eval) */
+    int degree, nstars, ncuts;
+    double xref, yref, scale;
+};
+
+static void band_cuts_free(struct band_cuts *bc)
+{
+    for (int i = 0; i < bc->n; i++) sp_epsf_cutout_free(&bc->c[i]);
+    free(bc->c);
+    free(bc->cell);
+    free(bc->seq);
+    memset(bc, 0, sizeof *bc);
+}
+
+static void poly_model_free(struct poly_model *m)
+{
+    sp_psf_free(&m->psf);
+    free(m->terms);
+    memset(m, 0, sizeof *m);
+}
+
 void thread_err_record(thread_err *e, int st, const char *what)
 {
     if (st == SP_OK) return;
@@ -88,7 +117,12 @@ static void params_from_config(const sp_config *cfg, int threads, int nbands, st
     s->epsf.keep_stamps = e->save_residual_diagnostics;
     s->epsf.core_fwhm = e->empirical_core_fwhm;
     s->epsf.fallback_resid_fwhm = e->fallback_residual_fwhm;
-    s->blend_psf = e->interpolation == SP_CFG_EPSF_INTERP_BILINEAR;
+    s->epsf.wing_smooth_k = e->wing_smoothing;
+    /* polynomial: one model per band over the tile; a band whose model fails
+     * its gate blends the cell grid as bilinear does */
+    s->blend_psf = e->interpolation != SP_CFG_EPSF_INTERP_NONE;
+    s->poly = e->interpolation == SP_CFG_EPSF_INTERP_POLYNOMIAL;
+    s->poly_degree = e->poly_degree;
     s->use_catalog = e->psfstar_use_catalog;
     s->nb_mask_sigma = e->neighbour_mask_sigma;
     s->borrow = e->fallback_borrow;
@@ -158,9 +192,10 @@ int cell_stages_setup(run_t *r)
     int status = SP_OK;
     const sp_plan *p = r->plan;
     params_from_config(r->cfg, r->threads, p->nbands, &r->sp);
-    if (r->cfg->epsf.interpolation == SP_CFG_EPSF_INTERP_POLYNOMIAL)
-        return SP_FAIL(SP_ERR_NOTBUILT, "epsf.interpolation: polynomial is not built yet; use bilinear (the default: "
-                                        "neighbouring cell ePSFs blended) or none");
+    if (r->sp.poly) {
+        SP_ALLOC(r->fcuts, p->nbands);
+        SP_ALLOC(r->poly, p->nbands);
+    }
     long nc = p->ncells, ng = p->opts.epsf_ngrid;
     SP_ALLOC(r->grid, nc * p->nbands);
     SP_ALLOC(r->grid_nstars, nc * p->nbands);
@@ -221,6 +256,14 @@ void cell_stages_cleanup(run_t *r)
     r->grid_nstars = r->grid_kind = NULL;
     r->grid_mine = NULL;
     r->xedge = r->yedge = NULL;
+    if (r->fcuts)
+        for (int b = 0; b < r->plan->nbands; b++) band_cuts_free(&r->fcuts[b]);
+    free(r->fcuts);
+    r->fcuts = NULL;
+    if (r->poly)
+        for (int b = 0; b < r->plan->nbands; b++) poly_model_free(&r->poly[b]);
+    free(r->poly);
+    r->poly = NULL;
 }
 
 /* ---- background --------------------------------------------------------------------- */
@@ -564,6 +607,38 @@ static int build_band(cell_t *c, int b, sp_epsf_result **res)
     ep.neighbours = nbs;
     ep.nneighbours = nnb;
     SP_TRY(sp_epsf_build(c->data[b], c->ivar[b], c->mask[b], (int)c->nx, (int)c->ny, stars, nstars, &ep, res));
+    if (r->sp.poly && nstars > 0) {
+        /* the band-wide model's stars: the ones in this cell's base region (a star
+         * is cut out by one cell only), with the same cutouts and masks */
+        struct band_cuts *bc = &r->fcuts[b]; /* band b is on one thread at a time */
+        int nown = 0, got = 0;
+        for (int s = 0; s < nstars; s++) {
+            double x = stars[s].x + c->x0, y = stars[s].y + c->y0;
+            if (x >= c->cell->bx0 - 0.5 && x < c->cell->bx1 - 0.5 && y >= c->cell->by0 - 0.5 &&
+                y < c->cell->by1 - 0.5)
+                stars[nown++] = stars[s];
+        }
+        if (bc->n + nown > bc->cap) {
+            int cap = 2 * bc->cap > bc->n + nown ? 2 * bc->cap : bc->n + nown + 16;
+            sp_epsf_cutout *nc = realloc(bc->c, sizeof *nc * (size_t)cap);
+            SP_CHECK(nc, SP_ERR_NOMEM, "out of memory (PSF-star cutouts)");
+            bc->c = nc;
+            int32_t *ncl = realloc(bc->cell, sizeof *ncl * (size_t)cap);
+            SP_CHECK(ncl, SP_ERR_NOMEM, "out of memory (PSF-star cutouts)");
+            bc->cell = ncl;
+            int32_t *nsq = realloc(bc->seq, sizeof *nsq * (size_t)cap);
+            SP_CHECK(nsq, SP_ERR_NOMEM, "out of memory (PSF-star cutouts)");
+            bc->seq = nsq;
+            bc->cap = cap;
+        }
+        SP_TRY(sp_epsf_cutouts(c->data[b], c->ivar[b], c->mask[b], (int)c->nx, (int)c->ny, (double)c->x0,
+                               (double)c->y0, stars, nown, &ep, bc->c + bc->n, &got));
+        for (int i = 0; i < got; i++) {
+            bc->cell[bc->n + i] = c->cell->id;
+            bc->seq[bc->n + i] = i;
+        }
+        bc->n += got;
+    }
 cleanup:
     free(rxy);
     free(stars);
@@ -746,6 +821,7 @@ int psf_grid_load(run_t *r, uint8_t *need)
     int os = r->cfg->epsf.oversamp, so = os * (r->cfg->epsf.final_psf_size - 1) + 1;
     int32_t *nst = NULL, *kind = NULL;
     float *cube = NULL;
+    double *info = NULL;
     for (long k = 0; k < nc; k++) need[k] = (uint8_t)(p->cells[k].active != 0);
     if (!r->store->resumed) return SP_OK;
     SP_ALLOC(nst, nc);
@@ -770,7 +846,51 @@ int psf_grid_load(run_t *r, uint8_t *need)
         for (int b = 0; b < p->nbands; b++) all &= r->grid[(long)b * nc + k] != NULL;
         need[k] = (uint8_t)(p->cells[k].active && !all);
     }
+    if (r->sp.poly && status == SP_OK) {
+        /* the band-wide models: read back when every band was decided; otherwise the
+         * PSF pass runs again over every cell to gather the stars (the builds are
+         * deterministic: the cells' ePSFs come out the same) */
+        SP_ALLOC(info, (size_t)p->nbands * 8);
+        status = sp_h5_array_read(r->store->h, "/epsf/poly_info", SP_H5_F64, NULL, NULL, info);
+        int decided = status == SP_OK;
+        for (int b = 0; b < p->nbands && decided; b++) decided = isfinite(info[b * 8]);
+        for (int b = 0; b < p->nbands && decided && status == SP_OK; b++) {
+            struct poly_model *m = &r->poly[b];
+            m->ncuts = (int)info[b * 8 + 7];
+            if (info[b * 8] != 1) continue;
+            m->degree = (int)info[b * 8 + 1];
+            m->nstars = (int)info[b * 8 + 2];
+            m->xref = info[b * 8 + 3];
+            m->yref = info[b * 8 + 4];
+            m->scale = info[b * 8 + 5];
+            int nt = (m->degree + 1) * (m->degree + 2) / 2, ntmax = (r->sp.poly_degree + 1) * (r->sp.poly_degree + 2) / 2;
+            status = nt <= ntmax ? SP_OK : SP_FAIL(SP_ERR_STATE, "/epsf/poly_info: band %s has degree %d > %d",
+                                                   p->bands[b], m->degree, r->sp.poly_degree);
+            float *buf = status == SP_OK ? calloc((size_t)ntmax * so * so, sizeof *buf) : NULL;
+            if (status == SP_OK && !buf) status = SP_FAIL(SP_ERR_NOMEM, "out of memory (PSF model)");
+            char path[160];
+            snprintf(path, sizeof path, "/epsf/%s_poly", p->bands[b]);
+            if (status == SP_OK) status = sp_h5_array_read(r->store->h, path, SP_H5_F32, NULL, NULL, buf);
+            if (status == SP_OK) status = sp_psf_alloc(so, os, &m->psf);
+            if (status == SP_OK) {
+                memcpy(m->psf->data, buf, sizeof *buf * (size_t)so * so);
+                m->psf->fwhm = info[b * 8 + 6];
+                m->psf->nstars = m->nstars;
+                m->psf->is_fallback = 0;
+                if (nt > 1) {
+                    m->terms = malloc(sizeof *buf * (size_t)(nt - 1) * so * so);
+                    if (!m->terms) status = SP_FAIL(SP_ERR_NOMEM, "out of memory (PSF model)");
+                    else memcpy(m->terms, buf + (size_t)so * so, sizeof *buf * (size_t)(nt - 1) * so * so);
+                }
+            }
+            free(buf);
+        }
+        if (status == SP_OK && decided) r->poly_decided = 1;
+        if (status == SP_OK && !decided)
+            for (long k = 0; k < nc; k++) need[k] = (uint8_t)(p->cells[k].active != 0);
+    }
 cleanup:
+    free(info);
     free(nst);
     free(kind);
     free(cube);
@@ -796,6 +916,7 @@ int psf_grid_borrow(run_t *r)
     SP_ALLOC(buf, (size_t)size * size);
     for (int b = 0; b < p->nbands; b++) {
         sp_psf **g = r->grid + (long)b * nc;
+        if (r->poly && r->poly[b].psf) continue; /* the band-wide model is used */
         for (long k = 0; k < nc; k++) {
             kind0[k] = r->grid_kind[(long)b * nc + k];
             nst0[k] = r->grid_nstars[(long)b * nc + k];
@@ -863,6 +984,7 @@ int psf_grid_pool(run_t *r)
     for (int b = 0; b < p->nbands; b++) {
         sp_psf **g = r->grid + (long)b * nc;
         const int32_t *kind = r->grid_kind + (long)b * nc, *nst = r->grid_nstars + (long)b * nc;
+        if (r->poly && r->poly[b].psf) continue; /* the band-wide model is used */
         for (long k = 0; k < nc; k++) {
             /* contributors: cells whose wing comes from their own stars (empirical, or
              * the fitted Moffat plus the stars' residual, epsf.fallback_residual_fwhm);
@@ -887,6 +1009,313 @@ cleanup:
     free(apply);
     free(buf);
     return status;
+}
+
+/* ---- the band-wide polynomial model (epsf.interpolation: polynomial) ---------------- */
+
+#define POLY_HDR 11 /* doubles per cutout record: cell, seq, ix, iy, x, y, flux, bkg, bkg_rms, snr, q */
+
+typedef struct {
+    const sp_epsf_cutout *c;
+    int32_t cell, seq;
+} cut_ref;
+
+static int cmp_cut_ref(const void *a, const void *b)
+{
+    const cut_ref *x = a, *y = b;
+    if (x->cell != y->cell) return (x->cell > y->cell) - (x->cell < y->cell);
+    return (x->seq > y->seq) - (x->seq < y->seq);
+}
+
+/* Build one band's model from its gathered cutouts (in cell, then star order:
+ * the same whatever the rank layout). Returns SP_OK with m->psf == NULL and
+ * why in `reason` when the model fails its quality gate. */
+static int poly_build_band(run_t *r, cut_ref *refs, int n, struct poly_model *m, char *reason, size_t rlen)
+{
+    int status = SP_OK;
+    sp_epsf_cutout *cuts = NULL;
+    sp_epsf_result *res = NULL;
+    const sp_plan *p = r->plan;
+    qsort(refs, (size_t)n, sizeof *refs, cmp_cut_ref);
+    SP_ALLOC(cuts, n + 1);
+    for (int i = 0; i < n; i++) cuts[i] = *refs[i].c;
+    sp_epsf_params ep = r->sp.epsf;
+    ep.spatial_degree = r->sp.poly_degree;
+    ep.x_ref = 0.5 * (p->nx - 1);
+    ep.y_ref = 0.5 * (p->ny - 1);
+    ep.spatial_scale = 0.5 * (p->nx > p->ny ? p->nx : p->ny);
+    ep.keep_stamps = 0;
+    m->ncuts = n;
+    reason[0] = 0;
+    SP_TRY(sp_epsf_build_field(cuts, n, &ep, &res));
+    if (res->kind != SP_EPSF_EMPIRICAL) {
+        snprintf(reason, rlen, "%s", res->reason[0] ? res->reason : "quality gate");
+        goto cleanup;
+    }
+    m->degree = res->spatial_degree;
+    m->nstars = res->nstars_used;
+    m->xref = ep.x_ref;
+    m->yref = ep.y_ref;
+    m->scale = res->spatial_degree > 0 ? res->spatial_scale : ep.spatial_scale;
+    m->psf = res->psf;
+    res->psf = NULL;
+    if (res->nterms > 0) {
+        m->terms = res->terms;
+        res->terms = NULL;
+    }
+cleanup:
+    free(cuts);
+    sp_epsf_result_free(&res);
+    return status;
+}
+
+/* The model of band b at tile position (x, y) into out (the model's geometry). */
+static int poly_at(const struct poly_model *m, double x, double y, sp_psf *out)
+{
+    return sp_epsf_poly_eval(m->psf, m->terms, m->degree, (x - m->xref) / m->scale, (y - m->yref) / m->scale, out);
+}
+
+/* The band owner stores its model: the terms, the info row, and the model at
+ * every active cell's centre as /epsf/<band> (image pixels, what the fit uses there). */
+static int poly_store_band(run_t *r, int b)
+{
+    int status = SP_OK;
+    const sp_plan *p = r->plan;
+    const struct poly_model *m = &r->poly[b];
+    int os = r->cfg->epsf.oversamp, size = r->cfg->epsf.final_psf_size, so = os * (size - 1) + 1;
+    int ntmax = (r->sp.poly_degree + 1) * (r->sp.poly_degree + 2) / 2;
+    float *buf = NULL, *px = NULL;
+    sp_psf *ev = NULL;
+    char path[160];
+    double info[8] = {0, NAN, NAN, NAN, NAN, NAN, NAN, m->ncuts};
+    if (m->psf) {
+        int nt = (m->degree + 1) * (m->degree + 2) / 2;
+        SP_ALLOC(buf, (size_t)ntmax * so * so);
+        memcpy(buf, m->psf->data, sizeof *buf * (size_t)so * so);
+        if (nt > 1) memcpy(buf + (size_t)so * so, m->terms, sizeof *buf * (size_t)(nt - 1) * so * so);
+        long st3[3] = {0, 0, 0}, n3[3] = {ntmax, so, so};
+        snprintf(path, sizeof path, "/epsf/%s_poly", p->bands[b]);
+        SP_TRY(sp_h5_array_write(r->store->h, path, SP_H5_F32, st3, n3, buf));
+        info[0] = 1;
+        info[1] = m->degree;
+        info[2] = m->nstars;
+        info[3] = m->xref;
+        info[4] = m->yref;
+        info[5] = m->scale;
+        info[6] = m->psf->fwhm;
+        SP_ALLOC(px, (size_t)size * size);
+        SP_TRY(sp_psf_alloc(so, os, &ev));
+        snprintf(path, sizeof path, "/epsf/%s", p->bands[b]);
+        for (long k = 0; k < p->ncells; k++) {
+            const sp_cell *ce = &p->cells[k];
+            if (!ce->active) continue;
+            SP_TRY(poly_at(m, 0.5 * (ce->bx0 + ce->bx1 - 1), 0.5 * (ce->by0 + ce->by1 - 1), ev));
+            sample_pixels(ev, size, px);
+            long st4[4] = {ce->iy, ce->ix, 0, 0}, n4[4] = {1, 1, size, size};
+            SP_TRY(sp_h5_array_write(r->store->h, path, SP_H5_F32, st4, n4, px));
+        }
+    }
+    long sti[2] = {b, 0}, ni[2] = {1, 8};
+    SP_TRY(sp_h5_array_write(r->store->h, "/epsf/poly_info", SP_H5_F64, sti, ni, info));
+cleanup:
+    free(buf);
+    free(px);
+    sp_psf_free(&ev);
+    return status;
+}
+
+int psf_poly_build(run_t *r)
+{
+    int status = SP_OK, lst = SP_OK;
+    const sp_plan *p = r->plan;
+    const int nb = p->nbands, N = r->cfg->epsf.final_psf_size, os = r->cfg->epsf.oversamp, so = os * (N - 1) + 1;
+    const size_t rec = POLY_HDR * sizeof(double) + 2 * sizeof(float) * (size_t)N * N;
+    char *sendb = NULL;
+    int *counts = NULL, *displs = NULL;
+    char **mine = NULL;      /* per band owned by this rank: the gathered records */
+    long *nmine = NULL;
+    sp_epsf_cutout **ucuts = NULL;
+    float *bc = NULL;
+    char (*reason)[160] = NULL;
+    thread_err te = {0};
+    if (!r->sp.poly || r->poly_decided) return SP_OK;
+    SP_ALLOC(counts, r->nranks);
+    SP_ALLOC(displs, r->nranks);
+    SP_ALLOC(mine, nb);
+    SP_ALLOC(nmine, nb);
+    SP_ALLOC(ucuts, nb);
+    SP_ALLOC(reason, nb);
+    /* 1. gather each band's cutouts on its owner (band b on rank b % nranks) */
+    for (int b = 0; b < nb; b++) {
+        struct band_cuts *bcut = &r->fcuts[b];
+        const int owner = b % r->nranks;
+        /* a local failure sends nothing and is agreed on after the gathers (no rank
+         * may leave a collective the others are in) */
+        int nsend = bcut->n;
+        if (lst == SP_OK && !((double)nsend * rec < 2147483647.0))
+            lst = SP_FAIL(SP_ERR_RESOURCE, "band %s: %d PSF-star cutouts are too many for one message; lower "
+                                           "epsf.max_stars",
+                          p->bands[b], nsend);
+        free(sendb);
+        sendb = lst == SP_OK ? malloc((size_t)nsend * rec + 1) : NULL;
+        if (!sendb && lst == SP_OK) lst = SP_FAIL(SP_ERR_NOMEM, "out of memory (PSF-star cutouts)");
+        if (lst != SP_OK) nsend = 0;
+        for (int i = 0; i < nsend; i++) {
+            char *o = sendb + (size_t)i * rec;
+            const sp_epsf_cutout *c = &bcut->c[i];
+            double h[POLY_HDR] = {bcut->cell[i], bcut->seq[i], c->ix, c->iy, c->x, c->y, c->flux, c->bkg,
+                                  c->bkg_rms, c->snr, c->q};
+            memcpy(o, h, sizeof h);
+            memcpy(o + sizeof h, c->d, sizeof(float) * (size_t)N * N);
+            memcpy(o + sizeof h + sizeof(float) * (size_t)N * N, c->w, sizeof(float) * (size_t)N * N);
+        }
+        int sendn = (int)((size_t)nsend * rec);
+        MPI_Gather(&sendn, 1, MPI_INT, counts, 1, MPI_INT, owner, r->comm);
+        long total = 0;
+        if (r->rank == owner) {
+            for (int i = 0; i < r->nranks; i++) {
+                displs[i] = (int)total;
+                total += counts[i];
+            }
+            /* checked on the owner only: the others learn of it through the agreement below */
+            if (total >= 2147483647L)
+                lst = SP_FAIL(SP_ERR_RESOURCE, "band %s: the PSF-star cutouts (%ld bytes) are too many for one "
+                                               "message; lower epsf.max_stars",
+                              p->bands[b], total);
+            mine[b] = malloc((size_t)total + 1);
+            if (!mine[b] && lst == SP_OK) lst = SP_FAIL(SP_ERR_NOMEM, "out of memory (PSF-star cutouts)");
+            nmine[b] = total / (long)rec;
+        }
+        MPI_Gatherv(sendb, sendn, MPI_BYTE, (r->rank == owner && mine[b] && lst == SP_OK) ? mine[b] : NULL, counts,
+                    displs, MPI_BYTE, owner, r->comm);
+        band_cuts_free(bcut);
+    }
+    SP_TRY(sp_mpi_agree(lst, r->comm));
+    /* 2. the owner builds its bands (OpenMP over them) */
+    {
+        int own[256], nown = 0;
+        for (int b = 0; b < nb; b++)
+            if (b % r->nranks == r->rank && nown < 256) own[nown++] = b;
+        for (int q = 0; q < nown; q++) {
+            int b = own[q];
+            SP_ALLOC(ucuts[b], nmine[b] + 1);
+        }
+#pragma omp parallel for schedule(dynamic, 1) num_threads(r->sp.band_threads)
+        for (int q = 0; q < nown; q++) {
+            int b = own[q], n = (int)nmine[b];
+            cut_ref *refs = calloc((size_t)n + 1, sizeof *refs);
+            if (!refs) {
+                thread_err_record(&te, SP_FAIL(SP_ERR_NOMEM, "out of memory (PSF-star cutouts)"), "PSF model");
+                continue;
+            }
+            for (int i = 0; i < n; i++) {
+                const char *o = mine[b] + (size_t)i * rec;
+                double h[POLY_HDR];
+                memcpy(h, o, sizeof h);
+                sp_epsf_cutout *c = &ucuts[b][i];
+                c->n = N;
+                c->ix = (int)h[2];
+                c->iy = (int)h[3];
+                c->x = h[4];
+                c->y = h[5];
+                c->flux = h[6];
+                c->bkg = h[7];
+                c->bkg_rms = h[8];
+                c->snr = h[9];
+                c->q = h[10];
+                c->d = (float *)(void *)(o + sizeof h); /* aligned: rec and the header are multiples of 8 */
+                c->w = c->d + (size_t)N * N;
+                refs[i].c = c;
+                refs[i].cell = (int32_t)h[0];
+                refs[i].seq = (int32_t)h[1];
+            }
+            int st = poly_build_band(r, refs, n, &r->poly[b], reason[b], sizeof reason[b]);
+            if (st != SP_OK) {
+                char what[96];
+                snprintf(what, sizeof what, "band-wide PSF model of band %s", p->bands[b]);
+                thread_err_record(&te, st, what);
+            }
+            free(refs);
+        }
+        lst = thread_err_raise(&te);
+        for (int q = 0; q < nown && lst == SP_OK; q++) lst = poly_store_band(r, own[q]);
+    }
+    SP_TRY(sp_mpi_agree(lst, r->comm));
+    /* 3. every rank gets every model */
+    SP_ALLOC(bc, 8 + (size_t)15 * so * so);
+    for (int b = 0; b < nb; b++) {
+        struct poly_model *m = &r->poly[b];
+        const int owner = b % r->nranks;
+        double h[8] = {0};
+        if (r->rank == owner && m->psf) {
+            h[0] = 1;
+            h[1] = m->degree;
+            h[2] = m->nstars;
+            h[3] = m->xref;
+            h[4] = m->yref;
+            h[5] = m->scale;
+            h[6] = m->psf->fwhm;
+        }
+        if (r->rank == owner) h[7] = m->ncuts;
+        MPI_Bcast(h, 8, MPI_DOUBLE, owner, r->comm);
+        char rs[160];
+        if (r->rank == owner) snprintf(rs, sizeof rs, "%s", reason[b]);
+        MPI_Bcast(rs, sizeof rs, MPI_CHAR, owner, r->comm);
+        rs[sizeof rs - 1] = 0;
+        if (h[0] == 1) {
+            int nt = ((int)h[1] + 1) * ((int)h[1] + 2) / 2;
+            if (r->rank == owner) {
+                memcpy(bc, m->psf->data, sizeof *bc * (size_t)so * so);
+                if (nt > 1) memcpy(bc + (size_t)so * so, m->terms, sizeof *bc * (size_t)(nt - 1) * so * so);
+            }
+            MPI_Bcast(bc, nt * so * so, MPI_FLOAT, owner, r->comm);
+            if (r->rank != owner) {
+                SP_TRY(sp_psf_alloc(so, os, &m->psf));
+                memcpy(m->psf->data, bc, sizeof *bc * (size_t)so * so);
+                if (nt > 1) {
+                    SP_ALLOC(m->terms, (size_t)(nt - 1) * so * so);
+                    memcpy(m->terms, bc + (size_t)so * so, sizeof *bc * (size_t)(nt - 1) * so * so);
+                }
+                m->degree = (int)h[1];
+                m->nstars = (int)h[2];
+                m->xref = h[3];
+                m->yref = h[4];
+                m->scale = h[5];
+                m->psf->fwhm = h[6];
+                m->ncuts = (int)h[7];
+            }
+            m->psf->nstars = m->nstars;
+            m->psf->is_fallback = 0;
+        }
+        if (r->rank == 0) {
+            if (h[0] == 1)
+                SP_INFO("ePSF band %s: band-wide polynomial model, degree %d, %d of %d PSF stars used, FWHM %.2f px "
+                        "at the tile centre",
+                        p->bands[b], (int)h[1], (int)h[2], (int)h[7], h[6]);
+            else
+                SP_WARN("ePSF band %s: the band-wide polynomial model failed its quality gate (%s; %d PSF-star "
+                        "cutouts); the cell grid is used%s",
+                        p->bands[b], rs, (int)h[7],
+                        r->sp.epsf.smooth || os == 1 ? ""
+                                                     : " (epsf.smoothing_kernel is none: with oversamp > 1 the "
+                                                       "stack needs quartic or quadratic, docs/psf.md)");
+        }
+    }
+    r->poly_decided = 1;
+cleanup:
+    free(sendb);
+    free(counts);
+    free(displs);
+    if (mine)
+        for (int b = 0; b < nb; b++) free(mine[b]);
+    free(mine);
+    free(nmine);
+    if (ucuts)
+        for (int b = 0; b < nb; b++) free(ucuts[b]);
+    free(ucuts);
+    free(reason);
+    free(bc);
+    return sp_mpi_agree(status, r->comm);
 }
 
 /* Every rank sends the ePSFs it built; records are [cell, band, nstars, kind, S*S samples]. */
@@ -934,6 +1363,8 @@ int psf_grid_share(run_t *r)
         if (r->grid_mine[k]) continue;
         status = grid_set(r, (long)b * nc + k, o + 4, so, os, (int)o[2], (int)o[3]);
     }
+    status = sp_mpi_agree(status, r->comm);
+    if (status == SP_OK && r->sp.poly) status = psf_poly_build(r);
     if (status == SP_OK && r->sp.borrow) status = psf_grid_borrow(r);
     if (status == SP_OK && r->cfg->epsf.wing_pool) status = psf_grid_pool(r);
     if (status == SP_OK && r->rank == 0)
@@ -943,7 +1374,9 @@ int psf_grid_share(run_t *r)
                 int kd = r->grid_kind[(long)b * nc + k];
                 if (r->grid[(long)b * nc + k] && kd >= 0 && kd < 4) nk[kd]++;
             }
-            /* the kinds decide the photometry: say so when the empirical ePSF lost */
+            /* the kinds decide the photometry: say so when the empirical ePSF lost
+             * (not for a band that uses its band-wide model: said above) */
+            if (r->poly && r->poly[b].psf) continue;
             sp_log(nk[0] == 0 && nk[1] + nk[2] > 0 ? SP_LOG_WARN : SP_LOG_INFO,
                    "ePSF band %s: %d cell(s) empirical, %d Moffat fitted to the stars, %d configured Moffat, %d "
                    "borrowed (quality-gate reasons: logging.level debug)",
@@ -963,6 +1396,16 @@ int psf_grid_at(const run_t *r, int b, int cell, double x, double y, sp_psf **sc
     const sp_plan *p = r->plan;
     const sp_psf *own = r->grid[(long)b * p->ncells + cell];
     SP_CHECK(own != NULL, SP_ERR_INTERNAL, "cell %d band %s: no ePSF in the grid", cell, p->bands[b]);
+    if (r->poly && r->poly[b].psf) {
+        const sp_psf *m = r->poly[b].psf;
+        if (!*scratch || (*scratch)->size != m->size || (*scratch)->oversamp != m->oversamp) {
+            sp_psf_free(scratch);
+            SP_TRY(sp_psf_alloc(m->size, m->oversamp, scratch));
+        }
+        SP_TRY(poly_at(&r->poly[b], x, y, *scratch));
+        *out = *scratch;
+        return SP_OK;
+    }
     if (!r->sp.blend_psf) {
         *out = own;
         return SP_OK;

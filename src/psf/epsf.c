@@ -32,6 +32,10 @@ void sp_epsf_params_default(sp_epsf_params *p)
     p->smooth = 1;
     p->spatial_degree = 1;
     p->spatial_min_stars = 12;
+    p->field_xy = NULL;
+    p->spatial_scale = 0.0;
+    p->wing_smooth_k = 0.0;
+    p->wing_smooth_r0 = 1.5;
     p->x_ref = NAN;
     p->y_ref = NAN;
     p->fit_radius = 0.0;
@@ -62,6 +66,7 @@ void sp_epsf_result_free(sp_epsf_result **res)
     free(r->resid_stamps);
     free(r->grad_x);
     free(r->grad_y);
+    free(r->terms);
     free(r);
     *res = NULL;
 }
@@ -283,6 +288,62 @@ static void tri_smooth(double *g, double *tmp, int S, int os)
         }
 }
 
+/* Wing smoothing: a Gaussian whose sigma grows with the distance r from the
+ * stamp centre, sigma = k (r - r0) (nodes; none inside r0), applied to the
+ * stack's numerator and denominator alike (normalised convolution). A few
+ * faint stars leave the ePSF's faint outer pixels as noisy as their sky; a
+ * real PSF's wing varies slowly with r, so averaging over a neighbourhood that
+ * widens outward cuts that noise where it dominates and keeps the core as
+ * sharp as the data. Done as a blend of separable Gaussians of sigma 0, 1, 2,
+ * 4, 8, 16 nodes, interpolated per node. scr: 7 S^2 doubles. */
+#define WS_NSCALE 6
+static void wing_smooth(double *g, int S, double r0, double k, double *scr)
+{
+    static const double sig[WS_NSCALE] = {0, 1, 2, 4, 8, 16};
+    const size_t SS = (size_t)S * S;
+    const double c = 0.5 * (S - 1);
+    double *G = scr, *tmp = scr + (size_t)WS_NSCALE * SS;
+    double smax = k * (M_SQRT2 * c - r0);
+    memcpy(G, g, sizeof(double) * SS);
+    int nsc = 1;
+    for (int q = 1; q < WS_NSCALE && sig[q - 1] < smax; q++, nsc++) {
+        double *o = G + (size_t)q * SS, kw[100];
+        int rad = (int)ceil(3 * sig[q]);
+        if (rad > 49) rad = 49;
+        double ks = 0;
+        for (int d = -rad; d <= rad; d++) ks += (kw[d + rad] = exp(-0.5 * d * d / (sig[q] * sig[q])));
+        for (int d = 0; d <= 2 * rad; d++) kw[d] /= ks;
+        for (int j = 0; j < S; j++)
+            for (int i = 0; i < S; i++) {
+                double a = 0;
+                int d0 = i - rad < 0 ? -i : -rad, d1 = i + rad > S - 1 ? S - 1 - i : rad;
+                for (int d = d0; d <= d1; d++) a += kw[d + rad] * g[(size_t)j * S + i + d];
+                tmp[(size_t)j * S + i] = a;
+            }
+        for (int j = 0; j < S; j++)
+            for (int i = 0; i < S; i++) {
+                double a = 0;
+                int d0 = j - rad < 0 ? -j : -rad, d1 = j + rad > S - 1 ? S - 1 - j : rad;
+                for (int d = d0; d <= d1; d++) a += kw[d + rad] * tmp[(size_t)(j + d) * S + i];
+                o[(size_t)j * S + i] = a;
+            }
+    }
+    for (int j = 0; j < S; j++)
+        for (int i = 0; i < S; i++) {
+            double r = hypot(i - c, j - c), sg = k * (r - r0);
+            if (!(sg > 0)) continue;
+            int q = 0;
+            while (q + 1 < nsc && sig[q + 1] <= sg) q++;
+            size_t n = (size_t)j * S + i;
+            if (q + 1 >= nsc) {
+                g[n] = G[(size_t)q * SS + n];
+                continue;
+            }
+            double t = (sg - sig[q]) / (sig[q + 1] - sig[q]);
+            g[n] = (1 - t) * G[(size_t)q * SS + n] + t * G[(size_t)(q + 1) * SS + n];
+        }
+}
+
 /* ------------------------------------------------------------------------ */
 /* Stars                                                                      */
 
@@ -330,6 +391,22 @@ static int fit_star(const sp_psf *psf, bstar *s, int N, int rf, int steps, doubl
 {
     const int h = (N - 1) / 2, W = 2 * rf + 1;
     double *m = buf, *gx = buf + W * W, *gy = buf + 2 * W * W;
+    /* The rejection of contaminated pixels (star_reject) can take most of a
+     * bright star's core when the model is still off there by more than its
+     * noise (early iterations, or a PSF that varies across the field faster
+     * than the current model): the centre and flux are then fitted on the
+     * weights before rejection rather than losing the star. */
+    const float *wf = s->w;
+    {
+        int n0 = 0, n1 = 0;
+        for (int bb = 0; bb < W; bb++)
+            for (int a = 0; a < W; a++) {
+                size_t kc = (size_t)(h - rf + bb) * N + (h - rf + a);
+                n0 += s->w0[kc] > 0;
+                n1 += s->w[kc] > 0;
+            }
+        if (2 * n1 < n0) wf = s->w0;
+    }
     for (int it = 0; it < steps; it++) {
         /* box pixel (a, b) is image pixel (ix - rf + a, iy - rf + b) */
         sp_psf_render(psf, s->x - (s->ix - rf), s->y - (s->iy - rf), W, W, m, gx, gy);
@@ -338,7 +415,7 @@ static int fit_star(const sp_psf *psf, bstar *s, int N, int rf, int steps, doubl
             for (int a = 0; a < W; a++) {
                 int ci = (h - rf + a), cj = (h - rf + bb); /* cutout coords */
                 size_t kc = (size_t)cj * N + ci;
-                double w = s->w[kc];
+                double w = wf[kc];
                 if (w <= 0) continue;
                 int k = bb * W + a;
                 double J[3] = {s->F * gx[k], s->F * gy[k], m[k]};
@@ -696,6 +773,102 @@ static void grad_project(const sp_psf *psf, double *g, int S)
 /* ------------------------------------------------------------------------ */
 /* Builder                                                                    */
 
+/* The cutout of one star (N x N around its nearest pixel), its weights (ivar,
+ * or 1 / bkg_rms^2 without ivar; 0 where unusable or within a neighbour's mask
+ * radius) and its starting flux (the sum within 0.8 h minus the background).
+ * used = 0 when fewer than half the pixels are usable. */
+static int cut_star(bstar *b, const float *img, const float *ivar, const uint8_t *mask, int nx, int ny,
+                    const sp_psfstar *st, const sp_epsf_params *p, int N)
+{
+    int status = SP_OK;
+    const int h = (N - 1) / 2;
+    b->ix = (int)lround(st->x);
+    b->iy = (int)lround(st->y);
+    b->x = b->x0 = st->x;
+    b->y = b->y0 = st->y;
+    b->b = st->bkg;
+    b->used = 1;
+    SP_ALLOC(b->d, (size_t)N * N);
+    SP_ALLOC(b->w, (size_t)N * N);
+    SP_ALLOC(b->w0, (size_t)N * N);
+    double wdef = st->bkg_rms > 0 ? 1.0 / (st->bkg_rms * st->bkg_rms) : 1.0;
+    double fs = 0;
+    int nus = 0;
+    for (int j = 0; j < N; j++)
+        for (int i = 0; i < N; i++) {
+            int xi = b->ix - h + i, yj = b->iy - h + j;
+            size_t kc = (size_t)j * N + i;
+            if (xi < 0 || yj < 0 || xi >= nx || yj >= ny) continue;
+            size_t k = (size_t)yj * nx + xi;
+            if (!pix_ok(img, ivar, mask, k)) continue;
+            b->d[kc] = img[k];
+            b->w[kc] = (float)(ivar ? ivar[k] : wdef);
+            double dx = xi - b->x, dy = yj - b->y;
+            if (dx * dx + dy * dy <= 0.64 * h * h) fs += img[k] - b->b;
+            nus++;
+        }
+    /* mask the other catalogued sources in the cutout */
+    for (int q = 0; q < p->nneighbours; q++) {
+        const sp_source *o = &p->neighbours[q];
+        double dx0 = o->x - b->x0, dy0 = o->y - b->y0;
+        if (dx0 * dx0 + dy0 * dy0 < 4.0) continue; /* the star itself */
+        double rr = p->neighbour_rscale * (o->a > 0 ? o->a : 1.0) + 1.0;
+        if (rr < 2.0) rr = 2.0;
+        if (fabs(dx0) > h + rr + 1 || fabs(dy0) > h + rr + 1) continue;
+        int i0 = (int)floor(o->x - rr) - (b->ix - h), i1 = (int)ceil(o->x + rr) - (b->ix - h);
+        int j0 = (int)floor(o->y - rr) - (b->iy - h), j1 = (int)ceil(o->y + rr) - (b->iy - h);
+        for (int j = j0 < 0 ? 0 : j0; j <= (j1 > N - 1 ? N - 1 : j1); j++)
+            for (int i = i0 < 0 ? 0 : i0; i <= (i1 > N - 1 ? N - 1 : i1); i++) {
+                double dx = b->ix - h + i - o->x, dy = b->iy - h + j - o->y;
+                if (dx * dx + dy * dy <= rr * rr) b->w[(size_t)j * N + i] = 0.0f;
+            }
+    }
+    memcpy(b->w0, b->w, sizeof(float) * (size_t)N * N);
+    b->F = fs > 0 ? fs : (st->flux > 0 ? st->flux : 1.0);
+    if (nus < N * N / 2) b->used = 0;
+cleanup:
+    return status;
+}
+
+/* Monomials of degree <= d in (u, v), ordered by degree: 1, u, v, u^2, u v,
+ * v^2, u^3, ... phi[0] = 1; returns the count (d+1)(d+2)/2. */
+static int monomials(int d, double u, double v, double *phi)
+{
+    int n = 0;
+    for (int e = 0; e <= d; e++)
+        for (int a = e; a >= 0; a--) {
+            int bq = e - a;
+            double t = 1.0;
+            for (int k = 0; k < a; k++) t *= u;
+            for (int k = 0; k < bq; k++) t *= v;
+            phi[n++] = t;
+        }
+    return n;
+}
+
+int sp_epsf_poly_eval(const sp_psf *psf, const float *terms, int degree, double u, double v, sp_psf *out)
+{
+    int status = SP_OK;
+    SP_CHECK(psf && out && psf != out && out->size == psf->size && out->oversamp == psf->oversamp && degree >= 0 &&
+                 degree <= 4 && (degree == 0 || terms),
+             SP_ERR_INPUT, "sp_epsf_poly_eval: bad arguments");
+    double phi[15];
+    int nt = monomials(degree, u, v, phi);
+    const size_t SS = (size_t)psf->size * psf->size;
+    for (size_t k = 0; k < SS; k++) {
+        double a = psf->data[k];
+        for (int t = 1; t < nt; t++) a += phi[t] * terms[(size_t)(t - 1) * SS + k];
+        out->data[k] = (float)a;
+    }
+    out->fwhm = psf->fwhm;
+    out->nstars = psf->nstars;
+    out->is_fallback = psf->is_fallback;
+    status = sp_psf_normalize(out);
+cleanup:
+    return status;
+}
+
+
 static int make_fallback(sp_epsf_result *res, const float *img, const float *ivar, const uint8_t *mask, int nx,
                          int ny, const sp_psfstar *stars, int nstars, const sp_epsf_params *p, int S,
                          double fwhm_guess)
@@ -884,8 +1057,8 @@ int sp_epsf_build(const float *img, const float *ivar, const uint8_t *mask, int 
     sp_epsf_params p;
     sp_epsf_result *res = NULL;
     bstar *bs = NULL;
-    double *R = NULL, *Wg = NULL, *tmpd = NULL, *gx = NULL, *gy = NULL, *NE = NULL;
-    double *model = NULL, *fitbuf = NULL, *rbuf = NULL;
+    double *R = NULL, *Wg = NULL, *tmpd = NULL, *G = NULL, *NE = NULL, *phis = NULL;
+    double *model = NULL, *fitbuf = NULL, *rbuf = NULL, *wsbuf = NULL;
     float *tmpf = NULL, *bkgbuf = NULL, *rejbuf = NULL;
     sp_psf *psf = NULL, *ps = NULL;
 
@@ -936,53 +1109,7 @@ int sp_epsf_build(const float *img, const float *ivar, const uint8_t *mask, int 
 
     /* cutouts */
     SP_ALLOC(bs, nstars);
-    for (int s = 0; s < nstars; s++) {
-        bstar *b = &bs[s];
-        b->ix = (int)lround(stars[s].x);
-        b->iy = (int)lround(stars[s].y);
-        b->x = b->x0 = stars[s].x;
-        b->y = b->y0 = stars[s].y;
-        b->b = stars[s].bkg;
-        b->used = 1;
-        SP_ALLOC(b->d, (size_t)N * N);
-        SP_ALLOC(b->w, (size_t)N * N);
-        SP_ALLOC(b->w0, (size_t)N * N);
-        double wdef = stars[s].bkg_rms > 0 ? 1.0 / (stars[s].bkg_rms * stars[s].bkg_rms) : 1.0;
-        double fs = 0;
-        int nus = 0;
-        for (int j = 0; j < N; j++)
-            for (int i = 0; i < N; i++) {
-                int xi = b->ix - h + i, yj = b->iy - h + j;
-                size_t kc = (size_t)j * N + i;
-                if (xi < 0 || yj < 0 || xi >= nx || yj >= ny) continue;
-                size_t k = (size_t)yj * nx + xi;
-                if (!pix_ok(img, ivar, mask, k)) continue;
-                b->d[kc] = img[k];
-                b->w[kc] = (float)(ivar ? ivar[k] : wdef);
-                double dx = xi - b->x, dy = yj - b->y;
-                if (dx * dx + dy * dy <= 0.64 * h * h) fs += img[k] - b->b;
-                nus++;
-            }
-        /* mask the other catalogued sources in the cutout */
-        for (int q = 0; q < p.nneighbours; q++) {
-            const sp_source *o = &p.neighbours[q];
-            double dx0 = o->x - b->x0, dy0 = o->y - b->y0;
-            if (dx0 * dx0 + dy0 * dy0 < 4.0) continue; /* the star itself */
-            double rr = p.neighbour_rscale * (o->a > 0 ? o->a : 1.0) + 1.0;
-            if (rr < 2.0) rr = 2.0;
-            if (fabs(dx0) > h + rr + 1 || fabs(dy0) > h + rr + 1) continue;
-            int i0 = (int)floor(o->x - rr) - (b->ix - h), i1 = (int)ceil(o->x + rr) - (b->ix - h);
-            int j0 = (int)floor(o->y - rr) - (b->iy - h), j1 = (int)ceil(o->y + rr) - (b->iy - h);
-            for (int j = j0 < 0 ? 0 : j0; j <= (j1 > N - 1 ? N - 1 : j1); j++)
-                for (int i = i0 < 0 ? 0 : i0; i <= (i1 > N - 1 ? N - 1 : i1); i++) {
-                    double dx = b->ix - h + i - o->x, dy = b->iy - h + j - o->y;
-                    if (dx * dx + dy * dy <= rr * rr) b->w[(size_t)j * N + i] = 0.0f;
-                }
-        }
-        memcpy(b->w0, b->w, sizeof(float) * (size_t)N * N);
-        b->F = fs > 0 ? fs : (stars[s].flux > 0 ? stars[s].flux : 1.0);
-        if (nus < N * N / 2) b->used = 0;
-    }
+    for (int s = 0; s < nstars; s++) SP_TRY(cut_star(&bs[s], img, ivar, mask, nx, ny, &stars[s], &p, N));
 
     SP_ALLOC(R, (size_t)S * S);
     SP_ALLOC(Wg, (size_t)S * S);
@@ -993,6 +1120,10 @@ int sp_epsf_build(const float *img, const float *ivar, const uint8_t *mask, int 
     SP_ALLOC(bkgbuf, (size_t)N * N);
     SP_ALLOC(rejbuf, 3 * (size_t)N * N);
     SP_TRY(sp_psf_alloc(S, os, &psf));
+    /* wing smoothing (nodes): starts at wing_smooth_r0 x the fallback FWHM (the
+     * real FWHM is not known before the first stack) */
+    const double wsk = p.wing_smooth_k, wsr0 = p.wing_smooth_r0 * p.fallback_fwhm * os;
+    if (wsk > 0) SP_ALLOC(wsbuf, (size_t)(WS_NSCALE + 1) * S * S);
 
     /* initial stack: nearest-node weighted mean of (d - b)/F */
     for (int s = 0; s < nstars; s++) {
@@ -1014,6 +1145,10 @@ int sp_epsf_build(const float *img, const float *ivar, const uint8_t *mask, int 
     if (os > 1) {
         tri_smooth(R, tmpd, S, os);
         tri_smooth(Wg, tmpd, S, os);
+    }
+    if (wsk > 0) {
+        wing_smooth(R, S, wsr0, wsk, wsbuf);
+        wing_smooth(Wg, S, wsr0, wsk, wsbuf);
     }
     for (int k = 0; k < S * S; k++) R[k] = Wg[k] > 0 ? R[k] / Wg[k] : 0.0;
     /* The weighted mean of an uneven sub-pixel coverage still carries the
@@ -1044,29 +1179,53 @@ int sp_epsf_build(const float *img, const float *ivar, const uint8_t *mask, int 
     const double rb = p.bkg_radius > 0 ? p.bkg_radius : fmax(3.0 * fwhm, 0.5 * h);
     SP_ALLOC(fitbuf, 3 * (size_t)(2 * rf + 1) * (2 * rf + 1));
 
-    /* spatial variation: normalised star offsets from the reference point */
+    /* spatial variation: normalised star offsets from the reference point
+     * (field positions when given) */
     double xref = p.x_ref, yref = p.y_ref, L = 1.0;
     int ngood = 0;
+#define FX(s) (p.field_xy ? p.field_xy[2 * (s)] : bs[s].x0)
+#define FY(s) (p.field_xy ? p.field_xy[2 * (s) + 1] : bs[s].y0)
     {
         double mx = 0, my = 0;
         for (int s = 0; s < nstars; s++)
             if (bs[s].used) {
-                mx += bs[s].x0;
-                my += bs[s].y0;
+                mx += FX(s);
+                my += FY(s);
                 ngood++;
             }
         if (!isfinite(xref)) xref = ngood ? mx / ngood : 0.5 * nx;
         if (!isfinite(yref)) yref = ngood ? my / ngood : 0.5 * ny;
         for (int s = 0; s < nstars; s++)
-            if (bs[s].used) L = fmax(L, fmax(fabs(bs[s].x0 - xref), fabs(bs[s].y0 - yref)));
+            if (bs[s].used) L = fmax(L, fmax(fabs(FX(s) - xref), fabs(FY(s) - yref)));
+        if (p.spatial_scale > 0) L = p.spatial_scale;
     }
-    const int spatial = p.spatial_degree >= 1 && ngood >= p.spatial_min_stars;
+    /* the degree: as asked, lowered until there are spatial_min_stars / 3 usable
+     * stars per unknown of a node (degree 1: spatial_min_stars) */
+    int deg = p.spatial_degree > 4 ? 4 : p.spatial_degree;
+    while (deg >= 1 && 3 * ngood < p.spatial_min_stars * (deg + 1) * (deg + 2) / 2) deg--;
+    const int spatial = deg >= 1;
+    /* nt terms per node (the constant first); the normal equations of a node
+     * are RT[t] = sum w r phi_t (t >= 1; t = 0 is R) and AT[a,b] = sum w phi_a
+     * phi_b (a <= b, (0,0) is Wg): nk = nt - 1 + nt (nt + 1) / 2 - 1 arrays */
+    const int nt = (deg + 1) * (deg + 2) / 2, npair = nt * (nt + 1) / 2 - 1, nne = nt - 1 + npair;
+    const size_t SS = (size_t)S * S;
     if (spatial) {
-        SP_ALLOC(gx, (size_t)S * S);
-        SP_ALLOC(gy, (size_t)S * S);
-        SP_ALLOC(NE, 8 * (size_t)S * S); /* Rx, Ry, A01, A02, A11, A12, A22, spare */
+        SP_ALLOC(G, (size_t)(nt - 1) * SS);
+        SP_ALLOC(NE, (size_t)(nne + nt - 1) * SS); /* + the solved updates of the terms */
+        SP_ALLOC(phis, (size_t)nstars * (nt + npair + 1));
+        for (int s = 0; s < nstars; s++) {
+            double *ph = phis + (size_t)s * (nt + npair + 1);
+            monomials(deg, (FX(s) - xref) / L, (FY(s) - yref) / L, ph);
+            double *pp = ph + nt; /* products phi_a phi_b, a <= b, without (0, 0) */
+            int m = 0;
+            for (int a = 0; a < nt; a++)
+                for (int bq = a; bq < nt; bq++)
+                    if (a || bq) pp[m++] = ph[a] * ph[bq];
+        }
         SP_TRY(sp_psf_alloc(S, os, &ps));
     }
+#undef FX
+#undef FY
 
     int iter;
     for (iter = 1; iter <= p.max_iters; iter++) {
@@ -1078,15 +1237,19 @@ int sp_epsf_build(const float *img, const float *ivar, const uint8_t *mask, int 
         memset(Wg, 0, sizeof(double) * S * S);
         const int clip = p.clip_sigma > 0 && iter >= 2;
         const int spat = spatial && iter >= 2; /* the gradients start once psi has settled */
-        if (spat) memset(NE, 0, sizeof(double) * 8 * S * S);
+        if (spat) memset(NE, 0, sizeof(double) * nne * SS);
         int nused = 0;
         for (int s = 0; s < nstars; s++) {
             bstar *b = &bs[s];
             if (!b->used) continue;
-            const double ux = (b->x0 - xref) / L, uy = (b->y0 - yref) / L;
+            const double *ph = spatial ? phis + (size_t)s * (nt + npair + 1) : NULL;
             const sp_psf *cur = psf;
             if (spat) {
-                for (int k = 0; k < S * S; k++) ps->data[k] = (float)(psf->data[k] + ux * gx[k] + uy * gy[k]);
+                for (size_t k = 0; k < SS; k++) {
+                    double a = psf->data[k];
+                    for (int t = 1; t < nt; t++) a += ph[t] * G[(size_t)(t - 1) * SS + k];
+                    ps->data[k] = (float)a;
+                }
                 cur = ps;
             }
             if (!fit_star(cur, b, N, rf, iter == 1 ? 4 : 2, fitbuf)) {
@@ -1126,14 +1289,10 @@ int sp_epsf_build(const float *img, const float *ivar, const uint8_t *mask, int 
                     Wg[nk] += ww;
                     if (spat) {
                         double *ne = NE + (size_t)nk;
-                        const size_t SS = (size_t)S * S;
-                        ne[0] += wr * ux;
-                        ne[SS] += wr * uy;
-                        ne[2 * SS] += ww * ux;
-                        ne[3 * SS] += ww * uy;
-                        ne[4 * SS] += ww * ux * ux;
-                        ne[5 * SS] += ww * ux * uy;
-                        ne[6 * SS] += ww * uy * uy;
+                        for (int t = 1; t < nt; t++) ne[(size_t)(t - 1) * SS] += wr * ph[t];
+                        const double *pp = ph + nt;
+                        double *na = ne + (size_t)(nt - 1) * SS;
+                        for (int m = 0; m < npair; m++) na[(size_t)m * SS] += ww * pp[m];
                     }
                 }
             }
@@ -1144,42 +1303,51 @@ int sp_epsf_build(const float *img, const float *ivar, const uint8_t *mask, int 
             tri_smooth(R, tmpd, S, os);
             tri_smooth(Wg, tmpd, S, os);
             if (spat)
-                for (int q = 0; q < 7; q++) tri_smooth(NE + (size_t)q * S * S, tmpd, S, os);
+                for (int q = 0; q < nne; q++) tri_smooth(NE + (size_t)q * SS, tmpd, S, os);
+        }
+        if (wsk > 0) {
+            wing_smooth(R, S, wsr0, wsk, wsbuf);
+            wing_smooth(Wg, S, wsr0, wsk, wsbuf);
+            if (spat)
+                for (int q = 0; q < nne; q++) wing_smooth(NE + (size_t)q * SS, S, wsr0, wsk, wsbuf);
         }
         if (spat) {
-            /* per node: [A00 A01 A02; A01 A11 A12; A02 A12 A22] [d0 dx dy] = [R0 Rx Ry],
-             * with a light ridge on the gradient terms (no variation is the prior) */
-            const size_t SS = (size_t)S * S;
+            /* per node: the nt x nt normal equations [d0 d1 .. ] = [R RT..], with
+             * a light ridge on the variable terms (no variation is the prior) */
+            double A[225], bv[15];
+            double *DU = NE + (size_t)nne * SS; /* solved updates of the terms */
             for (size_t k = 0; k < SS; k++) {
                 double a00 = Wg[k];
                 if (!(a00 > 0)) {
                     R[k] = 0;
-                    NE[7 * SS + k] = 0;
-                    tmpd[k] = 0;
+                    for (int t = 1; t < nt; t++) DU[(size_t)(t - 1) * SS + k] = 0;
                     continue;
                 }
-                const double a01 = NE[2 * SS + k], a02 = NE[3 * SS + k], a12 = NE[5 * SS + k];
-                double A[9] = {a00, a01, a02, a01, NE[4 * SS + k] + 0.01 * a00, a12,
-                               a02, a12, NE[6 * SS + k] + 0.01 * a00};
-                double bv[3] = {R[k], NE[k], NE[SS + k]};
-                if (chol_solve(A, bv, 3)) {
+                int m = 0;
+                for (int a = 0; a < nt; a++)
+                    for (int bq = a; bq < nt; bq++) {
+                        double v = (a || bq) ? NE[(size_t)(nt - 1 + m++) * SS + k] : a00;
+                        if (a == bq && a > 0) v += 0.01 * a00;
+                        A[a * nt + bq] = A[bq * nt + a] = v;
+                    }
+                bv[0] = R[k];
+                for (int t = 1; t < nt; t++) bv[t] = NE[(size_t)(t - 1) * SS + k];
+                if (chol_solve(A, bv, nt)) {
                     R[k] = bv[0];
-                    NE[7 * SS + k] = bv[1]; /* d grad_x */
-                    tmpd[k] = bv[2];        /* d grad_y */
+                    for (int t = 1; t < nt; t++) DU[(size_t)(t - 1) * SS + k] = bv[t];
                 } else {
                     R[k] = R[k] / a00;
-                    NE[7 * SS + k] = 0;
-                    tmpd[k] = 0;
+                    for (int t = 1; t < nt; t++) DU[(size_t)(t - 1) * SS + k] = 0;
                 }
             }
-            for (size_t k = 0; k < SS; k++) {
-                gx[k] += NE[7 * SS + k];
-                gy[k] += tmpd[k];
-            }
-            /* the gradients carry no flux (star fluxes absorb it) and no
+            /* the variable terms carry no flux (star fluxes absorb it) and no
              * centroid shift (star positions absorb it): project both out */
-            grad_project(psf, gx, S);
-            grad_project(psf, gy, S);
+            for (int t = 1; t < nt; t++) {
+                double *g = G + (size_t)(t - 1) * SS;
+                const double *du = DU + (size_t)(t - 1) * SS;
+                for (size_t k = 0; k < SS; k++) g[k] += du[k];
+                grad_project(psf, g, S);
+            }
         } else {
             for (int k = 0; k < S * S; k++) R[k] = Wg[k] > 0 ? R[k] / Wg[k] : 0.0;
         }
@@ -1218,8 +1386,12 @@ int sp_epsf_build(const float *img, const float *ivar, const uint8_t *mask, int 
             bstar *b = &bs[s];
             const sp_psf *cur = psf;
             if (spatial) {
-                const double ux = (b->x0 - xref) / L, uy = (b->y0 - yref) / L;
-                for (int k = 0; k < S * S; k++) ps->data[k] = (float)(psf->data[k] + ux * gx[k] + uy * gy[k]);
+                const double *ph = phis + (size_t)s * (nt + npair + 1);
+                for (size_t k = 0; k < SS; k++) {
+                    double a = psf->data[k];
+                    for (int t = 1; t < nt; t++) a += ph[t] * G[(size_t)(t - 1) * SS + k];
+                    ps->data[k] = (float)a;
+                }
                 cur = ps;
             }
             if (b->used && !fit_star(cur, b, N, rf, 2, fitbuf)) b->used = 0;
@@ -1321,13 +1493,17 @@ int sp_epsf_build(const float *img, const float *ivar, const uint8_t *mask, int 
     res->x_ref = xref;
     res->y_ref = yref;
     if (spatial) {
-        res->spatial_degree = 1;
-        SP_ALLOC(res->grad_x, (size_t)S * S);
-        SP_ALLOC(res->grad_y, (size_t)S * S);
-        for (int k = 0; k < S * S; k++) {
-            res->grad_x[k] = (float)(gx[k] / L);
-            res->grad_y[k] = (float)(gy[k] / L);
+        res->spatial_degree = deg;
+        res->nterms = nt - 1;
+        res->spatial_scale = L;
+        SP_ALLOC(res->grad_x, SS);
+        SP_ALLOC(res->grad_y, SS);
+        SP_ALLOC(res->terms, (size_t)(nt - 1) * SS);
+        for (size_t k = 0; k < SS; k++) {
+            res->grad_x[k] = (float)(G[k] / L);
+            res->grad_y[k] = (float)(G[SS + k] / L);
         }
+        for (size_t k = 0; k < (size_t)(nt - 1) * SS; k++) res->terms[k] = (float)G[k];
     }
     psf->fwhm = fwhm;
     psf->nstars = res->nstars_used;
@@ -1358,9 +1534,10 @@ cleanup:
     free(R);
     free(Wg);
     free(tmpd);
-    free(gx);
-    free(gy);
+    free(G);
     free(NE);
+    free(phis);
+    free(wsbuf);
     sp_psf_free(&ps);
     free(tmpf);
     free(model);
@@ -1370,6 +1547,129 @@ cleanup:
     free(rejbuf);
     sp_psf_free(&psf);
     sp_epsf_result_free(&res);
+    return status;
+}
+
+/* ------------------------------------------------------------------------ */
+/* Band-wide builds from cutouts                                              */
+
+void sp_epsf_cutout_free(sp_epsf_cutout *c)
+{
+    if (!c) return;
+    free(c->d);
+    free(c->w);
+    c->d = c->w = NULL;
+}
+
+int sp_epsf_cutouts(const float *img, const float *ivar, const uint8_t *mask, int nx, int ny, double x0, double y0,
+                    const sp_psfstar *stars, int nstars, const sp_epsf_params *pin, sp_epsf_cutout *out, int *nout)
+{
+    int status = SP_OK;
+    sp_epsf_params p;
+    bstar b;
+    memset(&b, 0, sizeof b);
+    if (pin)
+        p = *pin;
+    else
+        sp_epsf_params_default(&p);
+    SP_CHECK(img && out && nout && nstars >= 0 && (nstars == 0 || stars), SP_ERR_INPUT,
+             "sp_epsf_cutouts: bad arguments");
+    SP_CHECK(p.final_size >= 5 && p.final_size % 2 == 1, SP_ERR_INPUT,
+             "ePSF: final_psf_size %d must be odd and >= 5", p.final_size);
+    SP_CHECK(x0 == floor(x0) && y0 == floor(y0), SP_ERR_INPUT, "sp_epsf_cutouts: the image origin must be whole pixels");
+    *nout = 0;
+    const int N = p.final_size;
+    for (int s = 0; s < nstars; s++) {
+        SP_TRY(cut_star(&b, img, ivar, mask, nx, ny, &stars[s], &p, N));
+        if (b.used) {
+            sp_epsf_cutout *c = &out[(*nout)++];
+            memset(c, 0, sizeof *c);
+            c->n = N;
+            c->ix = b.ix + (int)x0;
+            c->iy = b.iy + (int)y0;
+            c->x = stars[s].x + x0;
+            c->y = stars[s].y + y0;
+            c->flux = stars[s].flux;
+            c->bkg = stars[s].bkg;
+            c->bkg_rms = stars[s].bkg_rms;
+            c->snr = stars[s].snr;
+            c->q = stars[s].q;
+            c->d = b.d;
+            c->w = b.w0;
+            b.d = b.w0 = NULL;
+        }
+        free(b.d);
+        free(b.w);
+        free(b.w0);
+        memset(&b, 0, sizeof b);
+    }
+cleanup:
+    free(b.d);
+    free(b.w);
+    free(b.w0);
+    return status;
+}
+
+int sp_epsf_build_field(const sp_epsf_cutout *cuts, int ncuts, const sp_epsf_params *pin, sp_epsf_result **res)
+{
+    int status = SP_OK;
+    sp_epsf_params p;
+    float *img = NULL, *iv = NULL;
+    sp_psfstar *st = NULL;
+    double *fxy = NULL;
+    if (pin)
+        p = *pin;
+    else
+        sp_epsf_params_default(&p);
+    SP_CHECK(res && ncuts >= 0 && (ncuts == 0 || cuts), SP_ERR_INPUT, "sp_epsf_build_field: bad arguments");
+    const int N = p.final_size, h = (N - 1) / 2, side = N + 1; /* one empty pixel between cutouts */
+    for (int s = 0; s < ncuts; s++)
+        SP_CHECK(cuts[s].n == N && cuts[s].d && cuts[s].w, SP_ERR_INPUT,
+                 "sp_epsf_build_field: cutout %d has side %d, not final_size %d", s, cuts[s].n, N);
+    int ncol = 1;
+    while ((long)ncol * ncol < ncuts) ncol++;
+    const int nrow = ncuts > 0 ? (ncuts + ncol - 1) / ncol : 1;
+    const int mx = ncol * side + 1, my = nrow * side + 1;
+    SP_ALLOC(img, (size_t)mx * my);
+    SP_ALLOC(iv, (size_t)mx * my);
+    SP_ALLOC(st, ncuts + 1);
+    SP_ALLOC(fxy, 2 * (size_t)ncuts + 2);
+    for (int s = 0; s < ncuts; s++) {
+        const sp_epsf_cutout *c = &cuts[s];
+        /* the cutout's centre pixel lands on mosaic pixel (X, Y) */
+        int X = 1 + (s % ncol) * side + h, Y = 1 + (s / ncol) * side + h;
+        for (int j = 0; j < N; j++)
+            for (int i = 0; i < N; i++) {
+                size_t k = (size_t)(Y - h + j) * mx + (X - h + i), kc = (size_t)j * N + i;
+                img[k] = c->d[kc];
+                iv[k] = c->w[kc] > 0 ? c->w[kc] : 0.0f;
+            }
+        st[s].x = X + (c->x - c->ix);
+        st[s].y = Y + (c->y - c->iy);
+        st[s].flux = c->flux;
+        st[s].bkg = c->bkg;
+        st[s].bkg_rms = c->bkg_rms;
+        st[s].snr = c->snr;
+        st[s].q = c->q;
+        st[s].index = s;
+        fxy[2 * s] = c->x;
+        fxy[2 * s + 1] = c->y;
+    }
+    p.field_xy = fxy;
+    p.neighbours = NULL;
+    p.nneighbours = 0;
+    SP_TRY(sp_epsf_build(img, iv, NULL, mx, my, st, ncuts, &p, res));
+    /* star positions back to field pixels */
+    for (int s = 0; s < ncuts; s++) {
+        int X = 1 + (s % ncol) * side + h, Y = 1 + (s / ncol) * side + h;
+        (*res)->star_x[s] += cuts[s].ix - X;
+        (*res)->star_y[s] += cuts[s].iy - Y;
+    }
+cleanup:
+    free(img);
+    free(iv);
+    free(st);
+    free(fxy);
     return status;
 }
 

@@ -6,7 +6,9 @@
 #  3. kill -9 of the whole job during the fit pass, then `run --resume` -> the same catalog as the
 #     uninterrupted run; likewise a kill during the PSF pass (the resumed run rebuilds the missing
 #     ePSFs and reads the stored ones back);
-#  4. a resume of a complete store does no work and changes nothing.
+#  4. a resume of a complete store does no work and changes nothing;
+#  7. epsf.interpolation: polynomial (the band-wide model from every cell's PSF stars): bit-identical
+#     for 1x1, 2x1, 3x1 and 1x2, and after a kill -9 in the PSF pass or the fit pass + resume.
 # Prints PASS:/FAIL:/SKIP: lines.
 set -u
 cd "$(dirname "$0")/../.."
@@ -191,3 +193,26 @@ print("%d cells x (white, white_rms, mask); WCS of a cut vs the frame's: %.1e ar
 sys.exit(0 if ok else 1)
 EOF2
 ); then pass "run_save_white ($out)"; else fail run_save_white "${out:-}" "$(grep -E 'ERROR' "$T/sw.log" | head -2)"; fi
+
+# ---- 7. the band-wide polynomial ePSF: layouts and resume ----------------------------------------
+SETS=(--set epsf.epsf_ngrid=3 --set epsf.ngrid=2 --set 'outputs.export_formats=[]' --set epsf.interpolation=polynomial
+      --set epsf.smoothing_kernel=quartic --set epsf.wing_smoothing=0.2)
+REF=$T/poly_ref.h5
+if ! run_to "$REF" 1 1 >"$T/poly_ref.log" 2>&1; then
+  fail run_poly_reference "$(grep -E 'ERROR|FATAL' "$T/poly_ref.log" | head -3)"
+else
+  nbuilt=$(grep -c "band-wide polynomial model, degree" "$T/poly_ref.log")
+  if [ "$nbuilt" -ge 1 ]; then pass "run_poly_built ($nbuilt band(s) with a band-wide model)"
+  else fail run_poly_built "$(grep -E 'band-wide' "$T/poly_ref.log" | head -3)"; fi
+  for lay in "2 1" "3 1" "1 2"; do
+    set -- $lay
+    s=$T/poly$1x$2.h5
+    if ! run_to "$s" "$1" "$2" >"$T/poly$1x$2.log" 2>&1; then
+      fail "run_poly_layout_${1}x${2}" "$(grep -E 'ERROR|FATAL' "$T/poly$1x$2.log" | head -3)"; continue
+    fi
+    if out=$(same "$REF" "$s"); then pass "run_poly_layout_${1}x${2} (catalog and ePSF models bit-identical to 1x1)"
+    else fail "run_poly_layout_${1}x${2}" "$out"; fi
+  done
+  kill_resume run_poly_kill_fit_pass "DEBUG patch" 8
+  kill_resume run_poly_kill_psf_pass "PSF-star candidates" 6
+fi

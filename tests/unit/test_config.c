@@ -363,6 +363,13 @@ static void t_relative_paths(void **s)
     assert_int_equal(sp_config_set(&c, "inputs.input_catalog", "cat2.csv"), SP_OK);
     snprintf(want, sizeof want, "%s/cat2.csv", real);
     assert_string_equal(c.inputs.input_catalog, want);
+    /* --set outputs.work_dir moves the outputs that were under the old one, not the others */
+    assert_int_equal(sp_config_set(&c, "outputs.work_dir", "out2"), SP_OK);
+    snprintf(want, sizeof want, "%s/out2/s.h5", real);
+    assert_string_equal(c.outputs.store, want);
+    snprintf(want, sizeof want, "%s/out2/wisdom.dat", real);
+    assert_string_equal(c.performance.fftw_wisdom_file, want);
+    assert_string_equal(c.outputs.log_file, "/var/tmp/x.log");
     /* resolving twice changes nothing */
     sp_config c2;
     assert_int_equal(sp_config_copy(&c2, &c), SP_OK);

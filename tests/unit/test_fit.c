@@ -1197,6 +1197,46 @@ static void t_api(void **s)
     assert_null(ws);
 }
 
+
+/* The Gaussian mixture of a noisy empirical ePSF (tests/data/psfmix_noisy_epsf.f32: a band-wide
+ * polynomial ePSF of the bench tile built from faint stars, 81x81 samples at oversampling 2). A
+ * 4-component fit of it converged to near-duplicate components with amplitudes of opposite signs,
+ * which convolved galaxies into models whose fluxes came out ~0 with tiny errors; the mixture must
+ * now sum to ~1 with little cancellation, and still match the stamp. */
+static void t_psfmix_noisy(void **s)
+{
+    (void)s;
+    char path[1024];
+    snprintf(path, sizeof path, "%s", __FILE__);
+    char *u = strstr(path, "unit/test_fit.c");
+    assert_non_null(u);
+    snprintf(u, sizeof path - (size_t)(u - path), "data/psfmix_noisy_epsf.f32");
+    sp_psf *p = NULL;
+    assert_int_equal(sp_psf_alloc(81, 2, &p), SP_OK);
+    FILE *f = fopen(path, "rb");
+    assert_non_null(f);
+    assert_int_equal(fread(p->data, sizeof(float), 81 * 81, f), 81 * 81);
+    fclose(f);
+    assert_int_equal(sp_psf_normalize(p), SP_OK);
+    double *scr = NULL;
+    size_t cap = 0;
+    psf_mix m;
+    assert_int_equal(fit_psf_mixture(p, 4, &m, &scr, &cap), SP_OK);
+    double sa = 0, sabs = 0;
+    for (int c = 0; c < m.k; c++) {
+        sa += m.amp[c];
+        sabs += fabs(m.amp[c]);
+    }
+    printf("# noisy ePSF mixture: K %d, amplitudes sum %.4f (|sum| %.4f), rms residual / peak %.2e\n", m.k, sa, sabs,
+           m.rms_resid);
+    assert_true(sa > 0.9 && sa < 1.1);
+    assert_true(sabs <= 2.0 * sa);
+    assert_true(m.k >= 2);
+    assert_true(m.rms_resid < 0.01);
+    free(scr);
+    sp_psf_free(&p);
+}
+
 int main(void)
 {
     const struct CMUnitTest tests[] = {
@@ -1204,7 +1244,7 @@ int main(void)
         cmocka_unit_test(t_blend_two_stars), cmocka_unit_test(t_halo_neighbour), cmocka_unit_test(t_multiband),
         cmocka_unit_test(t_sky),          cmocka_unit_test(t_robust),         cmocka_unit_test(t_crowded_split),
         cmocka_unit_test(t_derivatives),  cmocka_unit_test(t_affine_image),   cmocka_unit_test(t_sersic),
-        cmocka_unit_test(t_threads),
+        cmocka_unit_test(t_threads),      cmocka_unit_test(t_psfmix_noisy),
     };
     return cmocka_run_group_tests_name("fit", tests, setup, teardown);
 }
