@@ -45,6 +45,53 @@ static void poly_model_free(struct poly_model *m)
     memset(m, 0, sizeof *m);
 }
 
+/* The 8-value description of a model, as /epsf/poly_info stores it and the
+ * share broadcasts it: built flag, degree, stars used, x_ref, y_ref, scale,
+ * FWHM, stars given. */
+static void poly_info_pack(const struct poly_model *m, double h[8])
+{
+    const double built[8] = {1, m->degree, m->nstars, m->xref, m->yref, m->scale, m->psf ? m->psf->fwhm : NAN,
+                             m->ncuts};
+    const double none[8] = {0, NAN, NAN, NAN, NAN, NAN, NAN, m->ncuts};
+    memcpy(h, m->psf ? built : none, sizeof built);
+}
+
+/* The model's samples, constant term first then the other terms, into buf
+ * (nterms x so^2 floats), or back from it into a model (allocated here) that
+ * poly_info_unpack described. */
+static void poly_terms_pack(const struct poly_model *m, int so, float *buf)
+{
+    const size_t ss = (size_t)so * so;
+    int nt = (m->degree + 1) * (m->degree + 2) / 2;
+    memcpy(buf, m->psf->data, sizeof *buf * ss);
+    if (nt > 1) memcpy(buf + ss, m->terms, sizeof *buf * (size_t)(nt - 1) * ss);
+}
+
+static int poly_info_unpack(const double h[8], int so, int os, const float *buf, struct poly_model *m)
+{
+    int status = SP_OK;
+    const size_t ss = (size_t)so * so;
+    m->ncuts = (int)h[7];
+    if (h[0] != 1) return SP_OK;
+    m->degree = (int)h[1];
+    m->nstars = (int)h[2];
+    m->xref = h[3];
+    m->yref = h[4];
+    m->scale = h[5];
+    int nt = (m->degree + 1) * (m->degree + 2) / 2;
+    SP_TRY(sp_psf_alloc(so, os, &m->psf));
+    memcpy(m->psf->data, buf, sizeof *buf * ss);
+    m->psf->fwhm = h[6];
+    m->psf->nstars = m->nstars;
+    m->psf->is_fallback = 0;
+    if (nt > 1) {
+        SP_ALLOC(m->terms, (size_t)(nt - 1) * ss);
+        memcpy(m->terms, buf + ss, sizeof *buf * (size_t)(nt - 1) * ss);
+    }
+cleanup:
+    return status;
+}
+
 void thread_err_record(thread_err *e, int st, const char *what)
 {
     if (st == SP_OK) return;
@@ -855,34 +902,17 @@ int psf_grid_load(run_t *r, uint8_t *need)
         int decided = status == SP_OK;
         for (int b = 0; b < p->nbands && decided; b++) decided = isfinite(info[b * 8]);
         for (int b = 0; b < p->nbands && decided && status == SP_OK; b++) {
-            struct poly_model *m = &r->poly[b];
-            m->ncuts = (int)info[b * 8 + 7];
-            if (info[b * 8] != 1) continue;
-            m->degree = (int)info[b * 8 + 1];
-            m->nstars = (int)info[b * 8 + 2];
-            m->xref = info[b * 8 + 3];
-            m->yref = info[b * 8 + 4];
-            m->scale = info[b * 8 + 5];
-            int nt = (m->degree + 1) * (m->degree + 2) / 2, ntmax = (r->sp.poly_degree + 1) * (r->sp.poly_degree + 2) / 2;
-            status = nt <= ntmax ? SP_OK : SP_FAIL(SP_ERR_STATE, "/epsf/poly_info: band %s has degree %d > %d",
-                                                   p->bands[b], m->degree, r->sp.poly_degree);
+            const double *h = info + (size_t)b * 8;
+            int ntmax = (r->sp.poly_degree + 1) * (r->sp.poly_degree + 2) / 2;
+            if (h[0] == 1 && ((int)h[1] + 1) * ((int)h[1] + 2) / 2 > ntmax)
+                status = SP_FAIL(SP_ERR_STATE, "/epsf/poly_info: band %s has degree %d > %d", p->bands[b], (int)h[1],
+                                 r->sp.poly_degree);
             float *buf = status == SP_OK ? calloc((size_t)ntmax * so * so, sizeof *buf) : NULL;
             if (status == SP_OK && !buf) status = SP_FAIL(SP_ERR_NOMEM, "out of memory (PSF model)");
             char path[160];
             snprintf(path, sizeof path, "/epsf/%s_poly", p->bands[b]);
-            if (status == SP_OK) status = sp_h5_array_read(r->store->h, path, SP_H5_F32, NULL, NULL, buf);
-            if (status == SP_OK) status = sp_psf_alloc(so, os, &m->psf);
-            if (status == SP_OK) {
-                memcpy(m->psf->data, buf, sizeof *buf * (size_t)so * so);
-                m->psf->fwhm = info[b * 8 + 6];
-                m->psf->nstars = m->nstars;
-                m->psf->is_fallback = 0;
-                if (nt > 1) {
-                    m->terms = malloc(sizeof *buf * (size_t)(nt - 1) * so * so);
-                    if (!m->terms) status = SP_FAIL(SP_ERR_NOMEM, "out of memory (PSF model)");
-                    else memcpy(m->terms, buf + (size_t)so * so, sizeof *buf * (size_t)(nt - 1) * so * so);
-                }
-            }
+            if (status == SP_OK && h[0] == 1) status = sp_h5_array_read(r->store->h, path, SP_H5_F32, NULL, NULL, buf);
+            if (status == SP_OK) status = poly_info_unpack(h, so, os, buf, &r->poly[b]);
             free(buf);
         }
         if (status == SP_OK && decided) r->poly_decided = 1;
@@ -1087,22 +1117,14 @@ static int poly_store_band(run_t *r, int b)
     float *buf = NULL, *px = NULL;
     sp_psf *ev = NULL;
     char path[160];
-    double info[8] = {0, NAN, NAN, NAN, NAN, NAN, NAN, m->ncuts};
+    double info[8];
+    poly_info_pack(m, info);
     if (m->psf) {
-        int nt = (m->degree + 1) * (m->degree + 2) / 2;
         SP_ALLOC(buf, (size_t)ntmax * so * so);
-        memcpy(buf, m->psf->data, sizeof *buf * (size_t)so * so);
-        if (nt > 1) memcpy(buf + (size_t)so * so, m->terms, sizeof *buf * (size_t)(nt - 1) * so * so);
+        poly_terms_pack(m, so, buf);
         long st3[3] = {0, 0, 0}, n3[3] = {ntmax, so, so};
         snprintf(path, sizeof path, "/epsf/%s_poly", p->bands[b]);
         SP_TRY(sp_h5_array_write(r->store->h, path, SP_H5_F32, st3, n3, buf));
-        info[0] = 1;
-        info[1] = m->degree;
-        info[2] = m->nstars;
-        info[3] = m->xref;
-        info[4] = m->yref;
-        info[5] = m->scale;
-        info[6] = m->psf->fwhm;
         SP_ALLOC(px, (size_t)size * size);
         SP_TRY(sp_psf_alloc(so, os, &ev));
         snprintf(path, sizeof path, "/epsf/%s", p->bands[b]);
@@ -1247,16 +1269,7 @@ int psf_poly_build(run_t *r)
         struct poly_model *m = &r->poly[b];
         const int owner = b % r->nranks;
         double h[8] = {0};
-        if (r->rank == owner && m->psf) {
-            h[0] = 1;
-            h[1] = m->degree;
-            h[2] = m->nstars;
-            h[3] = m->xref;
-            h[4] = m->yref;
-            h[5] = m->scale;
-            h[6] = m->psf->fwhm;
-        }
-        if (r->rank == owner) h[7] = m->ncuts;
+        if (r->rank == owner) poly_info_pack(m, h);
         MPI_Bcast(h, 8, MPI_DOUBLE, owner, r->comm);
         char rs[160];
         if (r->rank == owner) snprintf(rs, sizeof rs, "%s", reason[b]);
@@ -1264,26 +1277,9 @@ int psf_poly_build(run_t *r)
         rs[sizeof rs - 1] = 0;
         if (h[0] == 1) {
             int nt = ((int)h[1] + 1) * ((int)h[1] + 2) / 2;
-            if (r->rank == owner) {
-                memcpy(bc, m->psf->data, sizeof *bc * (size_t)so * so);
-                if (nt > 1) memcpy(bc + (size_t)so * so, m->terms, sizeof *bc * (size_t)(nt - 1) * so * so);
-            }
+            if (r->rank == owner) poly_terms_pack(m, so, bc);
             MPI_Bcast(bc, nt * so * so, MPI_FLOAT, owner, r->comm);
-            if (r->rank != owner) {
-                SP_TRY(sp_psf_alloc(so, os, &m->psf));
-                memcpy(m->psf->data, bc, sizeof *bc * (size_t)so * so);
-                if (nt > 1) {
-                    SP_ALLOC(m->terms, (size_t)(nt - 1) * so * so);
-                    memcpy(m->terms, bc + (size_t)so * so, sizeof *bc * (size_t)(nt - 1) * so * so);
-                }
-                m->degree = (int)h[1];
-                m->nstars = (int)h[2];
-                m->xref = h[3];
-                m->yref = h[4];
-                m->scale = h[5];
-                m->psf->fwhm = h[6];
-                m->ncuts = (int)h[7];
-            }
+            if (r->rank != owner) SP_TRY(poly_info_unpack(h, so, os, bc, m));
             m->psf->nstars = m->nstars;
             m->psf->is_fallback = 0;
         }
