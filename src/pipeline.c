@@ -3,6 +3,7 @@
 #include "surveyproc/sp_pipeline.h"
 #include "pipeline/cell.h"
 #include "surveyproc/sp_aperture.h"
+#include "surveyproc/sp_background.h"
 #include "surveyproc/sp_coord.h"
 #include "surveyproc/sp_error.h"
 #include "surveyproc/sp_export.h" /* [issue 10] */
@@ -285,14 +286,64 @@ static int stage_aperture(cell_t *c)
         for (long k = 0; k < c->nsrc; k++) {
             if (!scratch) continue;
             long i = c->src[k];
-            for (int b = 0; b < nb; b++)
-                sp_aper_measure(c->data[b], c->ivar[b], c->nx, c->ny, p->cat.x[i] - c->x0, p->cat.y[i] - c->y0, r_ap,
-                                rin, rout, scratch, &c->aper[k * nb + b]);
+            double x = p->cat.x[i] - c->x0, y = p->cat.y[i] - c->y0;
+            for (int b = 0; b < nb; b++) {
+                sp_aper_measure(c->data[b], c->ivar[b], c->nx, c->ny, x, y, r_ap, rin, rout, scratch,
+                                &c->aper[k * nb + b]);
+                /* the calibration aperture is measured on the fit's residual (cell_fit.c) */
+                c->apcal[k * nb + b] = (sp_aper_result){.flux = NAN, .fluxerr = NAN, .flags = -1}; /* not measured */
+            }
         }
         free(scratch);
     }
     if (status != SP_OK) return SP_FAIL(status, "out of memory in aperture photometry");
     return SP_OK;
+}
+
+/* The calibration aperture's radius per band (zp.apcorr; measured in cell_fit.c), the same on every rank and
+ * on a resume: zp.apcorr_radius_pix, or zp.apcorr_radius_fwhm x the median FWHM of
+ * the band's cell PSFs (moments of the grid's stamps, the same on every rank and what the store holds;
+ * epsf.fallback_fwhm_pix without a grid); at most the annulus's inner radius - 1. */
+static int apcal_radii(run_t *r)
+{
+    int status = SP_OK;
+    const sp_config *cfg = r->cfg;
+    const sp_plan *p = r->plan;
+    float *fw = NULL;
+    free(r->apcal_r);
+    r->apcal_r = NULL;
+    if (!cfg->zp.apcorr) return SP_OK;
+    SP_ALLOC(r->apcal_r, p->nbands > 0 ? p->nbands : 1);
+    SP_ALLOC(fw, p->ncells > 0 ? p->ncells : 1);
+    double rmax = cfg->epsf.star_local_bkg_annulus_rin_pix - 1.0;
+    for (int b = 0; b < p->nbands; b++) {
+        double rad = cfg->zp.apcorr_radius_pix;
+        if (!(rad > 0)) {
+            long n = 0;
+            for (int k = 0; r->grid && k < p->ncells; k++) {
+                const sp_psf *q = r->grid[(long)b * p->ncells + k];
+                double cx, cy, f = NAN;
+                if (q) sp_psf_moments(q, &cx, &cy, &f); /* from the stamp: q->fwhm is the builder's where it ran */
+                if (isfinite(f) && f > 0) fw[n++] = (float)f;
+            }
+            double f = n > 0 ? sp_select_k(fw, (size_t)n, (size_t)(n / 2)) : cfg->epsf.fallback_fwhm_pix;
+            if (n > 0 && n % 2 == 0) f = 0.5 * (f + sp_select_k(fw, (size_t)n, (size_t)(n / 2 - 1)));
+            rad = cfg->zp.apcorr_radius_fwhm * f;
+        }
+        if (rad > rmax) {
+            if (r->rank == 0)
+                SP_WARN("zp.apcorr: band %s: the calibration aperture (%.1f px) is capped at %.1f px, 1 px inside "
+                        "the local-background annulus (epsf.star_local_bkg_annulus_rin_pix = %g); raise the annulus "
+                        "to measure the aperture correction farther out",
+                        p->bands[b], rad, rmax, cfg->epsf.star_local_bkg_annulus_rin_pix);
+            rad = rmax;
+        }
+        r->apcal_r[b] = rad;
+        if (r->rank == 0) SP_INFO("zp.apcorr: band %s: calibration aperture radius %.2f px", p->bands[b], rad);
+    }
+cleanup:
+    free(fw);
+    return status;
 }
 
 static int stage_write(cell_t *c)
@@ -318,6 +369,10 @@ static int stage_write(cell_t *c)
             sp_store_set_f64(s, rows, k, s->band[b].flux_aper, a->flux);
             sp_store_set_f64(s, rows, k, s->band[b].fluxerr_aper, a->fluxerr);
             sp_store_set_i32(s, rows, k, s->band[b].aper_flags, a->flags);
+            const sp_aper_result *ac = &c->apcal[k * p->nbands + b];
+            sp_store_set_f64(s, rows, k, s->band[b].flux_apcal, ac->flux);
+            sp_store_set_f64(s, rows, k, s->band[b].fluxerr_apcal, ac->fluxerr);
+            sp_store_set_i32(s, rows, k, s->band[b].apcal_flags, ac->flags);
         }
     }
     SP_TRY(sp_store_write_catalog_rows(r->store, c->src, c->nsrc, rows));
@@ -365,6 +420,7 @@ static void cell_free(cell_t *c, int nb)
     free(c->src);
     free(c->excl);
     free(c->aper);
+    free(c->apcal);
     cell_psf_free(c);
     free(c->fit);
     free(c->fitted);
@@ -427,6 +483,7 @@ static int process_cell(int cid, void *arg)
     SP_ALLOC(c.src, ce->nsrc + 1);
     SP_ALLOC(c.excl, ce->nsrc + 1);
     SP_ALLOC(c.aper, (ce->nsrc + 1) * nb);
+    SP_ALLOC(c.apcal, (ce->nsrc + 1) * nb);
     for (int j = 0; j < ce->npatch; j++) {
         const sp_patch *pt = &p->patches[ce->patch0 + j];
         for (long k = 0; k < pt->nsrc; k++) {
@@ -892,6 +949,7 @@ int sp_pipeline_run(const sp_run_opts *o, int *agreed)
     sp_watchdog_disarm();
     sp_prof_pop();
     SP_TRY(status);
+    SP_TRY(apcal_radii(&r));
     /* fit pass */
     for (int k = 0; k < plan.ncells; k++) {
         if (cstat[k] == SP_CELL_DONE) ndone_before++;
@@ -987,6 +1045,7 @@ cleanup:
     }
     if (have_stages) cell_stages_cleanup(&r);
     ioprep_free(&r);
+    free(r.apcal_r);
     if (have_plan) sp_plan_free(&plan);
     if (have_cfg) sp_config_free(&cfg);
     free(yaml);

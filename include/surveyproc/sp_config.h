@@ -303,6 +303,12 @@ typedef struct {
     int clip_max_iters;
     int min_stars;
     bool inject_gaia_sources;
+    bool apcorr;
+    double apcorr_radius_fwhm;
+    double apcorr_radius_pix;
+    double apcorr_snr_min;
+    double apcorr_blend_max;
+    int apcorr_min_stars;
 } sp_cfg_zp;
 
 typedef struct sp_config {

@@ -30,11 +30,12 @@
 
 enum { SP_CELL_TODO = 0, SP_CELL_DONE = 1, SP_CELL_FAILED = 2, SP_CELL_SKIPPED = 3 };
 
-#define SP_STORE_LAYOUT_VERSION 2
+#define SP_STORE_LAYOUT_VERSION 3
 
 /* Per-band catalog column indices. */
 typedef struct {
     int flux_init, flux_aper, fluxerr_aper, aper_flags;
+    int flux_apcal, fluxerr_apcal, apcal_flags, apcorr;
     int flux_fit, fluxerr_fit, fluxerr_cond, chi2dof, blend, psf_fallback, mag_fit, magerr_fit;
 } sp_store_bandcols;
 

@@ -228,4 +228,52 @@ int sp_zp_inject_sources(const sp_zp_refcat *ref, const double *ra, const double
                          const sp_cfg_zp *z, double zp_ref, sp_zp_inject *out);
 void sp_zp_inject_free(sp_zp_inject *inj);
 
+/* ---- the aperture correction (apcorr.c; before the zero points) -------------------- */
+
+/* Band flags (bits) in sp_apcorr_band.flag and /apcorr/bands "flag". */
+enum {
+    SP_APCORR_F_FEW_STARS = 1, /* fewer than zp.apcorr_min_stars sources survived: not corrected */
+    SP_APCORR_F_NO_COLUMN = 2, /* the store has no FLUX_<band>_APCAL / APCORR_<band> (earlier layout) */
+    SP_APCORR_F_OFF = 4        /* zp.apcorr false: the rows hold the model fluxes */
+};
+
+typedef struct {
+    char band[SP_ZP_BAND_MAX];
+    double factor;      /* FLUX_<band>_fit = model flux x factor (1 when flagged) */
+    double factor_err;  /* its 1-sigma error (NaN when flagged) */
+    double scatter;     /* 1.4826 MAD of the used sources' APCAL / model flux */
+    double sigma_extra; /* their scatter beyond the errors (chi2 = dof), added to each error */
+    long ncand, nused, nclipped;
+    int flag;           /* SP_APCORR_F_* */
+} sp_apcorr_band;
+
+typedef struct {
+    int nbands;
+    sp_apcorr_band *band;
+} sp_apcorr_result;
+void sp_apcorr_result_free(sp_apcorr_result *r);
+
+/* One band's factor from n candidates (aperture flux and error, model flux and error):
+ * x_i = apflux / flux, err_i = hypot(apfluxerr, fluxerr) / flux (linear: the log of a
+ * noisy aperture flux is biased; the model flux in both denominators, the less noisy),
+ * then sp_zp_estimate_run (clipping, weighted median); the survivors' scatter beyond
+ * their errors (chi2 = dof about the weighted mean) is added to every error and the
+ * estimate redone, so no single source carries the median; that gives the factor. Candidates
+ * with a non-positive flux or aperture error, or a non-finite aperture flux, are ignored. Scratch x[n], e[n], clipped[n]. Fewer than min_stars
+ * survivors: factor 1, flag SP_APCORR_F_FEW_STARS. SP_ERR_NOMEM only. */
+int sp_apcorr_estimate(const double *apflux, const double *apfluxerr, const double *flux, const double *fluxerr,
+                       long n, double clip_sigma, int clip_max_iters, int min_stars, double *x, double *e,
+                       unsigned char *clipped, sp_apcorr_band *out);
+
+/* The aperture correction of a store opened writable by one process: candidates are
+ * converged (CONVERGED 1), unexcluded point sources (RE_FIT blank) with
+ * FLUX_fit / FLUXERR_fit >= z->apcorr_snr_min, BLEND <= z->apcorr_blend_max and
+ * APCAL_FLAGS 0; clipping as the zero points (z->clip_sigma, clip_max_iters).
+ * Rewrites FLUX_<b>_fit, FLUXERR_<b>_fit, FLUXERR_<b>_cond (from the model fluxes:
+ * stored / APCORR_<b>, so a re-run does not compound) and APCORR_<b> of every row,
+ * and replaces /apcorr (bands table; attribute complete 0 while the rows are
+ * rewritten). With z->apcorr false the rows go back to the model fluxes (flag
+ * SP_APCORR_F_OFF). A store without the APCAL columns is left as it is (a warning). */
+int sp_apcorr_store(sp_h5 *h, const sp_cfg_zp *z, sp_apcorr_result *res);
+
 #endif

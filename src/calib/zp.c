@@ -1,6 +1,7 @@
 /* zp.c — the zero-point stage on a store: reference catalog, selection,
  * per-band estimate, /zp, and the MAG/MAGERR columns (see sp_zp.h). */
 #include "surveyproc/sp_zp.h"
+#include "zp_internal.h"
 #include "surveyproc/sp_csv.h"
 #include "surveyproc/sp_error.h"
 #include "surveyproc/sp_log.h"
@@ -237,7 +238,7 @@ cleanup:
 /* ---- helpers -------------------------------------------------------------------- */
 
 /* Split the store's "bands" attribute ("g,r,i") into names. */
-static int split_bands(const char *s, char (**out)[SP_ZP_BAND_MAX], int *nb)
+int sp_zp_split_bands(const char *s, char (**out)[SP_ZP_BAND_MAX], int *nb)
 {
     int status = SP_OK;
     char (*b)[SP_ZP_BAND_MAX] = NULL;
@@ -263,15 +264,15 @@ cleanup:
     return status;
 }
 
-static int has_col(const sp_h5_table_info *t, const char *name)
+int sp_zp_has_col(const sp_h5_table_info *t, const char *name)
 {
     for (int c = 0; c < t->ncol; c++)
         if (!strcmp(t->cols[c].name, name)) return 1;
     return 0;
 }
 
-/* A spec of n F64 columns named by the format with each band. */
-static void f64_col(sp_h5_col *c, const char *name)
+/* A column spec read/written as float64 (HDF5 converts the stored type). */
+void sp_zp_f64_col(sp_h5_col *c, const char *name)
 {
     memset(c, 0, sizeof *c);
     c->name = name;
@@ -321,7 +322,7 @@ int sp_zp_calibrate(sp_h5 *h, const sp_cfg_zp *z, const char *refcat_path, sp_zp
         sp_err_context("%s: not a surveyproc store (no root attribute 'bands')", store);
         goto cleanup;
     }
-    SP_TRY(split_bands(bandstr, &bands, &nb));
+    SP_TRY(sp_zp_split_bands(bandstr, &bands, &nb));
     double zp_ref = NAN;
     if (sp_h5_attr_get_double(h, "/", "zp_ref", &zp_ref) != SP_OK) sp_err_clear();
     SP_TRY(sp_h5_table_describe(h, "/catalog", &info));
@@ -338,14 +339,14 @@ int sp_zp_calibrate(sp_h5 *h, const sp_cfg_zp *z, const char *refcat_path, sp_zp
     {
         const char *fixed[] = {"RA", "DEC", "CONVERGED", "excluded_any"};
         for (int k = 0; k < 4; k++)
-            SP_CHECK(has_col(&info, fixed[k]), SP_ERR_INPUT, "%s: /catalog has no column %s (not a surveyproc store?)",
+            SP_CHECK(sp_zp_has_col(&info, fixed[k]), SP_ERR_INPUT, "%s: /catalog has no column %s (not a surveyproc store?)",
                      store, fixed[k]);
         for (int k = 0; k < 4 * nb; k++)
-            SP_CHECK(has_col(&info, names[k]), SP_ERR_INPUT,
+            SP_CHECK(sp_zp_has_col(&info, names[k]), SP_ERR_INPUT,
                      "%s: /catalog has no column %s although the store lists band %s", store, names[k],
                      bands[k / 4]);
     }
-    int have_fitpos = has_col(&info, "RA_FIT") && has_col(&info, "DEC_FIT");
+    int have_fitpos = sp_zp_has_col(&info, "RA_FIT") && sp_zp_has_col(&info, "DEC_FIT");
 
     /* positions: fitted where finite, else input */
     SP_ALLOC(ra, ncat);
@@ -354,7 +355,7 @@ int sp_zp_calibrate(sp_h5 *h, const sp_cfg_zp *z, const char *refcat_path, sp_zp
     {
         const char *pn[] = {"RA", "DEC", "RA_FIT", "DEC_FIT"};
         int np = have_fitpos ? 4 : 2;
-        for (int k = 0; k < np; k++) f64_col(&spec[k], pn[k]);
+        for (int k = 0; k < np; k++) sp_zp_f64_col(&spec[k], pn[k]);
         SP_ALLOC(posbuf, (size_t)ZP_CHUNK * 4);
         for (long i0 = 0; i0 < ncat; i0 += ZP_CHUNK) {
             long m = ncat - i0 < ZP_CHUNK ? ncat - i0 : ZP_CHUNK;
@@ -408,11 +409,11 @@ int sp_zp_calibrate(sp_h5 *h, const sp_cfg_zp *z, const char *refcat_path, sp_zp
 
     /* what the selection needs from the matched rows */
     int nsel = 2 + 2 * nb;
-    f64_col(&spec[0], "CONVERGED");
-    f64_col(&spec[1], "excluded_any");
+    sp_zp_f64_col(&spec[0], "CONVERGED");
+    sp_zp_f64_col(&spec[1], "excluded_any");
     for (int b = 0; b < nb; b++) {
-        f64_col(&spec[2 + 2 * b], names[4 * b]);
-        f64_col(&spec[3 + 2 * b], names[4 * b + 1]);
+        sp_zp_f64_col(&spec[2 + 2 * b], names[4 * b]);
+        sp_zp_f64_col(&spec[3 + 2 * b], names[4 * b + 1]);
     }
     SP_ALLOC(mrow, (size_t)(nmatch > 0 ? nmatch : 1) * nsel);
     SP_TRY(sp_h5_table_read_rows(h, "/catalog", spec, nsel, mcat, nmatch, mrow));
@@ -584,10 +585,10 @@ int sp_zp_calibrate(sp_h5 *h, const sp_cfg_zp *z, const char *refcat_path, sp_zp
     {
         sp_h5_col *in = spec, *out = spec + 2 * nb;
         for (int b = 0; b < nb; b++) {
-            f64_col(&in[2 * b], names[4 * b]);
-            f64_col(&in[2 * b + 1], names[4 * b + 1]);
-            f64_col(&out[2 * b], names[4 * b + 2]);
-            f64_col(&out[2 * b + 1], names[4 * b + 3]);
+            sp_zp_f64_col(&in[2 * b], names[4 * b]);
+            sp_zp_f64_col(&in[2 * b + 1], names[4 * b + 1]);
+            sp_zp_f64_col(&out[2 * b], names[4 * b + 2]);
+            sp_zp_f64_col(&out[2 * b + 1], names[4 * b + 3]);
         }
         size_t w = (size_t)2 * (nb > 0 ? nb : 1);
         SP_ALLOC(inbuf, (size_t)ZP_CHUNK * w);
@@ -713,16 +714,18 @@ int sp_zp_calibrate_file(const char *store_path, const sp_config *cfg, sp_zp_res
     int status = SP_OK;
     sp_h5 *h = NULL;
     if (res) memset(res, 0, sizeof *res);
-    if (!cfg->zp.enabled) {
-        SP_INFO("zp: zp.enabled is false: no zero points (MAG columns stay NaN)");
-        return SP_OK;
-    }
-    if (!cfg->inputs.reference_catalog) {
+    int want_zp = cfg->zp.enabled && cfg->inputs.reference_catalog;
+    if (!cfg->zp.enabled) SP_INFO("zp: zp.enabled is false: no zero points (MAG columns stay NaN)");
+    else if (!cfg->inputs.reference_catalog)
         SP_WARN("zp: inputs.reference_catalog is not set: no zero points (MAG columns stay NaN)");
-        return SP_OK;
-    }
     SP_TRY(sp_h5_open(store_path, 1, MPI_COMM_SELF, &h));
-    status = sp_zp_calibrate(h, &cfg->zp, cfg->inputs.reference_catalog, res);
+    {
+        /* also with zp.apcorr false: a correction of an earlier run is then undone */
+        sp_apcorr_result ac = {0};
+        status = sp_apcorr_store(h, &cfg->zp, &ac);
+        sp_apcorr_result_free(&ac);
+    }
+    if (status == SP_OK && want_zp) status = sp_zp_calibrate(h, &cfg->zp, cfg->inputs.reference_catalog, res);
     int st2 = sp_h5_close(&h);
     if (status == SP_OK) status = st2;
 cleanup:

@@ -422,6 +422,23 @@ const sp_config_key sp_cfg_schema[] = {
        "Fewest stars left after clipping for a band's zero point; with fewer the band gets no ZP (flagged)."),
     KB("zp.inject_gaia_sources", zp.inject_gaia_sources, SC, "false",
        "Add reference stars missing from the input catalog as extra fitted sources (flagged injected)."),
+    KB("zp.apcorr", zp.apcorr, SC, "true",
+       "Aperture correction, before the zero points: per band, scale FLUX_<band>_fit and its errors by the "
+       "clipped weighted median of FLUX_<band>_APCAL / FLUX_<band>_fit over bright, isolated, converged point "
+       "sources, so model fluxes count the PSF light the model lacks (a wide wing beyond a fallback Moffat or "
+       "a cropped ePSF). The factor is recorded per row (APCORR_<band>) and per band (/apcorr)."),
+    KD("zp.apcorr_radius_fwhm", zp.apcorr_radius_fwhm, SC | GT, "4.0", 0, 100, "FWHM",
+       "Radius of the calibration aperture FLUX_<band>_APCAL in units of the band's PSF FWHM (median over "
+       "the tile's cells); at most the local-background annulus's inner radius - 1 pixel."),
+    KD("zp.apcorr_radius_pix", zp.apcorr_radius_pix, SC, "0.0", 0, 1000, "pix",
+       "Fixed radius of the calibration aperture, all bands (0: zp.apcorr_radius_fwhm x the band's FWHM)."),
+    KD("zp.apcorr_snr_min", zp.apcorr_snr_min, SC | GT, "50.0", 0, 1000000, "",
+       "Point sources used for the aperture correction have FLUX_<band>_fit / FLUXERR_<band>_fit at least this."),
+    KD("zp.apcorr_blend_max", zp.apcorr_blend_max, SC, "0.02", 0, 1, "",
+       "... and BLEND_<band> (the neighbours' share of the model flux in the footprint) at most this."),
+    KI("zp.apcorr_min_stars", zp.apcorr_min_stars, SC, "5", 1, 1000000, "",
+       "Fewest point sources left after clipping for a band's aperture correction; with fewer the band "
+       "is not corrected (factor 1, flagged in /apcorr, a warning)."),
 };
 const int sp_cfg_nschema = (int)(sizeof sp_cfg_schema / sizeof sp_cfg_schema[0]);
 

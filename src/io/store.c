@@ -206,7 +206,12 @@ int sp_store_catalog_spec(const sp_plan *plan, sp_store_catalog *s)
         BADD(c->flux_aper, "FLUX_%s_APER", SP_H5_F64, 0, "flux(zp_ref)", "forced aperture flux (annulus background)");
         BADD(c->fluxerr_aper, "FLUXERR_%s_APER", SP_H5_F64, 0, "flux(zp_ref)", "1-sigma error of the aperture flux");
         BADD(c->aper_flags, "APER_FLAGS_%s", SP_H5_I32, 0, "", "aperture flags: 1 edge, 2 masked, 4 no background, 8 all masked");
-        BADD(c->flux_fit, "FLUX_%s_fit", SP_H5_F64, 0, "flux(zp_ref)", "fitted model flux");
+        BADD(c->flux_apcal, "FLUX_%s_APCAL", SP_H5_F64, 0, "flux(zp_ref)",
+             "model flux + residual light in the calibration aperture (zp.apcorr_*; point sources it can use)");
+        BADD(c->fluxerr_apcal, "FLUXERR_%s_APCAL", SP_H5_F64, 0, "flux(zp_ref)", "1-sigma error of the residual light in the aperture");
+        BADD(c->apcal_flags, "APCAL_FLAGS_%s", SP_H5_I32, 0, "", "calibration-aperture flags (as APER_FLAGS; -1 not measured)");
+        BADD(c->apcorr, "APCORR_%s", SP_H5_F64, 0, "", "aperture correction applied to FLUX/FLUXERR_<band>_fit (NaN: none)");
+        BADD(c->flux_fit, "FLUX_%s_fit", SP_H5_F64, 0, "flux(zp_ref)", "fitted model flux x APCORR_<band> (aperture correction)");
         BADD(c->fluxerr_fit, "FLUXERR_%s_fit", SP_H5_F64, 0, "flux(zp_ref)", "marginal 1-sigma flux error (inverse Fisher)");
         BADD(c->fluxerr_cond, "FLUXERR_%s_cond", SP_H5_F64, 0, "flux(zp_ref)", "conditional flux error (other parameters fixed)");
         BADD(c->chi2dof, "CHI2DOF_%s", SP_H5_F64, 0, "", "chi2 per degree of freedom over the source footprint");

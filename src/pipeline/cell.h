@@ -76,6 +76,7 @@ typedef struct {
     sp_store_meta qa;               /* which QA diagnostics the store holds (qa_* fields) */
     long nfit_sources, nfit_patches; /* this rank's totals (summary) */
     struct ioprep_state *iop;       /* read+prep buffers and open frames kept across cells (pipeline.c) */
+    double *apcal_r;                /* nbands: calibration-aperture radius (pixels), set before the fit pass */
 } run_t;
 
 typedef struct {
@@ -92,6 +93,7 @@ typedef struct {
     long nsrc;
     unsigned *excl;              /* exclusion flags of src[] (plan's + saturation) */
     sp_aper_result *aper;        /* nsrc * nbands */
+    sp_aper_result *apcal;       /* nsrc * nbands: the calibration aperture (zp.apcorr) */
     sp_source *det;              /* detections on the white stack (ROI pixels) */
     int ndet;
     long *cat, ncat;             /* catalog rows near the ROI (psfstar_use_catalog) */

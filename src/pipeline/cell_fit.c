@@ -25,8 +25,8 @@ typedef struct {
     size_t cap_src;
     sp_fit_result *res;
     size_t cap_res;
-    float *data, *ivar, *model;
-    size_t cap_data, cap_ivar, cap_model;
+    float *data, *ivar, *model, *ann;
+    size_t cap_data, cap_ivar, cap_model, cap_ann;
     float **mptr;      /* per band: model buffer or NULL */
     sp_psf **local;    /* per band: the PSF at the patch centre (blend of neighbouring cell ePSFs) */
     sp_fit_image *img; /* per band */
@@ -40,6 +40,7 @@ static void scratch_free(fit_scratch *s, int nb)
     free(s->data);
     free(s->ivar);
     free(s->model);
+    free(s->ann);
     free(s->mptr);
     if (s->local)
         for (int b = 0; b < nb; b++) sp_psf_free(&s->local[b]);
@@ -163,6 +164,56 @@ static double band_poisson_k(const sp_plan *p, int b)
 }
 
 /* Fit patch pid of the cell; base sources of the patch are src[base0 ..). */
+/* The calibration flux of the patch's reported point sources (zp.apcorr): the model flux
+ * plus the residual light inside the calibration aperture, less the residual's level in
+ * the local annulus (epsf.star_local_bkg_annulus_*):
+ *     APCAL = F_fit + sum_pix overlap(pix) (resid - b),   resid = data - model,
+ * the model being every source of the patch and its sky. So the neighbours are subtracted
+ * (a data aperture with a data annulus is biased by them in crowded fields); b takes out
+ * the local level a patch-wide sky cannot (the background mesh is high near bright stars);
+ * what the PSF model lacks within the radius shows as residual light, and the model's own
+ * light beyond the radius stays counted (an aperture-to-total correction by the model).
+ * Measured only where the correction can use it (zp.apcorr_snr_min, zp.apcorr_blend_max);
+ * the error is the residual sum's. Galaxies and other sources keep NaN (stage_aperture).
+ * Converts s->model to the residual. */
+static int apcal_measure(cell_t *c, fit_scratch *s, const sp_patch *pt, long n, long base0, size_t npix)
+{
+    int status = SP_OK;
+    const run_t *r = c->run;
+    const sp_config *cfg = r->cfg;
+    int nb = r->plan->nbands;
+    double rin = cfg->epsf.star_local_bkg_annulus_rin_pix, rout = cfg->epsf.star_local_bkg_annulus_rout_pix;
+    SP_TRY(ensure((void **)&s->ann, sp_aper_scratch_size(rout), sizeof *s->ann, &s->cap_ann));
+    long pnx = pt->rx1 - pt->rx0, pny = pt->ry1 - pt->ry0;
+    (void)n;
+    for (int b = 0; b < nb; b++) {
+        float *m = s->model + (size_t)b * npix;
+        const float *d = s->data + (size_t)b * npix;
+        for (size_t i = 0; i < npix; i++) m[i] = d[i] - m[i];
+    }
+    for (long k = 0; k < pt->nsrc; k++) {
+        const sp_fit_result *f = &s->res[k];
+        if (s->src[k].role != SP_ROLE_FIT_REPORT || f->type != SP_SRC_STAR || !isfinite(f->x) || !isfinite(f->y))
+            continue;
+        double xl = f->x - pt->rx0, yl = f->y - pt->ry0;
+        for (int b = 0; b < nb; b++) {
+            /* only what the correction can use (zp.apcorr_snr_min, _blend_max): the rest keep NaN */
+            if (!(f->flux[b] >= cfg->zp.apcorr_snr_min * f->flux_err[b] && f->flux_err[b] > 0 &&
+                  f->blend[b] <= cfg->zp.apcorr_blend_max))
+                continue;
+            double rad = r->apcal_r[b];
+            sp_aper_result a;
+            sp_aper_measure(s->model + (size_t)b * npix, s->ivar + (size_t)b * npix, pnx, pny, xl, yl, rad, rin, rout,
+                            s->ann, &a);
+            sp_aper_result *o = &c->apcal[(base0 + k) * nb + b];
+            *o = a;
+            o->flux = isfinite(a.flux) && isfinite(f->flux[b]) ? f->flux[b] + a.flux : NAN;
+        }
+    }
+cleanup:
+    return status;
+}
+
 static int fit_one(cell_t *c, fit_scratch *s, sp_fit_workspace *ws, int pid, long base0, sp_store_patchrow *row)
 {
     int status = SP_OK;
@@ -217,17 +268,21 @@ static int fit_one(cell_t *c, fit_scratch *s, sp_fit_workspace *ws, int pid, lon
     /* the model image where QA keeps a cutout or an overview of this patch */
     int jp = pid - c->cell->patch0, want = c->ov_slot && c->ov_slot[jp] >= 0;
     for (long k = 0; k < pt->nsrc && !want; k++) want = c->cut_slot && c->cut_slot[base0 + k] >= 0;
+    /* ... and for the calibration aperture (zp.apcorr), which is measured on the residual */
+    int want_qa = want;
+    want |= r->apcal_r != NULL;
     if (want) {
         SP_TRY(ensure((void **)&s->model, npix * nb, sizeof *s->model, &s->cap_model));
         for (int b = 0; b < nb; b++) s->mptr[b] = s->model + (size_t)b * npix;
     }
     sp_fit_patch_stats st;
     SP_TRY(sp_fit_patch(ws, &r->sp.fit, s->img, nb, nb, s->src, (int)n, s->res, &st, want ? s->mptr : NULL));
-    if (want) {
+    if (want_qa) {
         for (long k = 0; k < pt->nsrc; k++)
             if (c->cut_slot[base0 + k] >= 0) qa_cutout(c, s, pt, base0 + k, (int)c->cut_slot[base0 + k]);
         if (c->ov_slot[jp] >= 0) qa_overview(c, s, pt, c->ov_slot[jp]);
     }
+    if (r->apcal_r) SP_TRY(apcal_measure(c, s, pt, n, base0, npix));
     {
         char sky[256] = "";
         size_t off = 0;

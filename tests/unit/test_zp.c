@@ -707,6 +707,188 @@ static void t_store_stage(void **st)
     free(mref);
 }
 
+/* ---- the aperture correction --------------------------------------------------- */
+
+/* n candidates of a band whose model fluxes are low by 1/ftrue: A_i = ftrue F_i (1 + 1%
+ * intrinsic) + aperture noise; the first is a bright source with a contaminated aperture. */
+static void apcorr_set(rng_t *r, long n, double ftrue, double *A, double *Ae, double *F, double *Fe)
+{
+    for (long i = 0; i < n; i++) {
+        double f = 2000 * pow(10, -0.4 * 4 * urand(r)); /* 2000 .. 50 in units of the aperture noise */
+        Fe[i] = 0.3 + 0.002 * f;
+        F[i] = f + Fe[i] * nrand(r);
+        Ae[i] = 1.0 + 0.001 * f;
+        A[i] = ftrue * f * (1 + 0.01 * nrand(r)) + Ae[i] * nrand(r);
+    }
+    A[0] = 0.955 * F[0];
+    F[0] = 8000;
+    Fe[0] = 2;
+    Ae[0] = 9;
+    A[0] = 0.955 * F[0];
+}
+
+static void t_apcorr_estimate(void **st)
+{
+    (void)st;
+    rng_t r = {77};
+    enum { N = 80 };
+    double A[N], Ae[N], F[N], Fe[N], x[N], e[N];
+    unsigned char clip[N];
+    double worst = 0;
+    for (int rep = 0; rep < 50; rep++) {
+        apcorr_set(&r, N, 1.017, A, Ae, F, Fe);
+        sp_apcorr_band b;
+        assert_int_equal(sp_apcorr_estimate(A, Ae, F, Fe, N, 3.0, 10, 5, x, e, clip, &b), SP_OK);
+        assert_int_equal(b.flag, 0);
+        assert_true(b.factor_err > 0 && b.factor_err < 0.01);
+        assert_true(b.sigma_extra > 0.003 && b.sigma_extra < 0.03); /* the 1% intrinsic scatter */
+        double d = fabs(b.factor - 1.017) / b.factor_err;
+        worst = d > worst ? d : worst;
+        assert_true(fabs(b.factor - 1.017) < 0.006); /* the outlier (0.955, half the raw weight) does not carry it */
+    }
+    printf("apcorr: worst |factor - truth| / factor_err over 50 sets: %.2f\n", worst);
+    assert_true(worst < 4.5);
+    /* too few: factor 1, flagged */
+    apcorr_set(&r, 4, 1.02, A, Ae, F, Fe);
+    sp_apcorr_band b;
+    assert_int_equal(sp_apcorr_estimate(A, Ae, F, Fe, 4, 3.0, 10, 5, x, e, clip, &b), SP_OK);
+    assert_int_equal(b.flag, SP_APCORR_F_FEW_STARS);
+    assert_true(b.factor == 1.0);
+    /* unusable candidates are ignored */
+    apcorr_set(&r, N, 1.0, A, Ae, F, Fe);
+    F[3] = -1;
+    Ae[4] = 0;
+    A[5] = NAN;
+    assert_int_equal(sp_apcorr_estimate(A, Ae, F, Fe, N, 3.0, 10, 5, x, e, clip, &b), SP_OK);
+    assert_true(clip[3] && clip[4] && clip[5]);
+    assert_true(b.nused + b.nclipped <= N);
+    assert_true(fabs(b.factor - 1.0) < 0.006);
+}
+
+typedef struct {
+    int8_t converged;
+    uint8_t excl;
+    double re;
+    double f[2], fe[2], fc[2], ac[2], bl[2], a[2], ae[2];
+    int32_t af[2];
+} ac_cat;
+
+static sp_h5_col ACCOLS[] = {
+    {.name = "CONVERGED", .type = SP_H5_I8},       {.name = "excluded_any", .type = SP_H5_U8},
+    {.name = "RE_FIT", .type = SP_H5_F64},         {.name = "FLUX_g_fit", .type = SP_H5_F64},
+    {.name = "FLUX_r_fit", .type = SP_H5_F64},     {.name = "FLUXERR_g_fit", .type = SP_H5_F64},
+    {.name = "FLUXERR_r_fit", .type = SP_H5_F64},  {.name = "FLUXERR_g_cond", .type = SP_H5_F64},
+    {.name = "FLUXERR_r_cond", .type = SP_H5_F64}, {.name = "APCORR_g", .type = SP_H5_F64},
+    {.name = "APCORR_r", .type = SP_H5_F64},       {.name = "BLEND_g", .type = SP_H5_F64},
+    {.name = "BLEND_r", .type = SP_H5_F64},        {.name = "FLUX_g_APCAL", .type = SP_H5_F64},
+    {.name = "FLUX_r_APCAL", .type = SP_H5_F64},   {.name = "FLUXERR_g_APCAL", .type = SP_H5_F64},
+    {.name = "FLUXERR_r_APCAL", .type = SP_H5_F64}, {.name = "APCAL_FLAGS_g", .type = SP_H5_I32},
+    {.name = "APCAL_FLAGS_r", .type = SP_H5_I32},
+};
+#define NACCOL (int)(sizeof ACCOLS / sizeof ACCOLS[0])
+
+/* The stage on a hand-made store: galaxies, unconverged, excluded, blended, flagged and
+ * faint rows are not used; every row's fluxes and errors are scaled; APCORR records the
+ * factor; a re-run leaves the fluxes as they are; a store without the columns is left alone. */
+static void t_apcorr_store(void **st)
+{
+    (void)st;
+    rng_t r = {99};
+    const long nc = 3000;
+    const double ftrue[2] = {1.021, 0.994};
+    ac_cat *rows = calloc(nc, sizeof *rows), *back = calloc(nc, sizeof *back), *back2 = calloc(nc, sizeof *back2);
+    for (long i = 0; i < nc; i++) {
+        ac_cat *c = &rows[i];
+        c->converged = i % 31 == 1 ? 0 : 1;
+        c->excl = i % 37 == 2;
+        c->re = i % 5 == 0 ? 2.5 : NAN; /* a fifth are galaxies */
+        for (int b = 0; b < 2; b++) {
+            double f = 5 + 3000 * pow(urand(&r), 3);
+            c->fe[b] = 2 + 0.003 * f;
+            c->fc[b] = 0.9 * c->fe[b];
+            c->f[b] = f + c->fe[b] * nrand(&r);
+            c->ac[b] = NAN;
+            c->bl[b] = i % 7 == 3 ? 0.2 : 0.003;
+            c->ae[b] = 6;
+            c->a[b] = ftrue[b] * f * (1 + 0.005 * nrand(&r)) + c->ae[b] * nrand(&r);
+            c->af[b] = i % 41 == 4 ? 2 : 0;
+            /* what would bias the factor if used: galaxies, blends, flagged apertures */
+            if (c->re == 2.5 || c->bl[b] > 0.1 || c->af[b]) c->a[b] *= 1.3;
+        }
+    }
+    char store[1024];
+    sp_test_path("apcorr_store.h5", store, sizeof store);
+    sp_h5 *h = NULL;
+    assert_int_equal(sp_h5_create(store, MPI_COMM_NULL, &h), SP_OK);
+    assert_int_equal(sp_h5_table_create(h, "/catalog", ACCOLS, NACCOL, nc), SP_OK);
+    size_t off[NACCOL], rs;
+    assert_int_equal(sp_h5_table_layout(ACCOLS, NACCOL, off, &rs), SP_OK);
+    assert_int_equal(rs, sizeof(ac_cat));
+    assert_int_equal(sp_h5_table_write(h, "/catalog", ACCOLS, NACCOL, 0, nc, rows), SP_OK);
+    assert_int_equal(sp_h5_attr_set_str(h, "/", "bands", "g,r"), SP_OK);
+    sp_cfg_zp z = {.clip_sigma = 3.0, .clip_max_iters = 10, .apcorr = true, .apcorr_snr_min = 50,
+                   .apcorr_blend_max = 0.02, .apcorr_min_stars = 5};
+    sp_apcorr_result res = {0};
+    assert_int_equal(sp_apcorr_store(h, &z, &res), SP_OK);
+    assert_int_equal(res.nbands, 2);
+    assert_int_equal(sp_h5_table_read(h, "/catalog", ACCOLS, NACCOL, 0, nc, back), SP_OK);
+    for (int b = 0; b < 2; b++) {
+        const sp_apcorr_band *q = &res.band[b];
+        printf("apcorr %s: %.5f +- %.5f (truth %.3f), %ld used of %ld\n", q->band, q->factor, q->factor_err, ftrue[b],
+               q->nused, q->ncand);
+        assert_int_equal(q->flag, 0);
+        assert_true(fabs(q->factor - ftrue[b]) < 4 * q->factor_err + 1e-4);
+        assert_true(q->ncand > 100);
+        for (long i = 0; i < nc; i++) {
+            assert_true(back[i].ac[b] == q->factor);
+            assert_float_equal(back[i].f[b], rows[i].f[b] * q->factor, 1e-9 * fabs(rows[i].f[b]) + 1e-12);
+            assert_float_equal(back[i].fe[b], rows[i].fe[b] * q->factor, 1e-9 * rows[i].fe[b]);
+            assert_float_equal(back[i].fc[b], rows[i].fc[b] * q->factor, 1e-9 * rows[i].fc[b]);
+        }
+    }
+    long cpl = 0, nb = 0;
+    assert_int_equal(sp_h5_attr_get_long(h, "/apcorr", "complete", &cpl), SP_OK);
+    assert_int_equal(cpl, 1);
+    assert_int_equal(sp_h5_table_nrows(h, "/apcorr/bands", &nb), SP_OK);
+    assert_int_equal(nb, 2);
+    double fac[2];
+    assert_int_equal(sp_h5_table_read_col_double(h, "/apcorr/bands", "factor", 0, 2, fac), SP_OK);
+    assert_true(fac[0] == res.band[0].factor && fac[1] == res.band[1].factor);
+    /* a re-run starts from the model fluxes: the same factor, the rows as they are */
+    sp_apcorr_result res2 = {0};
+    assert_int_equal(sp_apcorr_store(h, &z, &res2), SP_OK);
+    assert_int_equal(sp_h5_table_read(h, "/catalog", ACCOLS, NACCOL, 0, nc, back2), SP_OK);
+    for (int b = 0; b < 2; b++) {
+        assert_float_equal(res2.band[b].factor, res.band[b].factor, 1e-12);
+        for (long i = 0; i < nc; i++)
+            assert_float_equal(back2[i].f[b], back[i].f[b], 1e-12 * fabs(back[i].f[b]) + 1e-15);
+    }
+    /* too few sources: not corrected, the rows go back to the model fluxes, APCORR NaN */
+    z.apcorr_min_stars = 1000000;
+    assert_int_equal(sp_apcorr_store(h, &z, NULL), SP_OK);
+    assert_int_equal(sp_h5_table_read(h, "/catalog", ACCOLS, NACCOL, 0, nc, back2), SP_OK);
+    for (long i = 0; i < nc; i++)
+        for (int b = 0; b < 2; b++) {
+            assert_true(isnan(back2[i].ac[b]));
+            assert_float_equal(back2[i].f[b], rows[i].f[b], 1e-12 * fabs(rows[i].f[b]) + 1e-15);
+        }
+    assert_int_equal(sp_h5_close(&h), SP_OK);
+    /* a store of the earlier layout (no APCAL/APCORR columns): left alone, flagged */
+    assert_int_equal(sp_h5_create(store, MPI_COMM_NULL, &h), SP_OK);
+    assert_int_equal(sp_h5_table_create(h, "/catalog", ACCOLS, 9, nc), SP_OK);
+    assert_int_equal(sp_h5_attr_set_str(h, "/", "bands", "g,r"), SP_OK);
+    sp_apcorr_result res3 = {0};
+    assert_int_equal(sp_apcorr_store(h, &z, &res3), SP_OK);
+    assert_int_equal(res3.band[0].flag, SP_APCORR_F_NO_COLUMN);
+    assert_int_equal(sp_h5_close(&h), SP_OK);
+    sp_apcorr_result_free(&res);
+    sp_apcorr_result_free(&res2);
+    sp_apcorr_result_free(&res3);
+    free(rows);
+    free(back);
+    free(back2);
+}
+
 int main(void)
 {
     const struct CMUnitTest tests[] = {
@@ -714,7 +896,8 @@ int main(void)
         cmocka_unit_test(t_match_speed),          cmocka_unit_test(t_estimator_outliers),
         cmocka_unit_test(t_estimator_monte_carlo), cmocka_unit_test(t_estimator_edge),
         cmocka_unit_test(t_refcat),               cmocka_unit_test(t_inject),
-        cmocka_unit_test(t_store_stage),
+        cmocka_unit_test(t_store_stage),          cmocka_unit_test(t_apcorr_estimate),
+        cmocka_unit_test(t_apcorr_store),
     };
     return cmocka_run_group_tests_name("zp", tests, NULL, NULL);
 }
