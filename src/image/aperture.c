@@ -106,37 +106,40 @@ void sp_aper_measure(const float *data, const float *ivar, long nx, long ny, dou
     res->masked_frac = 0;
     res->flags = 0;
 
-    /* annulus background */
+    /* annulus background: one pass, each row only over the x ranges the annulus can
+     * touch (the hole and the box's corners skipped; the test on d2 decides as before) */
     double bkg_var = 0;
     if (r_out > 0) {
         size_t n = 0;
-        long x0 = (long)floor(xc - r_out), x1 = (long)ceil(xc + r_out);
+        double mv = 0, ri2 = r_in * r_in, ro2 = r_out * r_out;
         long y0 = (long)floor(yc - r_out), y1 = (long)ceil(yc + r_out);
         for (long y = y0; y <= y1; y++) {
             if (y < 0 || y >= ny) continue;
-            for (long x = x0; x <= x1; x++) {
-                if (x < 0 || x >= nx) continue;
-                double d2 = (x - xc) * (x - xc) + (y - yc) * (y - yc);
-                if (d2 < r_in * r_in || d2 >= r_out * r_out) continue;
+            double dy2 = (y - yc) * (y - yc);
+            if (dy2 >= ro2) continue;
+            double so = sqrt(ro2 - dy2), si = dy2 < ri2 ? sqrt(ri2 - dy2) : -1.0;
+            long xa = (long)floor(xc - so) - 1, xb = (long)ceil(xc + so) + 1;
+            /* inner hole: x strictly inside (xc - si, xc + si) has d2 < r_in^2 */
+            long ha = si > 0 ? (long)floor(xc - si) + 2 : xb + 1, hb = si > 0 ? (long)ceil(xc + si) - 2 : xb;
+            if (xa < 0) xa = 0;
+            if (xb > nx - 1) xb = nx - 1;
+            for (long x = xa; x <= xb; x++) {
+                if (x == ha && hb >= ha) {
+                    x = hb;
+                    continue;
+                }
+                double d2 = (x - xc) * (x - xc) + dy2;
+                if (d2 < ri2 || d2 >= ro2) continue;
                 size_t i = (size_t)y * (size_t)nx + (size_t)x;
-                if (ivar[i] > 0) scratch[n++] = data[i];
+                if (ivar[i] > 0) {
+                    scratch[n++] = data[i];
+                    mv += 1.0 / ivar[i];
+                }
             }
         }
         if (n >= 8) {
             /* variance of the annulus median: (pi/2) * mean pixel variance / n */
-            double mv = 0;
-            long ng = 0;
-            for (long y = y0; y <= y1; y++) {
-                if (y < 0 || y >= ny) continue;
-                for (long x = x0; x <= x1; x++) {
-                    if (x < 0 || x >= nx) continue;
-                    double d2 = (x - xc) * (x - xc) + (y - yc) * (y - yc);
-                    if (d2 < r_in * r_in || d2 >= r_out * r_out) continue;
-                    size_t i = (size_t)y * (size_t)nx + (size_t)x;
-                    if (ivar[i] > 0) { mv += 1.0 / ivar[i]; ng++; }
-                }
-            }
-            bkg_var = M_PI / 2 * (mv / (double)ng) / (double)ng;
+            bkg_var = M_PI / 2 * (mv / (double)n) / (double)n;
             res->bkg = clipped_median(scratch, n);
         } else
             res->flags |= SP_APER_NOBKG;
