@@ -574,6 +574,89 @@ static double moffat_pix(double dx, double dy, double alpha, double beta, double
     return s / 9.0 * (beta - 1.0) / (M_PI * alpha * alpha * q);
 }
 
+/* The pixel value and its derivatives for the fit's Jacobian, from the 3x3 samples of
+ * moffat_pix (always: the Jacobian of its Taylor form would need the derivatives of the
+ * Laplacian term; these match forward differences of moffat_resid to ~0.2% of each
+ * column's largest entry, the Taylor form's own difference from the 3x3 mean):
+ * g[0..5] = dV/d(dx), dV/d(dy), dV/d(alpha) (beta held), dV/d(beta) (alpha held),
+ * dV/dq, dV/dtheta. One pow and one log per sample. */
+static double moffat_pix_grad(double dx, double dy, double alpha, double beta, double q, double ct, double st,
+                              double *g)
+{
+    static const double o[3] = {-1.0 / 3.0, 0.0, 1.0 / 3.0};
+    const double ia2 = 1.0 / (alpha * alpha), N = (beta - 1.0) / (M_PI * alpha * alpha * q), iq = 1.0 / q;
+    double sf = 0, sx = 0, sy = 0, sa = 0, sb = 0, sq = 0, sth = 0;
+    for (int b = 0; b < 3; b++)
+        for (int a = 0; a < 3; a++) {
+            const double x = dx + o[a], y = dy + o[b];
+            const double u = ct * x + st * y, w = (-st * x + ct * y) * iq, Q = (u * u + w * w) * ia2;
+            const double f = pow(1.0 + Q, -beta), fq = -beta * f / (1.0 + Q) * ia2; /* df/dQ / alpha^2 */
+            sf += f;
+            sx += fq * 2.0 * (u * ct - w * st * iq);
+            sy += fq * 2.0 * (u * st + w * ct * iq);
+            sa += fq * (u * u + w * w);
+            sb -= f * log1p(Q);
+            sq += fq * w * w;
+            sth += fq * u * w;
+        }
+    const double in = N / 9.0, mf = sf / 9.0;
+    g[0] = sx * in;
+    g[1] = sy * in;
+    g[2] = -2.0 / alpha * (sa * in + mf * N);      /* dQ/dalpha = -2 Q / alpha; N ~ 1/alpha^2 */
+    g[3] = sb * in + mf * N / (beta - 1.0);         /* N ~ (beta - 1) */
+    g[4] = -2.0 * iq * sq * in - mf * N * iq;       /* dQ/dq = -2 w^2 / (q alpha^2); N ~ 1/q */
+    g[5] = 2.0 * (q - iq) * sth * in;               /* dQ/dtheta = 2 u w (q - 1/q) / alpha^2 */
+    return mf * N;
+}
+
+/* The analytic Jacobian of moffat_resid's residuals (columns as its P; J = -d r / d P,
+ * i.e. sqrt(w) d model / d P) into J[k * np + p] (rows of unusable pixels zero). The
+ * e1, e2 columns go through (q, theta), which are singular at e = 0: there (e < 1e-6)
+ * they are left to the caller (need_e = 1). */
+static void moffat_jac(const mstar *ms, int ns, const double *P, int np, double *J, const int *off, int *need_e)
+{
+    double fwhm = exp(P[0]), beta = 1.0 + exp(P[1]), e1 = P[2], e2 = P[3];
+    double e = hypot(e1, e2), ec = e > 0.95 ? 0.95 : e;
+    double q = (1 - ec) / (1 + ec), th = 0.5 * atan2(e2, e1), ct = cos(th), st = sin(th);
+    double p2 = pow(2.0, 1.0 / beta), alpha = fwhm / (2.0 * sqrt(p2 - 1.0));
+    double dalpha_dbeta = alpha * p2 * M_LN2 / (beta * beta) / (2.0 * (p2 - 1.0));
+    *need_e = e < 1e-6;
+    /* d(q, theta) / d(e1, e2); q is held where e is clamped */
+    double dq_de = e > 0.95 ? 0.0 : -2.0 / ((1 + e) * (1 + e));
+    double q_e1 = 0, q_e2 = 0, t_e1 = 0, t_e2 = 0;
+    if (!*need_e) {
+        q_e1 = dq_de * e1 / e;
+        q_e2 = dq_de * e2 / e;
+        t_e1 = -0.5 * e2 / (e * e);
+        t_e2 = 0.5 * e1 / (e * e);
+    }
+    for (int s = 0; s < ns; s++) {
+        const mstar *m = &ms[s];
+        double x = P[4 + 3 * s], y = P[5 + 3 * s], F = P[6 + 3 * s];
+        int k = off[s];
+        for (int j = m->iy - m->R; j <= m->iy + m->R; j++)
+            for (int i = m->ix - m->R; i <= m->ix + m->R; i++, k++) {
+                double *Jk = J + (size_t)k * np;
+                memset(Jk, 0, sizeof(double) * np);
+                if (i < 0 || j < 0 || i >= m->nx || j >= m->ny) continue;
+                size_t kk = (size_t)j * m->nx + i;
+                if (!pix_ok(m->img, m->ivar, m->mask, kk)) continue;
+                double sw = sqrt(m->ivar ? m->ivar[kk] : m->wdef), g[6];
+                double v = moffat_pix_grad(i - x, j - y, alpha, beta, q, ct, st, g);
+                double sF = sw * F;
+                Jk[0] = sF * g[2] * alpha;                                 /* ln fwhm: alpha scales with it */
+                Jk[1] = sF * (g[3] + g[2] * dalpha_dbeta) * (beta - 1.0); /* ln(beta - 1) */
+                if (!*need_e) {
+                    Jk[2] = sF * (g[4] * q_e1 + g[5] * t_e1);
+                    Jk[3] = sF * (g[4] * q_e2 + g[5] * t_e2);
+                }
+                Jk[4 + 3 * s] = -sF * g[0]; /* dx = i - x */
+                Jk[5 + 3 * s] = -sF * g[1];
+                Jk[6 + 3 * s] = sw * v;
+            }
+    }
+}
+
 /* Residuals (weighted) of all stars for parameter vector P = [ln fwhm,
  * ln(beta-1), e1, e2, (x, y, F) per star]; only star `only` when >= 0 (others
  * left as they are in r). Returns chi2 of the evaluated part. */
@@ -664,9 +747,11 @@ int sp_epsf_fit_moffat(const float *img, const float *ivar, const uint8_t *mask,
     double chi2 = moffat_resid(ms, ns, P, -1, r, off), lam = 1e-3;
     int converged = 0;
     for (int it = 0; it < 60 && !converged; it++) {
-        /* Jacobian by forward differences (shape columns touch every star) */
-        for (int p = 0; p < np; p++) {
-            int only = p < 4 ? -1 : (p - 4) / 3;
+        /* the Jacobian: analytic (moffat_jac); e1, e2 by forward differences at e = 0 */
+        int need_e = 0;
+        moffat_jac(ms, ns, P, np, J, off, &need_e);
+        for (int p = 2; need_e && p < 4; p++) {
+            int only = -1;
             double h = p < 4 ? 1e-4 : (p % 3 == 0 ? 1e-4 * fabs(P[p]) + 1e-8 : 1e-4); /* F relative */
             memcpy(Pt, P, sizeof(double) * np);
             Pt[p] += h;
