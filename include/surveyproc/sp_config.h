@@ -263,6 +263,7 @@ typedef struct {
     int flag_maxiter_margin;
     int threads_per_process; /* SP_CONFIG_AUTO or a count */
     sp_cfg_gal_model gal_model;
+    bool untyped_point_first;
     sp_cfg_psf_model psf_model;
     int gaussian_mixture_n;
     int min_epsf_nstars_for_use;

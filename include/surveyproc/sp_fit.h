@@ -104,6 +104,12 @@ typedef struct {
     double theta;                     /* position angle, radians, from +x towards +y */
     double sersic_n;                  /* Sersic index (SERSIC only) */
     long id;                          /* caller's tag, copied to the result */
+    int type_auto;                    /* 1: the catalog gave no type. Fitted as a point source first;
+                                       * then `type` (a galaxy model; re, q, theta, sersic_n its start)
+                                       * is tried from Re, Re/3 and Re/10 with the neighbours held, and
+                                       * kept only if it lowers chi2 by more than 4. The result's type is
+                                       * the model used. Ignored for role FIXED, single-band mode
+                                       * (multiband = 0) and type STAR. */
 } sp_fit_source;
 
 /* Result flags (per source). */

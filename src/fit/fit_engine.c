@@ -49,6 +49,9 @@ typedef struct {
     sp_src_type type;
     sp_src_role role;
     int ng;             /* geometry parameters used: 2 (star), 5 (EXP/DEV), 6 (SERSIC) */
+    int ngc;            /* derivative planes per model-cache slot (the largest ng it may take) */
+    int autot;          /* type_auto: fitted as a point source, galaxy model `gal` tried after */
+    sp_src_type gal;
     fit_geom g, gt;     /* current and trial geometry */
     double p0[P_MAX];   /* initial */
     double lo[P_MAX], hi[P_MAX];
@@ -588,7 +591,7 @@ static size_t mc_np(const fit_box *bx) { return (size_t)bx->bw * bx->bh; }
 static double *mc_find(sp_fit_workspace *ws, int nimg, const wsrc *s, int i, const fit_geom *g, const fit_box *bx,
                        unsigned need)
 {
-    const size_t q = (size_t)s->idx * nimg + i, sl = mc_np(bx) * (size_t)(1 + s->ng);
+    const size_t q = (size_t)s->idx * nimg + i, sl = mc_np(bx) * (size_t)(1 + s->ngc);
     mc_key *k = ws->mck + 2 * q;
     for (int t = 0; t < 2; t++)
         if (k[t].used && (k[t].mask & need) == need && !memcmp(k[t].p, g->p, sizeof k[t].p)) {
@@ -605,7 +608,7 @@ static double *mc_find(sp_fit_workspace *ws, int nimg, const wsrc *s, int i, con
 static double *mc_claim(sp_fit_workspace *ws, int nimg, const wsrc *s, int i, const fit_geom *g, const fit_box *bx,
                         unsigned *keep)
 {
-    const size_t q = (size_t)s->idx * nimg + i, sl = mc_np(bx) * (size_t)(1 + s->ng);
+    const size_t q = (size_t)s->idx * nimg + i, sl = mc_np(bx) * (size_t)(1 + s->ngc);
     mc_key *k = ws->mck + 2 * q;
     const int gcur = !memcmp(g->p, s->g.p, sizeof g->p);
     int t = -1;
@@ -1317,6 +1320,20 @@ cleanup:
     return status;
 }
 
+/* dst[box] += a * src (src packed bw x bh; dst rows of length nx): the same
+ * sum as the scalar loop, vectorised (AVX2 / AVX-512 clones; no FMA
+ * contraction in ISO C, so the same bits on every path). */
+__attribute__((target_clones("arch=x86-64-v4", "arch=x86-64-v3", "default"))) static void
+add_rows(double *restrict dst, int nx, const fit_box *bx, double a, const double *restrict src)
+{
+    for (int r = 0; r < bx->bh; r++) {
+        double *restrict row = dst + (size_t)(bx->by0 + r) * nx + bx->bx0;
+        const double *restrict mr = src + (size_t)r * bx->bw;
+#pragma omp simd
+        for (int c = 0; c < bx->bw; c++) row[c] += a * mr[c];
+    }
+}
+
 /* Add (sign +1) or subtract (-1) the current models of group G (times fluxes)
  * to/from ws->mf. */
 static int group_to_mf(sp_fit_workspace *ws, const runctx *rc, const wgroup *G, double sign)
@@ -1332,12 +1349,7 @@ static int group_to_mf(sp_fit_workspace *ws, const runctx *rc, const wgroup *G, 
             if (f == 0.0 || !isfinite(f)) continue;
             const double *mc;
             SP_TRY(mc_get(ws, rc->o, rc->nimg, wi, s, i, &s->g, bx, &mc));
-            double *mf = ws->mf + wi->off;
-            for (int r = 0; r < bx->bh; r++) {
-                double *row = mf + (size_t)(bx->by0 + r) * wi->img->nx + bx->bx0;
-                const double *mr = mc + (size_t)r * bx->bw;
-                for (int c = 0; c < bx->bw; c++) row[c] += sign * f * mr[c];
-            }
+            add_rows(ws->mf + wi->off, wi->img->nx, bx, sign * f, mc);
         }
     }
 cleanup:
@@ -1516,12 +1528,22 @@ static int reweight(sp_fit_workspace *ws, const runctx *rc, double *Ssky)
         const double pk = wi->img->poisson_k;
         if (pk > 0) {
             const double *vb = ws->vb + wi->off, *mf = ws->mf + wi->off, *mx = ws->mx + wi->off;
-            for (size_t k = 0; k < np; k++)
-                if (vb[k] > 0) w[k] = 1.0 / (vb[k] + pk * fmax(mf[k] + mx[k], 0.0));
+            /* selects instead of a branch and an fmax call: vectorised, same
+             * values (max(NaN, 0) = 0 both ways; vb > 0 keeps the sum away
+             * from the sign of zero) */
+#pragma omp simd
+            for (size_t k = 0; k < np; k++) {
+                const double t = mf[k] + mx[k], vk = vb[k];
+                const double nw = 1.0 / ((vk > 0.0 ? vk : 1.0) + pk * (t > 0.0 ? t : 0.0));
+                w[k] = vk > 0.0 ? nw : w[k];
+            }
             any = 1;
         }
-        if (Ssky)
-            for (size_t k = 0; k < np; k++) Ssky[wi->slot] += w[k];
+        if (Ssky) {
+            double sw = Ssky[wi->slot];
+            for (size_t k = 0; k < np; k++) sw += w[k];
+            Ssky[wi->slot] = sw;
+        }
     }
     return any;
 }
@@ -1761,6 +1783,185 @@ cleanup:
     return status;
 }
 
+/* Forget the cached renders of source s (its type changed: the keys compare
+ * the geometry only). */
+static void mc_forget(sp_fit_workspace *ws, int nimg, const wsrc *s)
+{
+    for (int i = 0; i < nimg; i++) {
+        mc_key *k = ws->mck + 2 * ((size_t)s->idx * nimg + i);
+        k[0].used = k[1].used = 0;
+        k[0].mask = k[1].mask = 0;
+    }
+}
+
+static void set_type(wsrc *s, sp_src_type t)
+{
+    s->type = s->g.type = s->gt.type = t;
+    s->ng = ngeom(t);
+    if (t != SP_SRC_STAR) {
+        fit_gal_profile(t, s->g.p[P_N], &s->g.prof);
+        s->gt.prof = s->g.prof;
+    }
+}
+
+/* -2 ln prior of s's position at g (the MAP term of fit_group_stage), for
+ * comparing models with and without free positions. */
+static double prior_of(const wsrc *s, const fit_geom *g, const sp_fit_options *o)
+{
+    if (!(o->pos_prior_sigma > 0) || (s->hold & ((1u << P_X) | (1u << P_Y)))) return 0.0;
+    const double dx = g->p[P_X] - s->p0[P_X], dy = g->p[P_Y] - s->p0[P_Y];
+    return (dx * dx + dy * dy) / (o->pos_prior_sigma * o->pos_prior_sigma);
+}
+
+#define TYPE_AUTO_DCHI2 4.0  /* a galaxy model must lower chi2 by more than this over the point source */
+#define TYPE_AUTO_SCREEN 2.0 /* shape held: the best fixed start may fall this short before its position fit */
+
+/* Galaxy start of an untyped source: the point fit's geometry gpt with shape (re, q, theta). */
+static void type_start(wsrc *s, const fit_geom *gpt, double re, double q, double th, const sp_fit_options *o)
+{
+    s->g = *gpt;
+    s->g.type = s->gal;
+    fit_shape_to_eta(re, q, th, &s->g.p[P_LNS], &s->g.p[P_E1], &s->g.p[P_E2]);
+    s->g.p[P_N] = s->p0[P_N];
+    set_type(s, s->gal);
+    project(s, &s->g, o);
+}
+
+/* Untyped sources (type_auto), after the point-source fit: with every other
+ * source held (in mf), the galaxy model is fitted alone over the source's box
+ * (sized for the galaxy) from Re, Re/3 and Re/10 (catalog q, theta; position
+ * from the point fit; shape held below min_snr_shape) and kept when its best
+ * chi2 (+ position prior) beats the point source's by more than
+ * TYPE_AUTO_DCHI2. mf holds every fitted model on entry and on return; the
+ * fluxes of a component whose member changed model are re-solved jointly
+ * here unless the caller's weight / sky rounds do it. */
+static int type_trials(sp_fit_workspace *ws, runctx *rc, wgroup *comps, int ncomp, int nmem, int model_w)
+{
+    int status = SP_OK;
+    const sp_fit_options *o = rc->o;
+    const int nb = rc->nb, save = rc->use_mf;
+    const unsigned xy = (1u << P_X) | (1u << P_Y), shape = (1u << P_LNS) | (1u << P_E1) | (1u << P_E2) | (1u << P_N);
+    static const double start[3] = {1.0, 1.0 / 3.0, 1.0 / 10.0};
+    double fpt[SP_FIT_MAX_BANDS], fbest[SP_FIT_MAX_BANDS];
+    GROW(ws->gmem, ws->cap_gmem, (size_t)nmem + 1);
+    GROW(ws->tmpi, ws->cap_tmpi, (size_t)ncomp + 1); /* components whose member changed model */
+    for (int gi = 0; gi < ncomp; gi++) ws->tmpi[gi] = 0;
+    rc->use_mf = 1;
+    for (int gi = 0; gi < ncomp; gi++) {
+        const wgroup *C = &comps[gi];
+        for (int l = 0; l < C->n; l++) {
+            wsrc *s = &ws->s[ws->gmem[C->start + l]];
+            if (!s->autot || (s->hold & xy)) continue; /* too faint for a geometry, or held: stays a point */
+            wgroup T;
+            memset(&T, 0, sizeof T);
+            T.start = nmem;
+            T.n = 1;
+            ws->gmem[nmem] = s->idx;
+            SP_TRY(group_to_mf(ws, rc, &T, -1.0));
+            /* the point source over the same box, fluxes re-solved against the held neighbours */
+            s->freemask = 0;
+            if (theta_map(ws, &T) < 0) {
+                status = SP_FAIL(SP_ERR_NOMEM, "fit: out of memory");
+                goto cleanup;
+            }
+            SP_TRY(group_eval(ws, rc, &T, 0, &ws->acc[0], 0));
+            const double chi2_pt = ws->acc[0].chi2 + prior_of(s, &s->g, o);
+            for (int b = 0; b < nb; b++) fpt[b] = ws->acc[0].f[b];
+            const fit_geom gpt = s->g;
+            double best = INFINITY;
+            fit_geom gbest = gpt;
+            unsigned fbest_flags = 0;
+            int it_best = 0;
+            const unsigned hold0 = s->hold;
+            double re0, q0, th0;
+            fit_eta_to_shape(s->p0[P_LNS], s->p0[P_E1], s->p0[P_E2], &re0, &q0, &th0);
+            s->hold = hold0;
+            if (s->snr < o->min_snr_shape) s->hold |= shape;
+            set_type(s, s->gal);
+            const int shape_free = (stage_mask(s, 3) & shape) != 0;
+            /* the starts at the point's position, fluxes only (one render per
+             * image each). With the shape held they are three fixed models
+             * whose position refinement gains little: only the best one goes
+             * on, and only if it comes within TYPE_AUTO_SCREEN of winning.
+             * With the shape free, the LM runs from the best start and from
+             * those within TYPE_AUTO_DCHI2 of it (a start far worse than
+             * another one at the same position is on the wrong scale; LMs
+             * from all three did 3.3x the trials' galaxy render work on the
+             * bench tile and kept 34 galaxies instead of 33) */
+            double lin[3];
+            int order[3] = {0, 1, 2};
+            for (int t = 0; t < 3; t++) {
+                type_start(s, &gpt, re0 * start[t], q0, th0, o);
+                mc_forget(ws, rc->nimg, s);
+                s->freemask = 0;
+                if (theta_map(ws, &T) < 0) {
+                    status = SP_FAIL(SP_ERR_NOMEM, "fit: out of memory");
+                    goto cleanup;
+                }
+                SP_TRY(group_eval(ws, rc, &T, 0, &ws->acc[0], 0));
+                lin[t] = ws->acc[0].nonfinite ? INFINITY : ws->acc[0].chi2 + prior_of(s, &s->g, o);
+            }
+            for (int t = 1; t < 3; t++)
+                for (int u = t; u > 0 && lin[order[u]] < lin[order[u - 1]]; u--) {
+                    int w = order[u];
+                    order[u] = order[u - 1];
+                    order[u - 1] = w;
+                }
+            int ntry = chi2_pt - lin[order[0]] > TYPE_AUTO_DCHI2 - TYPE_AUTO_SCREEN ? 1 : 0;
+            if (shape_free) /* and the starts that are about as good: they may lead elsewhere */
+                for (ntry = 1; ntry < 3 && lin[order[ntry]] < lin[order[0]] + TYPE_AUTO_DCHI2; ntry++) {}
+            for (int q = 0; q < ntry; q++) {
+                const int t = order[q];
+                type_start(s, &gpt, re0 * start[t], q0, th0, o);
+                s->freemask = stage_mask(s, 3);
+                T.flags = 0;
+                T.iters[2] = 0;
+                s->iters[2] = 0;
+                SP_TRY(fit_group_stage(ws, rc, &T, s->freemask ? 2 : -1, s->freemask == 0, 0));
+                if (ws->acc[0].nonfinite) continue;
+                const double c2 = ws->acc[0].chi2 + prior_of(s, &s->g, o);
+                if (c2 < best) {
+                    best = c2;
+                    gbest = s->g;
+                    for (int b = 0; b < nb; b++) fbest[b] = ws->acc[0].f[b];
+                    fbest_flags = T.flags;
+                    it_best = s->iters[2];
+                }
+            }
+            const int keep = best < chi2_pt - TYPE_AUTO_DCHI2;
+            if (keep) {
+                s->g = gbest;
+                if ((s->hold & shape) && !(hold0 & shape)) s->flags |= SP_FITF_SHAPE_FROZEN;
+                s->flags |= fbest_flags & (SP_FITF_MAXITER | SP_FITF_SINGULAR | SP_FITF_DIVERGED | NOTCONV);
+                s->iters[2] = it_best;
+                for (int b = 0; b < nb; b++) ws->flux[(size_t)s->idx * nb + b] = fbest[b];
+                ws->tmpi[gi] = 1;
+            } else {
+                s->hold = hold0;
+                s->g = gpt;
+                set_type(s, SP_SRC_STAR);
+                s->iters[2] = 0;
+                for (int b = 0; b < nb; b++) ws->flux[(size_t)s->idx * nb + b] = fpt[b];
+            }
+            s->gt = s->g;
+            s->autot = 0;
+            mc_forget(ws, rc->nimg, s);
+            SP_TRY(group_to_mf(ws, rc, &T, +1.0));
+        }
+    }
+    rc->use_mf = save;
+    if (!o->fit_sky && !model_w)
+        for (int gi = 0; gi < ncomp; gi++) {
+            if (!ws->tmpi[gi]) continue;
+            SP_TRY(group_to_mf(ws, rc, &comps[gi], -1.0));
+            SP_TRY(linear_keep_masks(ws, rc, &comps[gi]));
+            SP_TRY(group_to_mf(ws, rc, &comps[gi], +1.0));
+        }
+cleanup:
+    rc->use_mf = save;
+    return status;
+}
+
 static int run_fit(sp_fit_workspace *ws, const sp_fit_options *o, const sp_fit_image *imgs, const runspec *rs,
                    const sp_fit_source *src, int nsrc, sp_fit_result *res, sp_fit_patch_stats *st, float *const *model,
                    int nbands_total)
@@ -1838,13 +2039,14 @@ static int run_fit(sp_fit_workspace *ws, const sp_fit_options *o, const sp_fit_i
             for (size_t k = 0; k < np && n0 < 4096; k += stp0)
                 if (w[k] > 0 && d[k] <= 0) ws->tmp[n0++] = 1.0 / w[k];
             const double vfloor = n0 > 0 ? 0.5 * kth(ws->tmp, n0, n0 / 2) : 0.0;
+            /* selects, no branch or fmax/fmin call: vectorised (the
+             * quotient of a masked pixel is computed and dropped) */
+#pragma omp simd
             for (size_t k = 0; k < np; k++) {
-                if (!(w[k] > 0)) {
-                    vb[k] = 0.0;
-                    continue;
-                }
-                const double v = 1.0 / w[k], b0 = v - pk * fmax(d[k], 0.0);
-                vb[k] = b0 > vfloor ? b0 : (vfloor > 0 ? fmin(vfloor, v) : v);
+                const double wk = w[k], dk = d[k];
+                const double v = 1.0 / (wk > 0.0 ? wk : 1.0), b0 = v - pk * (dk > 0.0 ? dk : 0.0);
+                const double alt = vfloor > 0 ? (vfloor < v ? vfloor : v) : v;
+                vb[k] = wk > 0.0 ? (b0 > vfloor ? b0 : alt) : 0.0;
             }
         }
         memset(ws->mf + wi->off, 0, np * sizeof(double));
@@ -1904,8 +2106,10 @@ static int run_fit(sp_fit_workspace *ws, const sp_fit_options *o, const sp_fit_i
         s->idx = k;
         s->type = in->type;
         s->role = in->role;
-        s->ng = ngeom(in->type);
+        s->ng = s->ngc = ngeom(in->type);
         s->g.type = in->type;
+        s->gal = in->type;
+        s->autot = in->type_auto && in->type != SP_SRC_STAR && in->role != SP_ROLE_FIXED && !rs->indep;
         double x = in->x, y = in->y;
         if (!isfinite(x) || !isfinite(y)) {
             s->flags |= SP_FITF_BAD_INPUT | SP_FITF_NODATA;
@@ -2021,6 +2225,20 @@ static int run_fit(sp_fit_workspace *ws, const sp_fit_options *o, const sp_fit_i
             s->flags |= SP_FITF_NODATA;
         }
     }
+    /* ---- untyped sources: boxes and cache slots were sized for the galaxy
+     * model; the fit starts with the point source */
+    int any_auto = 0;
+    for (int k = 0; k < nsrc; k++) {
+        wsrc *s = &ws->s[k];
+        if (!s->autot) continue;
+        if (s->nodata) {
+            s->autot = 0;
+            continue;
+        }
+        s->type = s->g.type = SP_SRC_STAR;
+        s->ng = ngeom(SP_SRC_STAR);
+        any_auto = 1;
+    }
     /* ---- model cache: two slots per source and image box */
     {
         size_t tot = 0;
@@ -2028,7 +2246,7 @@ static int run_fit(sp_fit_workspace *ws, const sp_fit_options *o, const sp_fit_i
         GROW(ws->mck, ws->cap_mck, 2 * (size_t)nsrc * nimg + 2);
         for (size_t q = 0; q < (size_t)nsrc * nimg; q++) {
             ws->mc_off[q] = tot;
-            tot += 2 * (size_t)ws->box[q].bw * ws->box[q].bh * (size_t)(1 + ws->s[q / nimg].ng);
+            tot += 2 * (size_t)ws->box[q].bw * ws->box[q].bh * (size_t)(1 + ws->s[q / nimg].ngc);
         }
         GROW(ws->mc, ws->cap_mc, tot + 1);
         memset(ws->mck, 0, sizeof(mc_key) * 2 * (size_t)nsrc * nimg);
@@ -2129,7 +2347,7 @@ static int run_fit(sp_fit_workspace *ws, const sp_fit_options *o, const sp_fit_i
     }
     int model_w = 0;
     for (int i = 0; i < nimg; i++) model_w |= ws->im[i].img->poisson_k > 0;
-    const int keep_mf = any_split || o->fit_sky || model_w;
+    const int keep_mf = any_split || o->fit_sky || model_w || any_auto;
     rc.use_mf = any_split;
     if (!keep_mf) {
         /* independent components: the per-component pipeline */
@@ -2300,6 +2518,7 @@ static int run_fit(sp_fit_workspace *ws, const sp_fit_options *o, const sp_fit_i
         }
         if (sw >= 1 && ncapped == 0 && gain < o->dlnp_stop * (nsplitchk > 0 ? nsplitchk : 1)) break;
     }
+    if (any_auto) SP_TRY(type_trials(ws, &rc, comps, ncomp, nmem, model_w));
     if (model_w) {
         /* weights at the fitted geometry; fluxes (and sky) re-solved with them */
         SP_TRY(refit_model_weights(ws, &rc, comps, ncomp, o->fit_sky ? Ssky : NULL));
@@ -2394,7 +2613,7 @@ final_model:
         const int fitted = s->role != SP_ROLE_FIXED && !s->nodata;
         const wgroup *G = fitted ? &comps[s->group] : NULL, *Ck = fitted ? &chunks[s->chunk] : NULL;
         unsigned gflags = G ? ((G->flags | Ck->flags) & ~NOTCONV) : 0;
-        int gconv = G ? !(Ck->flags & NOTCONV) : 0;
+        int gconv = G ? !(Ck->flags & NOTCONV) && !(s->flags & NOTCONV) : 0; /* s: its galaxy trial */
         r->id = src[k].id;
         r->index = k;
         r->type = s->type;
@@ -2499,7 +2718,7 @@ final_model:
                 }
             }
         }
-        unsigned flags = s->flags | gflags;
+        unsigned flags = (s->flags & ~NOTCONV) | gflags;
         if (G && gconv && !(gflags & (SP_FITF_MAXITER | SP_FITF_DIVERGED))) flags |= SP_FITF_CONVERGED;
         if (!isfinite(ex) || !isfinite(ey)) {
             flags |= SP_FITF_SINGULAR;
@@ -2541,12 +2760,18 @@ final_model:
             const int band = rs->slot_band[wi->slot];
             const size_t np = (size_t)wi->img->nx * wi->img->ny;
             const double *dp = ws->dp + wi->off, *w = ws->w + wi->off, *mf = ws->mf + wi->off;
+            /* local sums (st may alias nothing, but the compiler cannot know):
+             * same order, same bits */
+            double c2 = st->chi2[band];
+            long npx = 0;
             for (size_t q = 0; q < np; q++)
                 if (w[q] > 0) {
                     double rr = dp[q] - mf[q];
-                    st->chi2[band] += w[q] * rr * rr;
-                    st->npix[band]++;
+                    c2 += w[q] * rr * rr;
+                    npx++;
                 }
+            st->chi2[band] = c2;
+            st->npix[band] += npx;
         }
         for (int b = 0; b < nb; b++) {
             const int band = rs->slot_band[b];

@@ -29,36 +29,6 @@ static void sym_transform(const double *aff, const double S[3], double out[3])
     out[2] = m10 * c + m11 * d;
 }
 
-/* exp(y) for y in [-40, 0] (no clamp, so the loops vectorise): y = n ln2 + r, |r| <= ln2/2, degree-11 Taylor
- * polynomial (relative error < 2e-15 over the range), 2^n from the exponent
- * bits. Branch-free, so the row loops below vectorise. */
-static inline double exp_neg(double y) /* callers guarantee y >= -40 */
-{
-    const double l2e = 1.4426950408889634, ln2hi = 6.93147180369123816490e-01, ln2lo = 1.90821492927058770002e-10;
-    const double shifter = 6755399441055744.0; /* 1.5 * 2^52: t's low mantissa bits hold round(y l2e) */
-    double t = y * l2e + shifter;
-    double n = t - shifter;
-    double r = (y - n * ln2hi) - n * ln2lo;
-    double p = 1.0 / 39916800.0;
-    p = p * r + 1.0 / 3628800.0;
-    p = p * r + 1.0 / 362880.0;
-    p = p * r + 1.0 / 40320.0;
-    p = p * r + 1.0 / 5040.0;
-    p = p * r + 1.0 / 720.0;
-    p = p * r + 1.0 / 120.0;
-    p = p * r + 1.0 / 24.0;
-    p = p * r + 1.0 / 6.0;
-    p = p * r + 0.5;
-    p = p * r + 1.0;
-    p = p * r + 1.0;
-    uint64_t ti, si;
-    memcpy(&ti, &t, sizeof ti);
-    si = (ti + 1023u) << 52;
-    double sc;
-    memcpy(&sc, &si, sizeof sc);
-    return p * sc;
-}
-
 #define ROWMAX 512 /* box rows are at most 2 * box_max_half + 1 (<= 257) */
 
 static int is_identity(const double *aff)
@@ -252,11 +222,149 @@ static void render_star(const sp_fit_image *img, const fit_geom *g, const fit_bo
     }
 }
 
+/* One Gaussian of the galaxy x PSF mixture in image px (after convolution). */
+typedef struct {
+    double amp, damp;           /* amplitude (x flux_scale) and its d/dn */
+    double cx, cy;              /* centre in box px */
+    double ixx, ixy, iyy, norm; /* inverse covariance, 1 / (2 pi sqrt(det)) */
+    double qmax;                /* evaluated where the quadratic form is <= qmax */
+    double dC[4][3], tr[4];     /* dC/dp (ln s, eta1, eta2, n) and tr(C^-1 dC) */
+} gmix_comp;
+
+/* Which planes a render fills: values only (linear solves, the model),
+ * + position (stage 2), + position and shape (stage 3), anything (Sersic n,
+ * partial sets). */
+enum { GM_VAL = 0, GM_POS = 1, GM_SHAPE = 2, GM_ANY = 3 };
+
+/* One component over one row segment, every requested plane in one pass
+ * (fused: the Gaussian and C^-1 d are computed once per pixel and feed all
+ * planes). MODE is a compile-time constant after inlining. */
+static inline __attribute__((always_inline)) void gmix_row(const int MODE, const gmix_comp *cp, const double *a,
+                                                           int x0, int len, double dy, size_t o0, double *m,
+                                                           double *const dm[P_MAX], const int want_sh[3],
+                                                           int want_n)
+{
+    const double ixx = cp->ixx, ixy = cp->ixy, iyy = cp->iyy, norm = cp->norm, amp = cp->amp, cx = cp->cx;
+    const double dyx = ixy * dy, dyy = iyy * dy;
+    double *restrict mrow = m + o0;
+    if (MODE == GM_VAL) {
+#pragma omp simd
+        for (int t = 0; t < len; t++) {
+            const double dx = x0 + t - cx;
+            const double Gx = ixx * dx + dyx, Gy = ixy * dx + dyy;
+            mrow[t] += amp * (norm * fit_exp_neg(-0.5 * (dx * Gx + dy * Gy)));
+        }
+        return;
+    }
+    const double ax = amp * a[0], bx = amp * a[3], ay = amp * a[1], by = amp * a[4];
+    double *restrict dxr = dm[P_X] ? dm[P_X] + o0 : NULL, *restrict dyr = dm[P_Y] ? dm[P_Y] + o0 : NULL;
+    if (MODE == GM_POS) {
+#pragma omp simd
+        for (int t = 0; t < len; t++) {
+            const double dx = x0 + t - cx;
+            const double Gx = ixx * dx + dyx, Gy = ixy * dx + dyy;
+            const double ev = norm * fit_exp_neg(-0.5 * (dx * Gx + dy * Gy));
+            mrow[t] += amp * ev;
+            dxr[t] += ev * (ax * Gx + bx * Gy);
+            dyr[t] += ev * (ay * Gx + by * Gy);
+        }
+        return;
+    }
+    const double h = 0.5 * amp;
+    const double s00 = cp->dC[0][0], s01 = 2.0 * cp->dC[0][1], s02 = cp->dC[0][2], t0 = cp->tr[0];
+    const double s10 = cp->dC[1][0], s11 = 2.0 * cp->dC[1][1], s12 = cp->dC[1][2], t1 = cp->tr[1];
+    const double s20 = cp->dC[2][0], s21 = 2.0 * cp->dC[2][1], s22 = cp->dC[2][2], t2 = cp->tr[2];
+    if (MODE == GM_SHAPE) {
+        double *restrict r0 = dm[P_LNS] + o0, *restrict r1 = dm[P_E1] + o0, *restrict r2 = dm[P_E2] + o0;
+#pragma omp simd
+        for (int t = 0; t < len; t++) {
+            const double dx = x0 + t - cx;
+            const double Gx = ixx * dx + dyx, Gy = ixy * dx + dyy;
+            const double ev = norm * fit_exp_neg(-0.5 * (dx * Gx + dy * Gy));
+            mrow[t] += amp * ev;
+            dxr[t] += ev * (ax * Gx + bx * Gy);
+            dyr[t] += ev * (ay * Gx + by * Gy);
+            const double xx = Gx * Gx, xy = Gx * Gy, yy = Gy * Gy, he = h * ev;
+            r0[t] += he * (xx * s00 + xy * s01 + yy * s02 - t0);
+            r1[t] += he * (xx * s10 + xy * s11 + yy * s12 - t1);
+            r2[t] += he * (xx * s20 + xy * s21 + yy * s22 - t2);
+        }
+        return;
+    }
+    /* anything: per-plane tests outside the pixel loop */
+    double ev[ROWMAX], gxv[ROWMAX], gyv[ROWMAX];
+#pragma omp simd
+    for (int t = 0; t < len; t++) {
+        const double dx = x0 + t - cx;
+        const double Gx = ixx * dx + dyx, Gy = ixy * dx + dyy;
+        gxv[t] = Gx;
+        gyv[t] = Gy;
+        ev[t] = norm * fit_exp_neg(-0.5 * (dx * Gx + dy * Gy));
+        mrow[t] += amp * ev[t];
+    }
+    if (dm[P_X]) {
+#pragma omp simd
+        for (int t = 0; t < len; t++) dxr[t] += ev[t] * (ax * gxv[t] + bx * gyv[t]);
+    }
+    if (dm[P_Y]) {
+#pragma omp simd
+        for (int t = 0; t < len; t++) dyr[t] += ev[t] * (ay * gxv[t] + by * gyv[t]);
+    }
+    for (int p = 0; p < 3; p++) {
+        if (!want_sh[p]) continue;
+        double *restrict r = dm[P_LNS + p] + o0;
+        const double c0 = cp->dC[p][0], c1 = 2.0 * cp->dC[p][1], c2 = cp->dC[p][2], tp = cp->tr[p];
+#pragma omp simd
+        for (int t = 0; t < len; t++)
+            r[t] += h * ev[t] * (gxv[t] * gxv[t] * c0 + gxv[t] * gyv[t] * c1 + gyv[t] * gyv[t] * c2 - tp);
+    }
+    if (want_n) {
+        double *restrict r = dm[P_N] + o0;
+        const double c0 = cp->dC[3][0], c1 = 2.0 * cp->dC[3][1], c2 = cp->dC[3][2], tp = cp->tr[3];
+        const double damp = cp->damp;
+#pragma omp simd
+        for (int t = 0; t < len; t++)
+            r[t] += damp * ev[t] + h * ev[t] * (gxv[t] * gxv[t] * c0 + gxv[t] * gyv[t] * c1 + gyv[t] * gyv[t] * c2 - tp);
+    }
+}
+
+/* A component over the box: rows within its ellipse q <= qmax, per row the
+ * exact x interval. */
+static inline __attribute__((always_inline)) void gmix_comp_render(const int MODE, const gmix_comp *cp,
+                                                                   const double *a, int bw, int bh, double *m,
+                                                                   double *const dm[P_MAX], const int want_sh[3],
+                                                                   int want_n)
+{
+    const double Q = cp->qmax, ixx = cp->ixx, ixy = cp->ixy, iyy = cp->iyy, cx = cp->cx, cy = cp->cy;
+    /* rows: |dy| <= sqrt(Q cyy), cyy = ixx det(C) = ixx / (ixx iyy - ixy^2) */
+    const double cyy = ixx / (ixx * iyy - ixy * ixy);
+    int y0 = (int)ceil(cy - sqrt(Q * cyy)), y1 = (int)floor(cy + sqrt(Q * cyy));
+    if (y0 < 0) y0 = 0;
+    if (y1 > bh - 1) y1 = bh - 1;
+    for (int py = y0; py <= y1; py++) {
+        const double dy = py - cy;
+        /* ixx dx^2 + 2 ixy dy dx + iyy dy^2 - Q <= 0 */
+        const double bq = ixy * dy, disc = bq * bq - ixx * (iyy * dy * dy - Q);
+        if (disc < 0.0) continue;
+        const double sq = sqrt(disc);
+        int x0 = (int)ceil(cx + (-bq - sq) / ixx), x1 = (int)floor(cx + (-bq + sq) / ixx);
+        if (x0 < 0) x0 = 0;
+        if (x1 > bw - 1) x1 = bw - 1;
+        if (x1 < x0) continue;
+        gmix_row(MODE, cp, a, x0, x1 - x0 + 1, dy, (size_t)py * bw + x0, m, dm, want_sh, want_n);
+    }
+}
+
+/* Contributions below this fraction of the model's peak are not evaluated:
+ * components whose own peak is below it are skipped, the others only inside
+ * the ellipse where they exceed it (at most q = 60, e^-30 of their peak). */
+#define GMIX_REL_CUT 1e-8
+
 /* Built for AVX2 / AVX-512 too, dispatched at run time (the row loops are
  * vectorised with #pragma omp simd). */
 __attribute__((target_clones("arch=x86-64-v4", "arch=x86-64-v3", "default"))) static void
-render_gal_gmix(const sp_fit_image *img, const psf_mix *pm, const fit_geom *g, const fit_box *b,
-                            double *m, double *const dm[P_MAX])
+render_gal_gmix(const sp_fit_image *img, const psf_mix *pm, const fit_geom *g, const fit_box *b, double *m,
+                double *const dm[P_MAX])
 {
     const double *a = img->aff;
     const int bw = b->bw, bh = b->bh, n = bw * bh;
@@ -274,88 +382,56 @@ render_gal_gmix(const sp_fit_image *img, const psf_mix *pm, const fit_geom *g, c
         if (dm[j]) memset(dm[j], 0, sizeof(double) * (size_t)n);
     const gal_profile *pr = &g->prof;
     const double fs = img->flux_scale;
+    /* the convolved components, and the model's peak (the sum of their
+     * peaks: the value at the centre when the means coincide) */
+    gmix_comp cs[GMIX_MAXK * PSFMIX_MAXK];
+    int nc = 0;
+    double peak = 0.0;
     for (int k = 0; k < pr->k; k++) {
         for (int c = 0; c < pm->k; c++) {
-            const double amp = pr->amp[k] * pm->amp[c] * fs;
-            const double damp = pr->damp[k] * pm->amp[c] * fs;
-            if (amp == 0.0 && !(want_n && damp != 0.0)) continue;
+            gmix_comp *cp = &cs[nc];
+            cp->amp = pr->amp[k] * pm->amp[c] * fs;
+            cp->damp = pr->damp[k] * pm->amp[c] * fs;
+            if (cp->amp == 0.0 && !(want_n && cp->damp != 0.0)) continue;
             const double vk = pr->var[k];
-            const double cxx = vk * Si[0] + pm->cxx[c], cxy = vk * Si[1] + pm->cxy[c],
-                         cyy = vk * Si[2] + pm->cyy[c];
+            const double cxx = vk * Si[0] + pm->cxx[c], cxy = vk * Si[1] + pm->cxy[c], cyy = vk * Si[2] + pm->cyy[c];
             const double det = cxx * cyy - cxy * cxy;
             if (!(det > 0.0)) continue;
-            const double ixx = cyy / det, ixy = -cxy / det, iyy = cxx / det;
-            const double norm = 1.0 / (2.0 * M_PI * sqrt(det));
-            const double cx = u + pm->mx[c], cy = v + pm->my[c];
+            cp->ixx = cyy / det;
+            cp->ixy = -cxy / det;
+            cp->iyy = cxx / det;
+            cp->norm = 1.0 / (2.0 * M_PI * sqrt(det));
+            cp->cx = u + pm->mx[c];
+            cp->cy = v + pm->my[c];
             /* dC/dp = vk dSi[p]; tr(C^-1 dC) */
-            double dC[4][3], tr[4];
             for (int p = 0; p < 3; p++) {
-                for (int t = 0; t < 3; t++) dC[p][t] = vk * dSi[p][t];
-                tr[p] = ixx * dC[p][0] + 2.0 * ixy * dC[p][1] + iyy * dC[p][2];
+                for (int t = 0; t < 3; t++) cp->dC[p][t] = vk * dSi[p][t];
+                cp->tr[p] = cp->ixx * cp->dC[p][0] + 2.0 * cp->ixy * cp->dC[p][1] + cp->iyy * cp->dC[p][2];
             }
             const double dvk = pr->dvar[k];
-            for (int t = 0; t < 3; t++) dC[3][t] = dvk * Si[t];
-            tr[3] = ixx * dC[3][0] + 2.0 * ixy * dC[3][1] + iyy * dC[3][2];
-            /* only the pixels inside the ellipse q <= 60 (below e^-30 outside):
-             * rows within +-sqrt(60 cyy), and per row the exact x interval */
-            const double QMAX = 60.0;
-            int y0 = (int)ceil(cy - sqrt(QMAX * cyy)), y1 = (int)floor(cy + sqrt(QMAX * cyy));
-            if (y0 < 0) y0 = 0;
-            if (y1 > bh - 1) y1 = bh - 1;
-            for (int py = y0; py <= y1; py++) {
-                const double dy = py - cy;
-                /* ixx dx^2 + 2 ixy dy dx + iyy dy^2 - QMAX <= 0 */
-                const double bq = ixy * dy, disc = bq * bq - ixx * (iyy * dy * dy - QMAX);
-                if (disc < 0.0) continue;
-                const double sq = sqrt(disc);
-                int x0 = (int)ceil(cx + (-bq - sq) / ixx), x1 = (int)floor(cx + (-bq + sq) / ixx);
-                if (x0 < 0) x0 = 0;
-                if (x1 > bw - 1) x1 = bw - 1;
-                if (x1 < x0) continue;
-                const int len = x1 - x0 + 1;
-                double ev[ROWMAX], gxv[ROWMAX], gyv[ROWMAX];
-                /* pass 1: Gaussian value and C^-1 d along the row segment */
-#pragma omp simd
-                for (int t = 0; t < len; t++) {
-                    const double dx = x0 + t - cx;
-                    const double Gx = ixx * dx + ixy * dy, Gy = ixy * dx + iyy * dy;
-                    gxv[t] = Gx;
-                    gyv[t] = Gy;
-                    ev[t] = norm * exp_neg(-0.5 * (dx * Gx + dy * Gy));
-                }
-                double *mrow = m + (size_t)py * bw + x0;
-#pragma omp simd
-                for (int t = 0; t < len; t++) mrow[t] += amp * ev[t];
-                const size_t o0 = (size_t)py * bw + x0;
-                if (want_pos) {
-                    double *dxr = dm[P_X] ? dm[P_X] + o0 : NULL, *dyr = dm[P_Y] ? dm[P_Y] + o0 : NULL;
-                    const double ax = amp * a[0], bx = amp * a[3], ay = amp * a[1], by = amp * a[4];
-                    if (dxr) {
-#pragma omp simd
-                        for (int t = 0; t < len; t++) dxr[t] += ev[t] * (ax * gxv[t] + bx * gyv[t]);
-                    }
-                    if (dyr) {
-#pragma omp simd
-                        for (int t = 0; t < len; t++) dyr[t] += ev[t] * (ay * gxv[t] + by * gyv[t]);
-                    }
-                }
-                for (int p = 0; p < 3; p++) {
-                    if (!want_sh[p]) continue;
-                    double *r = dm[P_LNS + p] + o0;
-                    const double c0 = dC[p][0], c1 = 2.0 * dC[p][1], c2 = dC[p][2], tp = tr[p], h = 0.5 * amp;
-#pragma omp simd
-                    for (int t = 0; t < len; t++)
-                        r[t] += h * ev[t] * (gxv[t] * gxv[t] * c0 + gxv[t] * gyv[t] * c1 + gyv[t] * gyv[t] * c2 - tp);
-                }
-                if (want_n) {
-                    double *r = dm[P_N] + o0;
-                    const double c0 = dC[3][0], c1 = 2.0 * dC[3][1], c2 = dC[3][2], tp = tr[3], h = 0.5 * amp;
-#pragma omp simd
-                    for (int t = 0; t < len; t++)
-                        r[t] += damp * ev[t] +
-                                h * ev[t] * (gxv[t] * gxv[t] * c0 + gxv[t] * gyv[t] * c1 + gyv[t] * gyv[t] * c2 - tp);
-                }
-            }
+            for (int t = 0; t < 3; t++) cp->dC[3][t] = dvk * Si[t];
+            cp->tr[3] = cp->ixx * cp->dC[3][0] + 2.0 * cp->ixy * cp->dC[3][1] + cp->iyy * cp->dC[3][2];
+            peak += cp->amp * cp->norm;
+            nc++;
+        }
+    }
+    const double cut = GMIX_REL_CUT * fabs(peak);
+    const int mode = !want_pos && !want_sh[0] && !want_sh[1] && !want_sh[2] && !want_n ? GM_VAL
+                     : dm[P_X] && dm[P_Y] && !want_sh[0] && !want_sh[1] && !want_sh[2] && !want_n ? GM_POS
+                     : dm[P_X] && dm[P_Y] && want_sh[0] && want_sh[1] && want_sh[2] && !want_n   ? GM_SHAPE
+                                                                                                   : GM_ANY;
+    for (int q = 0; q < nc; q++) {
+        gmix_comp *cp = &cs[q];
+        double top = fabs(cp->amp) * cp->norm;
+        if (want_n) top = fmax(top, fabs(cp->damp) * cp->norm);
+        if (!(top >= cut)) continue; /* below the cut everywhere (and NaN-safe) */
+        const double qc = cut > 0.0 ? 2.0 * log(top / cut) : 60.0;
+        cp->qmax = qc < 60.0 ? qc : 60.0;
+        switch (mode) {
+        case GM_VAL: gmix_comp_render(GM_VAL, cp, a, bw, bh, m, dm, want_sh, want_n); break;
+        case GM_POS: gmix_comp_render(GM_POS, cp, a, bw, bh, m, dm, want_sh, want_n); break;
+        case GM_SHAPE: gmix_comp_render(GM_SHAPE, cp, a, bw, bh, m, dm, want_sh, want_n); break;
+        default: gmix_comp_render(GM_ANY, cp, a, bw, bh, m, dm, want_sh, want_n); break;
         }
     }
 }

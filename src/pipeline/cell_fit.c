@@ -71,6 +71,7 @@ static void source_init(const run_t *r, long i, const sp_aper_result *aper, sp_f
     int nb = p->nbands;
     memset(s, 0, sizeof *s);
     s->type = (sp_src_type)p->cat.type[i];
+    s->type_auto = pr->untyped_point_first && !p->cat.type_given[i];
     s->x = p->cat.x[i];
     s->y = p->cat.y[i];
     for (int b = 0; b < nb; b++) {
@@ -461,6 +462,7 @@ void cell_fit_row(const cell_t *c, long k, void *rows, long row)
     int nb = r->plan->nbands;
     if (!c->fit || !c->fitted[k]) return;
     const sp_fit_result *f = &c->fit[k];
+    sp_store_set_str(s, rows, row, s->type, sp_plan_type_name(f->type)); /* the model used */
     sp_store_set_f64(s, rows, row, s->x_fit, f->x);
     sp_store_set_f64(s, rows, row, s->y_fit, f->y);
     sp_store_set_f64(s, rows, row, s->xerr, f->x_err);

@@ -1198,6 +1198,107 @@ static void t_api(void **s)
 }
 
 
+/* Untyped sources (type_auto): a blank-TYPE star must come out as a point source and a blank-TYPE
+ * extended galaxy (EXP Re 3 px, q 0.6; PSF FWHM 3 px) as the galaxy model, both at SNR 40, in one
+ * patch, with the library defaults and with the pipeline's options (sky, position prior, model
+ * weights). Truth: the star from the analytic Moffat, the galaxy from the fitter's own GMIX render
+ * (a classification test: its model error is 1e-4 of the peak). Over 40 draws a star taken for a
+ * galaxy is a chi2 gain > 4 by noise with the size (one-sided) and ellipticity free (~4% of the
+ * draws): allowed at most 5 times; the galaxy never. */
+static void t_type_auto(void **s)
+{
+    (void)s;
+    enum { NX = 80, NY = 40 };
+    static float data[NX * NY], ivar[NX * NY];
+    static double gal[NX * NY];
+    sp_fit_workspace *ws = NULL;
+    assert_int_equal(sp_fit_workspace_create(NX * NY, 2, 1, &ws), SP_OK);
+    sp_fit_image im;
+    sp_fit_image_aligned(&im, 0, 0, NX, NY);
+    im.data = data;
+    im.ivar = ivar;
+    im.psf = g_psf;
+    sp_fit_source gt;
+    memset(&gt, 0, sizeof gt);
+    gt.type = SP_SRC_EXP;
+    gt.x = 57.3;
+    gt.y = 19.6;
+    gt.re = 3.0;
+    gt.q = 0.6;
+    gt.theta = 0.5;
+    assert_int_equal(sp_fit_render_source(ws, NULL, &im, &gt, gal), SP_OK);
+    double sg = 0, ss = 0;
+    const double xs = 20.4, ys = 20.2;
+    for (int k = 0; k < NX * NY; k++) {
+        sg += gal[k] * gal[k];
+        double t = truth_star(k % NX - xs, k / NX - ys);
+        ss += t * t;
+    }
+    rng_seed(77);
+    for (int mode = 0; mode < 2; mode++) {
+        /* fluxes for SNR 40 with the mode's variance (sky 1, + 0.5 x model with Poisson) */
+        double Fg = 40.0 / sqrt(sg), Fs = 40.0 / sqrt(ss);
+        for (int it = 0; mode && it < 30; it++) {
+            double a = 0, b = 0;
+            for (int k = 0; k < NX * NY; k++) {
+                double ts = Fs * truth_star(k % NX - xs, k / NX - ys), tg = Fg * gal[k];
+                a += ts * ts / (1.0 + 0.5 * ts);
+                b += tg * tg / (1.0 + 0.5 * tg);
+            }
+            Fs *= 40.0 / sqrt(a);
+            Fg *= 40.0 / sqrt(b);
+        }
+        sp_fit_options o;
+        sp_fit_options_default(&o);
+        if (mode) {
+            o.fit_sky = 1;
+            o.pos_prior_sigma = 0.3;
+            o.max_group = 10;
+        }
+        im.poisson_k = mode ? 0.5 : 0.0;
+        int star_as_gal = 0, gal_as_star = 0, both_conv = 0;
+        const int ndraw = 40;
+        for (int d = 0; d < ndraw; d++) {
+            for (int k = 0; k < NX * NY; k++) {
+                double m = Fs * truth_star(k % NX - xs, k / NX - ys) + Fg * gal[k];
+                double var = 1.0 + (mode ? 0.5 * m : 0.0);
+                double v = m + sqrt(var) * gauss();
+                data[k] = (float)v;
+                ivar[k] = (float)(1.0 / (mode ? 1.0 + 0.5 * fmax(v, 0.0) : 1.0));
+            }
+            sp_fit_source src[2];
+            memset(src, 0, sizeof src);
+            for (int q = 0; q < 2; q++) {
+                src[q].type = SP_SRC_EXP; /* the configured model of blank types */
+                src[q].type_auto = 1;
+                src[q].re = 3.0; /* the catalog's fallback Re */
+                src[q].q = 1.0;
+                src[q].flux[0] = NAN;
+                src[q].id = q;
+            }
+            src[0].x = xs + 0.2;
+            src[0].y = ys - 0.1;
+            src[1].x = gt.x - 0.2;
+            src[1].y = gt.y + 0.15;
+            sp_fit_result res[2];
+            assert_int_equal(sp_fit_patch(ws, &o, &im, 1, 1, src, 2, res, NULL, NULL), SP_OK);
+            for (int q = 0; q < 2; q++) check_result_finite(&res[q], 1);
+            star_as_gal += res[0].type != SP_SRC_STAR;
+            gal_as_star += res[1].type != SP_SRC_EXP;
+            both_conv += (res[0].flags & res[1].flags & SP_FITF_CONVERGED) != 0;
+            if (res[1].type == SP_SRC_EXP) assert_true(fabs(res[1].re / 3.0 - 1.0) < 0.3);
+            assert_true(fabs(res[0].flux[0] / Fs - 1.0) < 0.25);
+        }
+        printf("# type_auto (%s): star as galaxy %d/%d, galaxy as star %d/%d, both converged %d\n",
+               mode ? "pipeline options" : "defaults", star_as_gal, ndraw, gal_as_star, ndraw, both_conv);
+        assert_true(star_as_gal <= 5);
+        assert_int_equal(gal_as_star, 0);
+        assert_true(both_conv >= ndraw - 2);
+    }
+    im.poisson_k = 0.0;
+    sp_fit_workspace_free(&ws);
+}
+
 /* The Gaussian mixture of a noisy empirical ePSF (tests/data/psfmix_noisy_epsf.f32: a band-wide
  * polynomial ePSF of the bench tile built from faint stars, 81x81 samples at oversampling 2). A
  * 4-component fit of it converged to near-duplicate components with amplitudes of opposite signs,
@@ -1244,7 +1345,7 @@ int main(void)
         cmocka_unit_test(t_blend_two_stars), cmocka_unit_test(t_halo_neighbour), cmocka_unit_test(t_multiband),
         cmocka_unit_test(t_sky),          cmocka_unit_test(t_robust),         cmocka_unit_test(t_crowded_split),
         cmocka_unit_test(t_derivatives),  cmocka_unit_test(t_affine_image),   cmocka_unit_test(t_sersic),
-        cmocka_unit_test(t_threads),      cmocka_unit_test(t_psfmix_noisy),
+        cmocka_unit_test(t_threads),      cmocka_unit_test(t_psfmix_noisy),   cmocka_unit_test(t_type_auto),
     };
     return cmocka_run_group_tests_name("fit", tests, setup, teardown);
 }
