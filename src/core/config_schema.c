@@ -347,10 +347,11 @@ const sp_config_key sp_cfg_schema[] = {
        "OpenMP threads fitting the patches of a cell in each rank; auto: performance.threads_per_rank."),
     KE("patch_run.gal_model", patch_run.gal_model, SC, "exp", v_gal, NULL,
        "Model of sources whose TYPE is blank or unknown."),
-    KB("patch_run.untyped_point_first", patch_run.untyped_point_first, SC, "true",
-       "Sources whose TYPE is blank or unknown are fitted as point sources first; the gal_model galaxy is then "
-       "tried (from Re, Re/3 and Re/10, neighbours held) and kept only if it lowers chi2 by more than 4. The "
-       "catalog's TYPE records the model used. false: they are fitted as gal_model (docs/fitting.md)."),
+    KB("patch_run.untyped_point_first", patch_run.untyped_point_first, SC, "false",
+       "true: sources whose TYPE is blank or unknown are fitted as point sources first; the gal_model galaxy is "
+       "then tried (from Re, Re/3 and Re/10, neighbours held) and kept only if it lowers chi2 by more than 4; the "
+       "catalog's TYPE records the model used. false (the seed's rule): they are fitted as gal_model. Measured "
+       "trade-off (untyped stars much better, faint small untyped galaxies 5-20% low): docs/fitting.md."),
     KE("patch_run.psf_model", patch_run.psf_model, SC, "gaussian_mixture", v_psfmodel, a_psfmodel,
        "Galaxy-PSF convolution: FFT with the pixelized ePSF, or analytic with a Gaussian-mixture fit of it."),
     KI("patch_run.gaussian_mixture_n", patch_run.gaussian_mixture_n, SC, "4", 1, 10, "",
