@@ -632,6 +632,11 @@ static void plan_opts_from_config(const sp_config *cfg, int threads, sp_plan_opt
     default: o->gal_model = SP_SRC_EXP; break;
     }
     o->threads = threads;
+    o->psf_fwhm = cfg->epsf.fallback_fwhm_pix;
+    o->psf_beta = cfg->epsf.fallback_model == SP_CFG_FALLBACK_GAUSSIAN ? 20.0 : cfg->epsf.fallback_moffat_beta;
+    o->re_fallback = cfg->patch_run.re_fallback_pix;
+    o->max_group = cfg->patch_run.max_group_size;
+    o->halo_fixed = cfg->patch_run.halo_source_mode == SP_CFG_HALO_FIXED;
 }
 
 /* [issue 6] threads per rank: decided by the resource planner (sp_resources_setup). */

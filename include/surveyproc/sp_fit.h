@@ -223,6 +223,40 @@ void sp_fit_cleanup(void); /* frees the plans; serial; after all workspaces are 
 int sp_fit_workspace_create(size_t max_pixels, int max_sources, int nbands, sp_fit_workspace **ws);
 void sp_fit_workspace_free(sp_fit_workspace **ws); /* sets *ws = NULL; safe on NULL */
 
+/* Bytes the workspace holds now (its arrays' capacities, PSF cache and FFT
+ * scratch included); 0 for NULL. Thread-safe on a workspace no thread is
+ * fitting with. */
+size_t sp_fit_workspace_bytes(const sp_fit_workspace *ws);
+
+/* The largest patch a workspace will fit, as sizes (docs/performance.md, "Memory:
+ * what the planner counts"). The resource planner estimates them from the catalog
+ * (src/parallel/plan.c); the run reserves every thread's workspace once with them. */
+typedef struct {
+    size_t pixels;       /* sum of the patch images' pixels */
+    int nimg, nbands;    /* images (0: nbands) and bands */
+    int nsrc;            /* sources handed to sp_fit_patch (every role) */
+    size_t box_pixels;   /* sum over sources and images of the model box pixels */
+    size_t model_pixels; /* the same, each box times 1 + its source's geometry parameters
+                          * (2 STAR, 5 EXP/DEV, 6 SERSIC): model + derivative planes */
+    int group_n;         /* sources of the largest group fitted at once (<= max_group) */
+    int group_nth;       /* its free nonlinear parameters (positions, shapes) */
+    int comp_n;          /* sources of the largest component (joint flux solves) */
+} sp_fit_reserve;
+
+/* Allocate the workspace's arrays for a patch of these sizes now, and touch them
+ * (so they are resident from the start, not grown patch by patch). Later patches
+ * that need more still grow it. SP_ERR_NOMEM. Not thread-safe on one workspace. */
+int sp_fit_workspace_reserve(sp_fit_workspace *ws, const sp_fit_reserve *r);
+
+/* Bytes sp_fit_workspace_reserve allocates for r in a fresh workspace (the
+ * model cache, final models, group accumulators and per-pixel arrays, which are
+ * nearly all of it); 0 for NULL. Pure, thread-safe. */
+size_t sp_fit_reserve_bytes(const sp_fit_reserve *r);
+
+/* Doubles of one group accumulator for a group of n sources with nth free
+ * nonlinear parameters over nbands bands (a workspace holds two). Pure. */
+size_t sp_fit_group_doubles(int n, int nth, int nbands);
+
 /* Fit one patch.
  * Given:    ws (this thread's), opt (NULL = defaults), imgs[nimg] with band in
  *           [0, nbands), src[nsrc] (any roles; FIXED ones are only subtracted).

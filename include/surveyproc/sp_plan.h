@@ -41,6 +41,11 @@ typedef struct {
     int skip_empty_patches;   /* patch_inputs.skip_empty_patch */
     int gal_model;            /* source type used for blank/unknown TYPE */
     int threads;              /* OpenMP threads per rank (for the memory estimate) */
+    /* the fit's model boxes and groups, for the memory estimate (0: the defaults 4 px, 3.5,
+     * 100, 3 px): epsf.fallback_fwhm_pix / fallback_moffat_beta (the PSF before any is built),
+     * patch_run.max_group_size, patch_run.re_fallback_pix; halo_fixed: halo_source_mode fixed */
+    double psf_fwhm, psf_beta, re_fallback;
+    int max_group, halo_fixed;
 } sp_plan_opts;
 
 typedef struct {
@@ -129,6 +134,9 @@ typedef struct {
     long *patch_src;             /* sources ordered by patch */
     uint64_t inputs_hash;        /* paths, sizes, header checksums, catalog bytes */
     double max_cell_mem;         /* largest cell memory estimate (bytes) */
+    sp_fit_reserve fit_reserve;  /* the largest patch fit (fieldwise max over active patches): what each
+                                  * thread's fit workspace is reserved for (sp_fit_workspace_reserve) */
+    double fit_thread_mem;       /* bytes per fitting thread: that workspace + the patch loop's scratch */
     long nsrc_active;
 } sp_plan;
 
@@ -153,7 +161,9 @@ const char *sp_plan_type_name(int type);
  * base sources first. Returns the count; fills idx (capacity cap). */
 long sp_plan_patch_sources(const sp_plan *plan, int p, long *idx, long cap);
 
-/* Memory estimate of processing a cell with `threads` OpenMP threads. */
+/* Memory estimate of processing a cell with `threads` OpenMP threads: its pixel
+ * buffers, the per-cell rows, the ePSF grid, and `threads` x plan->fit_thread_mem
+ * (docs/performance.md, "Memory: what the planner counts"). */
 double sp_plan_cell_memory(const sp_plan *plan, const sp_cell *c, int threads);
 
 #endif

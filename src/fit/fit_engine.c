@@ -33,6 +33,7 @@
 
 #include <cblas.h>
 #include <lapacke.h>
+#include <malloc.h>
 #include <math.h>
 #include <omp.h>
 #include <stdlib.h>
@@ -756,8 +757,7 @@ static double box_radius(const wimg *wi, const wsrc *s, double F, const sp_fit_o
 
 static int acc_prepare(gacc *a, int n, int nth, int nb)
 {
-    size_t need = (size_t)nb * ((size_t)n * n * 2 + (size_t)n * 3 + (size_t)nth * n + (size_t)nth * nth +
-                                (size_t)nth * 2);
+    size_t need = sp_fit_group_doubles(n, nth, nb);
     if (need > a->cap || !a->mem) {
         free(a->mem);
         a->mem = malloc((need + 16) * sizeof(double));
@@ -2956,4 +2956,208 @@ int sp_fit_render_source(sp_fit_workspace *ws, const sp_fit_options *opt, const 
     SP_TRY(render_one(ws, opt, &wi, &g, &b, out, nod));
 cleanup:
     return status;
+}
+
+/* ---------------------------------------------------------------- memory accounting */
+
+/* Bytes held by a workspace's arrays (capacities, not what the last patch
+ * used): what the planner's per-thread term describes (sp_plan_cell_memory). */
+size_t sp_fit_workspace_bytes(const sp_fit_workspace *w)
+{
+    if (!w) return 0;
+    size_t b = sizeof *w;
+#define WSB(ptr, capv) b += (ptr) ? (size_t)(capv) * sizeof(*(ptr)) : 0
+    WSB(w->dp, w->cap_pix);
+    WSB(w->w, w->cap_pix);
+    WSB(w->mf, w->cap_pix);
+    WSB(w->mx, w->cap_pix);
+    WSB(w->vb, w->cap_pix);
+    WSB(w->s, w->cap_s);
+    WSB(w->box, w->cap_box);
+    WSB(w->flux, w->cap_flux);
+    WSB(w->ferr, w->cap_bflag);
+    WSB(w->ferrc, w->cap_bflag);
+    WSB(w->bflag, w->cap_bflag);
+    WSB(w->im, w->cap_im);
+    WSB(w->gr, w->cap_gr);
+    WSB(w->adjo, w->cap_adjo);
+    WSB(w->adj, w->cap_adj);
+    WSB(w->mptr, w->cap_mptr);
+    WSB(w->gmem, w->cap_gmem);
+    WSB(w->uf, w->cap_uf);
+    WSB(w->tmpi, w->cap_tmpi);
+    WSB(w->pairs, w->cap_pairs);
+    WSB(w->th_src, w->cap_thsrc);
+    WSB(w->th_par, w->cap_thpar);
+    WSB(w->th_off, w->cap_th);
+    WSB(w->nf, w->cap_nf);
+    WSB(w->arena, w->cap_arena);
+    WSB(w->aoff, w->cap_aoff);
+    WSB(w->la, w->cap_la);
+    for (int k = 0; k < 2; k++) WSB(w->acc[k].mem, w->acc[k].cap);
+    WSB(w->fin, w->cap_fin);
+    WSB(w->fin_off, w->cap_fin_off);
+    WSB(w->tmp, w->cap_tmp);
+    WSB(w->vlin, w->cap_vlin);
+    WSB(w->skyuv, w->cap_skyuv);
+    WSB(w->tmpu, w->cap_tmpu);
+    WSB(w->mixscr, w->cap_mixscr);
+    WSB(w->bgeo, w->cap_bgeo);
+    WSB(w->mc, w->cap_mc);
+    WSB(w->mc_off, w->cap_mc_off);
+    WSB(w->mck, w->cap_mck);
+#undef WSB
+    for (int i = 0; i < NCACHE; i++) {
+        const psf_cache_entry *e = &w->cache[i];
+        if (e->prof) b += (size_t)e->nprof * sizeof *e->prof;
+        /* the spectrum is L x L complex and the keep mask L x L bytes; the entry's PSF may
+         * be gone (the cache matches by address and hash), so L comes from the mask */
+        if (e->fft_spec && e->fft_keep) b += malloc_usable_size(e->fft_keep) * (2 * sizeof(double) + 1);
+    }
+    if (w->fft.spec) b += w->fft.cap_spec * 2 * sizeof(double);
+    if (w->fft.real) b += w->fft.cap_real * sizeof(double);
+    return b;
+}
+
+/* Doubles of one group accumulator (acc_prepare: D, L n x n, y, c, f n, B nth x n,
+ * A nth x nth, z, cz nth, per band). */
+size_t sp_fit_group_doubles(int n, int nth, int nbands)
+{
+    if (n < 0) n = 0;
+    if (nth < 0) nth = 0;
+    if (nbands < 1) nbands = 1;
+    return (size_t)nbands * ((size_t)n * n * 2 + (size_t)n * 3 + (size_t)nth * n + (size_t)nth * nth + (size_t)nth * 2);
+}
+
+/* The sizes (elements) a reservation gives each array; sp_fit_workspace_reserve
+ * allocates exactly these and sp_fit_reserve_bytes adds them up, so the two agree. */
+typedef struct {
+    size_t pix, src, srcb, srci, mc, fin, arena, acc, la, tmp;
+} reserve_sizes;
+
+static void reserve_sizes_of(const sp_fit_reserve *r, reserve_sizes *z)
+{
+    memset(z, 0, sizeof *z);
+    int nb = r->nbands > 0 ? r->nbands : 1, nimg = r->nimg > 0 ? r->nimg : nb;
+    size_t n = r->nsrc > 0 ? (size_t)r->nsrc : 0;
+    int gn = r->group_n > 0 ? r->group_n : 0, gth = r->group_nth > 0 ? r->group_nth : 0;
+    int cn = r->comp_n > gn ? r->comp_n : gn;
+    z->pix = r->pixels;
+    z->src = n;
+    z->srcb = n * nb;
+    z->srci = n * nimg;
+    z->mc = 2 * r->model_pixels + 1;          /* two slots per source and image */
+    z->fin = r->box_pixels + 1;               /* the final model, one box per source and image */
+    /* the arena holds one group's boxes with their derivative planes */
+    z->arena = n > 0 ? (size_t)((double)r->model_pixels / nimg * ((double)gn / n)) + 1 : 0;
+    size_t a1 = sp_fit_group_doubles(gn, gth, nb), a2 = sp_fit_group_doubles(cn, 0, nb);
+    z->acc = a1 > a2 ? a1 : a2;
+    size_t ns = (size_t)cn + 1, th = (size_t)gth;
+    z->la = 2 * ns * ns + 2 * th * ns + 16;
+    z->tmp = 2 * th * th + 2 * th + 2 * ns * ns + ns * (th + 1) + 16;
+    if (z->tmp < 8192) z->tmp = 8192;
+}
+
+/* Write one byte per page: the pages become resident now. (A memset to zero after
+ * malloc would not do: the compiler may turn the pair into calloc, whose fresh
+ * pages stay unmapped until used.) */
+static void touch_pages(void *p, size_t n)
+{
+    volatile char *c = p;
+    for (size_t k = 0; k < n; k += 4096) c[k] = 0;
+    if (n) c[n - 1] = 0;
+}
+
+static int reserve_(void **p, size_t *cap, size_t n, size_t el)
+{
+    if (n == 0) return SP_OK;
+    if (n > *cap || !*p) {
+        void *q = realloc(*p, n * el);
+        if (!q) return SP_FAIL(SP_ERR_NOMEM, "fit workspace: out of memory reserving %zu x %zu bytes", n, el);
+        *p = q;
+        *cap = n;
+    }
+    touch_pages(*p, n * el); /* resident from the start, as the planner counts it */
+    return SP_OK;
+}
+#define RESERVE(ptr, capv, n) SP_TRY(reserve_((void **)&(ptr), &(capv), (n), sizeof(*(ptr))))
+
+int sp_fit_workspace_reserve(sp_fit_workspace *ws, const sp_fit_reserve *r)
+{
+    int status = SP_OK;
+    SP_CHECK(ws && r, SP_ERR_INTERNAL, "sp_fit_workspace_reserve: NULL argument");
+    reserve_sizes z;
+    reserve_sizes_of(r, &z);
+    if (z.pix > ws->cap_pix || !ws->dp) {
+        /* the per-pixel arrays share cap_pix */
+        size_t c = ws->cap_pix;
+        RESERVE(ws->dp, c, z.pix);
+        c = ws->cap_pix;
+        RESERVE(ws->w, c, z.pix);
+        c = ws->cap_pix;
+        RESERVE(ws->mf, c, z.pix);
+        c = ws->cap_pix;
+        RESERVE(ws->mx, c, z.pix);
+        c = ws->cap_pix;
+        RESERVE(ws->vb, c, z.pix);
+        ws->cap_pix = z.pix;
+    }
+    RESERVE(ws->s, ws->cap_s, z.src);
+    RESERVE(ws->flux, ws->cap_flux, z.srcb);
+    if (z.srcb > ws->cap_bflag || !ws->ferr) {
+        /* ferr, ferrc and bflag share cap_bflag */
+        size_t c = ws->cap_bflag;
+        RESERVE(ws->ferr, c, z.srcb);
+        c = ws->cap_bflag;
+        RESERVE(ws->ferrc, c, z.srcb);
+        c = ws->cap_bflag;
+        RESERVE(ws->bflag, c, z.srcb);
+        ws->cap_bflag = z.srcb;
+    }
+    RESERVE(ws->box, ws->cap_box, z.srci);
+    RESERVE(ws->mc_off, ws->cap_mc_off, z.srci + 1);
+    RESERVE(ws->mck, ws->cap_mck, 2 * z.srci + 2);
+    RESERVE(ws->fin_off, ws->cap_fin_off, z.srci + 1);
+    RESERVE(ws->mc, ws->cap_mc, z.mc);
+    RESERVE(ws->fin, ws->cap_fin, z.fin);
+    RESERVE(ws->arena, ws->cap_arena, z.arena);
+    RESERVE(ws->la, ws->cap_la, z.la);
+    RESERVE(ws->tmp, ws->cap_tmp, z.tmp);
+    RESERVE(ws->vlin, ws->cap_vlin, 2 * z.srcb + 1);
+    RESERVE(ws->gmem, ws->cap_gmem, 2 * z.src + 1);
+    RESERVE(ws->gr, ws->cap_gr, 2 * z.src + 2);
+    RESERVE(ws->uf, ws->cap_uf, z.src + 1);
+    RESERVE(ws->tmpi, ws->cap_tmpi, z.src + 1);
+    RESERVE(ws->aoff, ws->cap_aoff, z.src + 1);
+    RESERVE(ws->mptr, ws->cap_mptr, z.src + 1);
+    for (int k = 0; k < 2; k++)
+        if (z.acc > ws->acc[k].cap || !ws->acc[k].mem) {
+            free(ws->acc[k].mem);
+            ws->acc[k].nod = NULL;
+            ws->acc[k].cap = 0;
+            /* acc_prepare's layout: need + 16 doubles */
+            ws->acc[k].mem = malloc((z.acc + 16) * sizeof(double));
+            SP_CHECK(ws->acc[k].mem, SP_ERR_NOMEM, "fit workspace: out of memory reserving a group of %d sources",
+                     r->group_n);
+            touch_pages(ws->acc[k].mem, (z.acc + 16) * sizeof(double));
+            ws->acc[k].cap = z.acc;
+        }
+cleanup:
+    return status;
+}
+#undef RESERVE
+
+size_t sp_fit_reserve_bytes(const sp_fit_reserve *r)
+{
+    if (!r) return 0;
+    reserve_sizes z;
+    reserve_sizes_of(r, &z);
+    size_t b = sizeof(sp_fit_workspace);
+    b += 5 * z.pix * sizeof(double);
+    b += z.src * sizeof(wsrc) + z.srcb * (3 * sizeof(double) + 1) + z.srci * sizeof(fit_box);
+    b += (2 * z.srci + 2) * sizeof(size_t) + (2 * z.srci + 2) * sizeof(mc_key);
+    b += (z.mc + z.fin + z.arena + z.la + z.tmp + 2 * z.srcb + 1) * sizeof(double);
+    b += (2 * z.src + 2) * sizeof(wgroup) + (4 * z.src + 4) * sizeof(int) + (z.src + 1) * (sizeof(size_t) + sizeof(double *));
+    b += 2 * (z.acc + 16) * sizeof(double);
+    return b;
 }

@@ -582,38 +582,205 @@ cleanup:
 
 static long split(long n, int parts, int k) { return (long)((double)n * k / parts + 0.5); }
 
+/* ---- memory model (docs/performance.md, "Memory: what the planner counts") ----------- */
+
+/* The model box radius (image px) the fitter gives a source (fit_engine.c box_radius):
+ * out to where flux x profile falls below box_nsigma x the pixel sigma, at least
+ * ceil(FWHM) + 2, stars within the PSF stamp, galaxies at least 2 Re, at most
+ * box_max_half; + 1 px when its position is fitted. The PSF is not built yet: a Moffat
+ * of the fallback FWHM and beta stands for it, and a galaxy for a Gaussian of its Re
+ * convolved with it. F: the catalog's initial flux (NaN: unknown, the smallest box). */
+static double est_box_radius(const sp_plan *p, const sp_fit_options *fo, int type, double F, double re,
+                             double sigma, int fitted)
+{
+    const sp_plan_opts *o = &p->opts;
+    double fwhm = o->psf_fwhm > 0 ? o->psf_fwhm : 4.0, beta = o->psf_beta > 1 ? o->psf_beta : 3.5;
+    double half = 0.5 * (o->psf_size - 1), rmin = ceil(fwhm) + 2.0;
+    double thr = fo->box_nsigma * sigma;
+    F = isfinite(F) ? fabs(F) : 0.0;
+    double alpha = fwhm / (2.0 * sqrt(pow(2.0, 1.0 / beta) - 1.0));
+    double peak = (beta - 1.0) / (M_PI * alpha * alpha);
+    double R = 0;
+    while (R < half && F * peak * pow(1.0 + R * R / (alpha * alpha), -beta) >= thr) R += 1.0;
+    if (type != SP_SRC_STAR) {
+        double r_e = isfinite(re) && re > 0 ? re : (o->re_fallback > 0 ? o->re_fallback : 3.0);
+        double a2 = (r_e / 1.177) * (r_e / 1.177) + (fwhm / 2.3548) * (fwhm / 2.3548), rg = 0;
+        while (rg < fo->box_max_half && F / (2.0 * M_PI * a2) * exp(-0.5 * rg * rg / a2) >= thr) rg += 1.0;
+        if (rg > R) R = rg;
+        if (R < 2.0 * r_e) R = 2.0 * r_e;
+    }
+    if (R < rmin) R = rmin;
+    if (R > fo->box_max_half) R = fo->box_max_half;
+    return R + (fitted ? 1.0 : 0.0);
+}
+
+static int geom_params(int type) { return type == SP_SRC_STAR ? 2 : type == SP_SRC_SERSIC ? 6 : 5; }
+
+static int uf_find(int *uf, int a)
+{
+    while (uf[a] != a) a = uf[a] = uf[uf[a]];
+    return a;
+}
+
+/* The fit of patch pid as sp_fit_reserve sizes: its ROI x bands, the sources in the ROI,
+ * their model boxes (est_box_radius, clipped to the ROI) and the groups the fitter forms
+ * from them (touching boxes of fitted sources; components above max_group are fitted in
+ * chunks of max_group). Scratch: idx, R, sumng (cat.n), uf (2 cat.n + 1). */
+static void patch_fit_sizes(const sp_plan *p, int pid, const double *sigma, long *idx, int *uf, double *R,
+                            double *sumng, sp_fit_reserve *z)
+{
+    const sp_patch *pt = &p->patches[pid];
+    const sp_plan_opts *o = &p->opts;
+    sp_fit_options fo;
+    sp_fit_options_default(&fo);
+    int nb = p->nbands, maxg = o->max_group > 0 ? o->max_group : fo.max_group;
+    long pnx = pt->rx1 - pt->rx0, pny = pt->ry1 - pt->ry0;
+    memset(z, 0, sizeof *z);
+    z->nbands = z->nimg = nb;
+    z->pixels = (size_t)pnx * pny * nb;
+    long n = sp_plan_patch_sources(p, pid, idx, p->cat.n > 0 ? p->cat.n : 1);
+    z->nsrc = (int)n;
+    for (long k = 0; k < n; k++) {
+        long i = idx[k];
+        int type = p->cat.type[i], base = k < pt->nsrc, fixed = !base && o->halo_fixed;
+        double x = p->cat.x[i] - pt->rx0, y = p->cat.y[i] - pt->ry0;
+        R[k] = 0;
+        for (int b = 0; b < nb; b++) {
+            double r = est_box_radius(p, &fo, type, p->cat.flux_init[i * nb + b], p->cat.re[i], sigma[b], !fixed);
+            if (r > R[k]) R[k] = r;
+            int Ri = (int)ceil(r);
+            long cx = lround(x), cy = lround(y);
+            long x0 = cx - Ri > 0 ? cx - Ri : 0, x1 = cx + Ri < pnx - 1 ? cx + Ri : pnx - 1;
+            long y0 = cy - Ri > 0 ? cy - Ri : 0, y1 = cy + Ri < pny - 1 ? cy + Ri : pny - 1;
+            if (x1 < x0 || y1 < y0) continue;
+            size_t bp = (size_t)(x1 - x0 + 1) * (size_t)(y1 - y0 + 1);
+            z->box_pixels += bp;
+            z->model_pixels += bp * (size_t)(1 + geom_params(type));
+        }
+        uf[k] = fixed ? -1 : (int)k;
+    }
+    /* groups: union-find over touching boxes (the fitter's test, on the input positions) */
+    for (long a = 0; a < n; a++) {
+        if (uf[a] < 0) continue;
+        for (long b = a + 1; b < n; b++) {
+            if (uf[b] < 0) continue;
+            double lim = R[a] + R[b] + 1.0;
+            if (fabs(p->cat.x[idx[a]] - p->cat.x[idx[b]]) < lim && fabs(p->cat.y[idx[a]] - p->cat.y[idx[b]]) < lim) {
+                int ra = uf_find(uf, (int)a), rb = uf_find(uf, (int)b);
+                if (ra != rb) uf[ra] = rb;
+            }
+        }
+    }
+    /* per component (at its root): members and their geometry parameters */
+    for (long k = 0; k < n; k++) sumng[k] = 0;
+    int *cnt = uf + n;
+    for (long k = 0; k < n; k++) cnt[k] = 0;
+    for (long k = 0; k < n; k++) {
+        if (uf[k] < 0) continue;
+        int r = uf_find(uf, (int)k);
+        cnt[r]++;
+        sumng[r] += geom_params(p->cat.type[idx[k]]);
+    }
+    size_t best = 0;
+    for (long k = 0; k < n; k++) {
+        if (cnt[k] == 0) continue;
+        int gn = cnt[k] < maxg ? cnt[k] : maxg;
+        int gth = (int)ceil(sumng[k] * gn / cnt[k]);
+        size_t d = sp_fit_group_doubles(gn, gth, nb);
+        if (d > best) {
+            best = d;
+            z->group_n = gn;
+            z->group_nth = gth;
+        }
+        if (cnt[k] > z->comp_n) z->comp_n = cnt[k];
+    }
+}
+
+/* The patch loop's scratch per thread (src/pipeline/cell_fit.c fit_scratch): the patch's
+ * data, ivar and model images (floats), its sources and results. */
+static double fit_scratch_bytes(const sp_fit_reserve *z)
+{
+    return (double)z->pixels * 3.0 * sizeof(float) +
+           (double)z->nsrc * (sizeof(sp_fit_source) + sizeof(sp_fit_result) + sizeof(long));
+}
+
+/* Fills p->fit_reserve (fieldwise max over the active patches) and p->fit_thread_mem. */
+static int plan_fit_memory(sp_plan *p)
+{
+    int status = SP_OK;
+    long *idx = NULL;
+    int *uf = NULL;
+    double *R = NULL, *sumng = NULL, *sigma = NULL, *wsum = NULL;
+    long n = p->cat.n > 0 ? p->cat.n : 1;
+    SP_ALLOC(idx, n);
+    SP_ALLOC(uf, 2 * n + 1);
+    SP_ALLOC(R, n);
+    SP_ALLOC(sumng, n);
+    SP_ALLOC(sigma, p->nbands);
+    SP_ALLOC(wsum, p->nbands);
+    /* pixel sigma per band: the inverse-variance coadd of its frames' sky noise */
+    for (int f = 0; f < p->nframes; f++) {
+        const sp_frame *fr = &p->frames[f];
+        double s = fr->skysig * fr->scale;
+        if (s > 0 && isfinite(s)) wsum[fr->band_index] += 1.0 / (s * s);
+    }
+    for (int b = 0; b < p->nbands; b++) sigma[b] = wsum[b] > 0 ? 1.0 / sqrt(wsum[b]) : 1.0;
+    sp_fit_reserve *m = &p->fit_reserve;
+    memset(m, 0, sizeof *m);
+    m->nbands = m->nimg = p->nbands;
+    for (int k = 0; k < p->npatches; k++) {
+        const sp_patch *pt = &p->patches[k];
+        if (!pt->active || pt->nsrc == 0 || !p->cells[pt->cell].active) continue;
+        sp_fit_reserve z;
+        patch_fit_sizes(p, k, sigma, idx, uf, R, sumng, &z);
+#define FMAX(f) if (z.f > m->f) m->f = z.f
+        FMAX(pixels);
+        FMAX(nsrc);
+        FMAX(box_pixels);
+        FMAX(model_pixels);
+        FMAX(comp_n);
+#undef FMAX
+        if (sp_fit_group_doubles(z.group_n, z.group_nth, p->nbands) >
+            sp_fit_group_doubles(m->group_n, m->group_nth, p->nbands)) {
+            m->group_n = z.group_n;
+            m->group_nth = z.group_nth;
+        }
+    }
+    p->fit_thread_mem = (double)sp_fit_reserve_bytes(m) + fit_scratch_bytes(m);
+cleanup:
+    free(idx);
+    free(uf);
+    free(R);
+    free(sumng);
+    free(sigma);
+    free(wsum);
+    return status;
+}
+
 double sp_plan_cell_memory(const sp_plan *p, const sp_cell *c, int threads)
 {
     double npix = (double)(c->rx1 - c->rx0) * (double)(c->ry1 - c->ry0);
-    int maxf = 1;
-    for (int b = 0; b < p->nbands; b++)
+    int nb = p->nbands, maxf = 1;
+    for (int b = 0; b < nb; b++)
         if (p->band_nframes[b] > maxf) maxf = p->band_nframes[b];
-    /* raw read buffer (4) + prepped frames of the largest band (data 4, ivar 4, mask 1)
-     * + per band coadd (data, ivar, mask, background, rms: 17) + white stack (8) */
-    double bytes = npix * (4.0 + 9.0 * maxf + 17.0 * p->nbands + 8.0);
-    /* per-thread fit workspace: a patch ROI x bands x (model, derivatives ~ 12 doubles; the
-     * patch's data, ivar and model copies, 12 bytes) */
-    if (c->npatch > 0) {
-        const sp_patch *pt = &p->patches[c->patch0];
-        double ppix = (double)(pt->rx1 - pt->rx0) * (double)(pt->ry1 - pt->ry0);
-        bytes += threads * ppix * p->nbands * (12.0 * 8.0 + 12.0);
-    }
-    /* per-thread fit memory that grows with the patch: the model cache keeps every source's
-     * rendered model and derivatives (~7 doubles per pixel of its box, every band) for the base
-     * and halo sources of the largest patch (~2x its base); a typical box is ~(psf_size/2)^2
-     * pixels (bright sources reach psf_size, most are faint). Calibrated with `make bench`:
-     * peak RSS 0.76-0.89 of this estimate on the demo and bench tiles, 1 and 2 threads */
-    long maxsrc = 0;
-    for (int j = 0; j < c->npatch; j++)
-        if (p->patches[c->patch0 + j].nsrc > maxsrc) maxsrc = p->patches[c->patch0 + j].nsrc;
-    double box = 0.25 * (double)p->opts.psf_size * p->opts.psf_size;
-    bytes += threads * 2.0 * (double)maxsrc * box * 7.0 * 8.0 * p->nbands;
-    /* library working memory per thread while cells run (malloc arenas, OpenBLAS buffers): ~16 MiB */
-    if (npix > 0) bytes += threads * 16.0 * 1048576.0;
+    if (threads < 1) threads = 1;
+    /* kept per rank from cell to cell (src/pipeline.c ioprep_state): the band images (data 4,
+     * ivar 4, mask 1), the raw ROI (4), the frames of a multi-frame band (9 each); per cell:
+     * background and rms per band (8), white stack and its ivar (8), and the PSF pass's
+     * passing buffers (~24: detection's filtered images, labels and the stage's rms and
+     * mask; the ePSF stage's Moffat fit, whose Jacobian of up to 40 stars is gone before
+     * the fit pass, stayed within it on the measured tiles) */
+    double bytes = npix * (4.0 + (maxf > 1 ? 9.0 * maxf : 0.0) + 17.0 * nb + 8.0 + 24.0);
+    /* the cell's sources: fit results, apertures, sky positions */
+    bytes += (double)c->nsrc * (sizeof(sp_fit_result) + 64.0 * nb + 64.0);
+    /* every thread's fit workspace, reserved once for the largest patch, and its scratch */
+    if (npix > 0) bytes += threads * p->fit_thread_mem;
     /* the ePSF grid every rank holds after the PSF pass: an oversampled stamp per band per cell */
     int os = p->opts.psf_oversamp > 0 ? p->opts.psf_oversamp : 1;
     double so = (double)os * (p->opts.psf_size - 1) + 1;
-    bytes += (double)p->ncells * p->nbands * so * so * 4.0;
+    bytes += (double)p->ncells * nb * so * so * 4.0;
+    /* the store (HDF5's caches and the open file) and the run's set-up beyond the plan: ~10 MiB */
+    if (npix > 0) bytes += 10.0 * 1048576.0;
     return bytes;
 }
 
@@ -720,6 +887,10 @@ static int build_grid(const sp_plan_opts *o, sp_plan *p)
         /* cost model (nominal seconds): pixel work per frame + fit work per source-band */
         double npix = (double)(ce->rx1 - ce->rx0) * (double)(ce->ry1 - ce->ry0);
         ce->cost = ce->active ? npix * p->nframes * 2e-8 + (double)ce->nsrc * p->nbands * 2e-4 : 0;
+    }
+    SP_TRY(plan_fit_memory(p));
+    for (int k = 0; k < p->ncells; k++) {
+        sp_cell *ce = &p->cells[k];
         ce->mem_bytes = sp_plan_cell_memory(p, ce, o->threads > 0 ? o->threads : 1);
         if (ce->active && ce->mem_bytes > p->max_cell_mem) p->max_cell_mem = ce->mem_bytes;
     }
@@ -973,6 +1144,13 @@ void sp_plan_print(const sp_plan *p, FILE *f, int verbose)
                "largest cell needs ~%s\n",
             p->opts.epsf_ngrid, p->opts.epsf_ngrid, p->opts.ngrid, p->opts.ngrid, p->halo, p->ncells_active,
             p->ncells, p->npatches_active, p->npatches, mem);
+    if (p->fit_thread_mem > 0) {
+        human_bytes(p->fit_thread_mem, mem, sizeof mem);
+        const sp_fit_reserve *z = &p->fit_reserve;
+        fprintf(f, "Fit workspace: ~%s per thread, reserved once (largest patch: %d sources, %zu pixels x bands; "
+                   "largest group %d, component %d)\n",
+                mem, z->nsrc, z->pixels, z->group_n, z->comp_n);
+    }
     if (verbose) {
         fprintf(f, "%-5s %-7s %-23s %-23s %7s %9s %10s\n", "cell", "(ix,iy)", "base [x0,x1)x[y0,y1)", "ROI", "sources",
                 "cost", "memory");

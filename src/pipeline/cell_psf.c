@@ -274,7 +274,12 @@ int cell_stages_setup(run_t *r)
     /* FFTW plans serially, then one fit workspace per thread, reused by every patch */
     SP_TRY(sp_fit_init());
     SP_ALLOC(r->ws, r->threads);
-    for (int t = 0; t < r->threads; t++) SP_TRY(sp_fit_workspace_create(1 << 16, 64, p->nbands, &r->ws[t]));
+    for (int t = 0; t < r->threads; t++) {
+        SP_TRY(sp_fit_workspace_create(0, 0, p->nbands, &r->ws[t]));
+        /* each thread's workspace at once for the largest patch of the plan: the memory is
+         * resident from the start and is what the planner counts per thread */
+        SP_TRY(sp_fit_workspace_reserve(r->ws[t], &p->fit_reserve));
+    }
 cleanup:
     return status;
 }

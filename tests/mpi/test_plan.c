@@ -195,6 +195,27 @@ static void t_plan_good(void **s)
     MPI_Bcast(&h0, 1, MPI_UINT64_T, 0, MPI_COMM_WORLD);
     assert_true(sp_test_all_ranks(h == h0));
     assert_true(p.max_cell_mem > 0);
+    /* memory model: every thread holds a workspace reserved for the largest patch */
+    const sp_fit_reserve *z = &p.fit_reserve;
+    assert_int_equal(z->nbands, p.nbands);
+    size_t maxroi = 0;
+    long maxbase = 0;
+    for (int k = 0; k < p.npatches; k++) {
+        const sp_patch *pt = &p.patches[k];
+        if (!pt->active || pt->nsrc == 0) continue;
+        size_t roi = (size_t)(pt->rx1 - pt->rx0) * (size_t)(pt->ry1 - pt->ry0) * p.nbands;
+        if (roi > maxroi) maxroi = roi;
+        if (pt->nsrc > maxbase) maxbase = pt->nsrc;
+    }
+    assert_int_equal(z->pixels, maxroi);
+    assert_true(z->nsrc >= maxbase && z->box_pixels > 0 && z->model_pixels >= 3 * z->box_pixels);
+    assert_true(z->group_n >= 1 && z->comp_n >= z->group_n);
+    assert_true(p.fit_thread_mem >= (double)sp_fit_reserve_bytes(z));
+    const sp_cell *c0 = NULL;
+    for (int k = 0; k < p.ncells; k++)
+        if (p.cells[k].active) c0 = &p.cells[k];
+    assert_non_null(c0);
+    assert_float_equal(sp_plan_cell_memory(&p, c0, 3) - sp_plan_cell_memory(&p, c0, 1), 2 * p.fit_thread_mem, 1.0);
     sp_plan_free(&p);
 }
 

@@ -13,6 +13,8 @@
 #     performance.memory_per_rank_mb budget is honoured
 #  6. `plan --emit slurm|pbs` writes job scripts that parse, with the layout asked for
 #  7. performance.fftw_wisdom_file is written by a run
+#  8. on the demo tile, 1 rank x 1 and x 2 threads: the peak RSS of the run (/timing/ranks) is
+#     within 10% of the plan's "needs ~N MiB" (issues 4 and 7; docs/performance.md)
 # Prints PASS:/FAIL:/SKIP: lines (see tests/run_all.sh).
 set -u
 cd "$(dirname "$0")/../.."
@@ -140,4 +142,27 @@ if [ $rc -eq 0 ] && [ -s "$wf" ] && head -c 40 "$wf" | grep -q 'fftw-3.*fftw_wis
   else fail resources_fftw_wisdom_file "plan does not report it" "$(grep FFTW "$T/w2.txt")"; fi
 else
   fail resources_fftw_wisdom_file "rc=$rc" "$(ls -la "$T/tile/work" 2>&1 | head)" "$(tail -3 "$T/w.txt")"
+fi
+
+# 8. the memory estimate against the peak RSS, demo tile (SP_SKIP_MEMEST=1 skips: ~30 s)
+if [ "${SP_SKIP_MEMEST:-0}" = 1 ]; then skip "resources_memory_estimate (SP_SKIP_MEMEST=1)"
+elif ! "$BIN" -q simulate --preset demo --out "$T/demo" >"$T/simd.log" 2>&1; then
+  fail resources_memory_estimate "simulate --preset demo failed" "$(tail -3 "$T/simd.log")"
+else
+  ok=1; msg=""
+  for th in 1 2; do
+    "$BIN" -q plan "$T/demo/config.yaml" --set performance.threads_per_rank=$th \
+      --set performance.allow_oversubscribe=true >"$T/pd$th.txt" 2>&1
+    est=$(grep 'memory/rank' "$T/pd$th.txt" | grep -o 'needs ~[0-9.]* [MG]iB' | head -1 | sed 's/needs ~//')
+    "$BIN" -q run "$T/demo/config.yaml" --set performance.threads_per_rank=$th \
+      --set performance.allow_oversubscribe=true --set outputs.store=mem$th.h5 >"$T/rd$th.txt" 2>&1; rc=$?
+    # inspect prints the peak in MB (10^6 bytes)
+    peak=$("$BIN" inspect "$T/demo/work/mem$th.h5" 2>/dev/null | awk '/^Timing per rank/ {t=1; next} t && $1 ~ /^[0-9]+$/ {print $5}' | sort -g | tail -1)
+    r=$(awk -v e="$est" -v p="$peak" 'BEGIN { split(e, a, " "); m = a[1] * (a[2] == "GiB" ? 1024 : 1);
+        if (m > 0 && p > 0) printf "%.3f", p * 1e6 / 1048576 / m }')
+    msg="$msg 1x$th: peak ${peak:-?} MB, estimate ${est:-?}, ratio ${r:-?};"
+    if [ $rc -ne 0 ] || [ -z "$r" ] || ! awk -v r="$r" 'BEGIN { exit !(r >= 0.9 && r <= 1.1) }'; then ok=0; fi
+  done
+  if [ $ok = 1 ]; then pass "resources_memory_estimate (within 10%:$msg)"
+  else fail resources_memory_estimate "$msg" "$(tail -n 3 "$T/rd1.txt" "$T/rd2.txt")"; fi
 fi
