@@ -887,6 +887,56 @@ class Report:
                   "median ZP and its error (/zp/bands). A slope means non-linearity or a magnitude-dependent "
                   "error (saturation at the bright end, background at the faint end).")
 
+    def fig_apcorr(self):
+        items = self.section("Aperture correction")
+        if "apcorr/bands" not in self.f:
+            self.skip(items, "aperture correction", "the store has no /apcorr (a store of an earlier version)")
+            return
+        ab = self.f["apcorr/bands"][:]
+        cat = self.cat
+        bands = [s(r["band"]) for r in ab]
+        have = [b for b in bands if "FLUX_%s_APCAL" % b in cat.dtype.names]
+        if not have:
+            self.skip(items, "aperture correction", "/catalog has no FLUX_<band>_APCAL columns")
+            return
+        n = len(have)
+        nc = min(n, 3)
+        nr = (n + nc - 1) // nc
+        fig, axes = plt.subplots(nr, nc, figsize=(4.2 * nc, 3.2 * nr), squeeze=False)
+        for i, b in enumerate(have):
+            ax = axes[i // nc, i % nc]
+            r = ab[bands.index(b)]
+            ac = cat["APCORR_%s" % b]
+            ac = np.where(np.isfinite(ac) & (ac > 0), ac, 1.0)
+            f = cat["FLUX_%s_fit" % b] / ac
+            a = cat["FLUX_%s_APCAL" % b]
+            ae = cat["FLUXERR_%s_APCAL" % b]
+            k = np.isfinite(a) & np.isfinite(f) & (f > 0)
+            if k.any():
+                mag = self.zp_ref - 2.5 * np.log10(f[k])
+                ax.errorbar(mag, a[k] / f[k], yerr=ae[k] / f[k], fmt="o", ms=2.5, lw=0.5, color="#1f77b4",
+                            label="measured (%d)" % k.sum())
+                ax.set_ylim(0.9, 1.1)
+            ax.axhline(1.0, color="0.6", lw=0.6, ls=":")
+            if r["flag"] == 0:
+                ax.axhline(r["factor"], color="k", lw=0.8)
+                ax.axhspan(r["factor"] - r["factor_err"], r["factor"] + r["factor_err"], color="k", alpha=0.15)
+                t = "%s: factor %.4f ± %.4f (%d used)" % (b, r["factor"], r["factor_err"], r["nused"])
+            else:
+                t = "%s: not corrected (flag %d)" % (b, r["flag"])
+            ax.set_title(t, fontsize=8)
+            ax.set_xlabel("model mag (zp_ref)", fontsize=7); ax.set_ylabel("FLUX_APCAL / model flux", fontsize=7)
+            ax.tick_params(labelsize=6)
+            ax.legend(fontsize=6)
+        for j in range(n, nr * nc):
+            axes[j // nc, j % nc].set_visible(False)
+        self.save(fig, "apcorr.png", items,
+                  "Per band the calibration flux (the model flux plus the residual light in the calibration aperture, "
+                  "FLUX_<band>_APCAL) over the model flux for the bright isolated point sources the cells measured, "
+                  "against their magnitude; the line and band are the band's factor applied to every flux and its "
+                  "error (/apcorr/bands; docs/zeropoints.md). A trend with magnitude means a background or a "
+                  "flux-dependent PSF error.")
+
     def fig_flux(self):
         items = self.section("Fitted vs aperture fluxes")
         cat = self.cat
@@ -1049,6 +1099,14 @@ class Report:
             if k in self.prov:
                 rows.append((k, html.escape(s(self.prov[k]))))
         t = "<table class=sum>" + "".join("<tr><th>%s</th><td>%s</td></tr>" % r for r in rows) + "</table>"
+        if "apcorr/bands" in self.f:
+            t += ("<h3>Aperture correction (/apcorr/bands)</h3><table class=grid><tr><th>band</th><th>factor</th>"
+                  "<th>error</th><th>used</th><th>clipped</th><th>candidates</th><th>flag</th></tr>")
+            for r in self.f["apcorr/bands"][:]:
+                t += "<tr><td>%s</td><td>%s</td><td>%s</td><td>%d</td><td>%d</td><td>%d</td><td>%d</td></tr>" % (
+                    html.escape(s(r["band"])), fmt(r["factor"], 5), fmt(r["factor_err"], 2), r["nused"],
+                    r["nclipped"], r["ncand"], r["flag"])
+            t += "</table>"
         if "zp/bands" in self.f:
             zb = self.f["zp/bands"][:]
             t += ("<h3>Zero points (/zp/bands)</h3><table class=grid><tr><th>band</th><th>ZP</th><th>error</th>"
@@ -1133,7 +1191,7 @@ def main(argv):
         die(EXIT_IO, "cannot write the QA folder '%s' (%s)" % (out, e.strerror or e))
     failures = []
     for fn in (rep.fig_white, rep.fig_cells, rep.fig_epsf, rep.fig_growth, rep.fig_epsf_resid, rep.fig_background,
-               rep.fig_patch_overview, rep.fig_cutouts, rep.fig_zp, rep.fig_flux, rep.fig_timing):
+               rep.fig_patch_overview, rep.fig_cutouts, rep.fig_apcorr, rep.fig_zp, rep.fig_flux, rep.fig_timing):
         try:
             fn()
         except Exception as e:  # one broken figure must not cost the rest of the report

@@ -59,6 +59,8 @@ if "+auto" in expected:
     expected += ["epsf_%s.png" % b for b in bands if np.isfinite(f["epsf/" + b][...]).any()]
     if "zp/stars" in f and f["zp/stars"].shape[0] > 0:
         expected.append("zp_mag.png")
+    if "apcorr/bands" in f:
+        expected.append("apcorr.png")
     c = f["catalog"][:]
     if any((np.isfinite(c["FLUX_%s_fit" % b]) & np.isfinite(c["FLUX_%s_APER" % b])).sum() >= 2 for b in bands):
         expected += ["flux_fit_vs_aper.png", "flux_pulls.png"]
@@ -105,7 +107,7 @@ cp "$STORE" "$FULL"
 if "$PY" tests/scripts/qa_fixture.py "$FULL" "$DIR/sim" >"$DIR/fix.log" 2>&1 &&
    "$BIN" -q zp "$DIR/sim/config.yaml" --store "$FULL" --set zp.min_stars=1 >>"$DIR/fix.log" 2>&1; then
   ALL="white_pre_crop.png white_post_crop.png overlay.png overlay_zoom.png cells.png epsf_growth.png
-       background.png patch_overview_1.png cutouts_1.png zp_mag.png flux_fit_vs_aper.png flux_pulls.png
+       background.png patch_overview_1.png cutouts_1.png apcorr.png zp_mag.png flux_fit_vs_aper.png flux_pulls.png
        timing_stages.png timing_ranks.png"
   for b in m400 m650 m875; do ALL="$ALL epsf_$b.png epsf_resid_$b.png"; done
   if "$BIN" -q qa "$FULL" --out "$DIR/qa_full" >"$DIR/qa_full.log" 2>&1 && check_report "$DIR/qa_full" "$FULL" $ALL &&
