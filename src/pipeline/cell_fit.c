@@ -165,6 +165,16 @@ static double band_poisson_k(const sp_plan *p, int b)
 }
 
 /* Fit patch pid of the cell; base sources of the patch are src[base0 ..). */
+/* 1 if base source k is one the aperture correction can use in band b (zp.apcorr_snr_min,
+ * zp.apcorr_blend_max; reported point sources with a fitted position). */
+static int apcal_use(const sp_config *cfg, const fit_scratch *s, long k, int b)
+{
+    const sp_fit_result *f = &s->res[k];
+    return s->src[k].role == SP_ROLE_FIT_REPORT && f->type == SP_SRC_STAR && isfinite(f->x) && isfinite(f->y) &&
+           f->flux_err[b] > 0 && f->flux[b] >= cfg->zp.apcorr_snr_min * f->flux_err[b] &&
+           f->blend[b] <= cfg->zp.apcorr_blend_max;
+}
+
 /* The calibration flux of the patch's reported point sources (zp.apcorr): the model flux
  * plus the residual light inside the calibration aperture, less the residual's level in
  * the local annulus (epsf.star_local_bkg_annulus_*):
@@ -176,36 +186,29 @@ static double band_poisson_k(const sp_plan *p, int b)
  * light beyond the radius stays counted (an aperture-to-total correction by the model).
  * Measured only where the correction can use it (zp.apcorr_snr_min, zp.apcorr_blend_max);
  * the error is the residual sum's. Galaxies and other sources keep NaN (stage_aperture).
- * Converts s->model to the residual. */
-static int apcal_measure(cell_t *c, fit_scratch *s, const sp_patch *pt, long n, long base0, size_t npix)
+ * Converts s->model to the residual in the bands it measures. */
+static int apcal_measure(cell_t *c, fit_scratch *s, const sp_patch *pt, long base0, size_t npix)
 {
     int status = SP_OK;
     const run_t *r = c->run;
     const sp_config *cfg = r->cfg;
     int nb = r->plan->nbands;
     double rin = cfg->epsf.star_local_bkg_annulus_rin_pix, rout = cfg->epsf.star_local_bkg_annulus_rout_pix;
-    SP_TRY(ensure((void **)&s->ann, sp_aper_scratch_size(rout), sizeof *s->ann, &s->cap_ann));
     long pnx = pt->rx1 - pt->rx0, pny = pt->ry1 - pt->ry0;
-    (void)n;
     for (int b = 0; b < nb; b++) {
+        long k0 = 0;
+        while (k0 < pt->nsrc && !apcal_use(cfg, s, k0, b)) k0++;
+        if (k0 == pt->nsrc) continue; /* no source of the patch the correction can use in this band */
+        SP_TRY(ensure((void **)&s->ann, sp_aper_scratch_size(rout), sizeof *s->ann, &s->cap_ann));
         float *m = s->model + (size_t)b * npix;
         const float *d = s->data + (size_t)b * npix;
         for (size_t i = 0; i < npix; i++) m[i] = d[i] - m[i];
-    }
-    for (long k = 0; k < pt->nsrc; k++) {
-        const sp_fit_result *f = &s->res[k];
-        if (s->src[k].role != SP_ROLE_FIT_REPORT || f->type != SP_SRC_STAR || !isfinite(f->x) || !isfinite(f->y))
-            continue;
-        double xl = f->x - pt->rx0, yl = f->y - pt->ry0;
-        for (int b = 0; b < nb; b++) {
-            /* only what the correction can use (zp.apcorr_snr_min, _blend_max): the rest keep NaN */
-            if (!(f->flux[b] >= cfg->zp.apcorr_snr_min * f->flux_err[b] && f->flux_err[b] > 0 &&
-                  f->blend[b] <= cfg->zp.apcorr_blend_max))
-                continue;
-            double rad = r->apcal_r[b];
+        for (long k = k0; k < pt->nsrc; k++) {
+            if (!apcal_use(cfg, s, k, b)) continue;
+            const sp_fit_result *f = &s->res[k];
             sp_aper_result a;
-            sp_aper_measure(s->model + (size_t)b * npix, s->ivar + (size_t)b * npix, pnx, pny, xl, yl, rad, rin, rout,
-                            s->ann, &a);
+            sp_aper_measure(m, s->ivar + (size_t)b * npix, pnx, pny, f->x - pt->rx0, f->y - pt->ry0, r->apcal_r[b],
+                            rin, rout, s->ann, &a);
             sp_aper_result *o = &c->apcal[(base0 + k) * nb + b];
             *o = a;
             o->flux = isfinite(a.flux) && isfinite(f->flux[b]) ? f->flux[b] + a.flux : NAN;
@@ -283,7 +286,7 @@ static int fit_one(cell_t *c, fit_scratch *s, sp_fit_workspace *ws, int pid, lon
             if (c->cut_slot[base0 + k] >= 0) qa_cutout(c, s, pt, base0 + k, (int)c->cut_slot[base0 + k]);
         if (c->ov_slot[jp] >= 0) qa_overview(c, s, pt, c->ov_slot[jp]);
     }
-    if (r->apcal_r) SP_TRY(apcal_measure(c, s, pt, n, base0, npix));
+    if (r->apcal_r) SP_TRY(apcal_measure(c, s, pt, base0, npix));
     {
         char sky[256] = "";
         size_t off = 0;
