@@ -9,6 +9,13 @@
  *  - for isolated stars (no truth flag) with a true SNR in a range (20..500 by default): the
  *    robust scatter of (f - f_true) over the Cramér–Rao bound of each star, with the position
  *    known and with (F, x, y) free, and the position scatter over its bound;
+ *  - galaxies (EXP/DEV, no truth flag, true Re in [gal_re_lo, gal_re_hi], f_true/sigma_f >=
+ *    gal_snr_min; defaults 1-6 pix, 50): bias and pulls;
+ *  - crowded stars: the densest `crowd_fraction` (default 0.1) of the truth sources by their count
+ *    of truth neighbours within `crowd_radius` (default 10 pix), stars among them without a
+ *    saturated / bad-pixel / edge / forced-bright flag: the same figures as the isolated sample
+ *    (scatter over the star's own isolated-star bound) and per magnitude bin, to compare codes at
+ *    fixed magnitude;
  *  - zero-point error per band (/zp against the truth), and the ePSF residual (/epsf/<band> against
  *    the true PSF at each cell centre) when the store has them.
  * The CRLB uses the simulator's exact PSF model at the star (sp_sim_load of the truth folder:
@@ -74,7 +81,10 @@ typedef struct {
     sp_score_flux flux;      /* which columns: FLUX_<b>_fit (default) or FLUX_<b>_APER */
     double mag_lo, mag_hi, mag_step; /* bins of true AB magnitude (default 14, 22, 1) */
     double snr_lo, snr_hi;   /* isolated-star sample by true SNR F / sig_f_known (default 20, 500) */
-    double gal_snr_min;      /* galaxy headline sample: f_true / sigma_f >= this (default 20) */
+    double gal_snr_min;      /* galaxy headline sample: f_true / sigma_f >= this (default 50) */
+    double gal_re_lo, gal_re_hi; /* ... and true Re (pix) in this range (default 1, 6) */
+    double crowd_radius;     /* crowded sample: neighbours counted within this (pix, default 10) */
+    double crowd_fraction;   /* ... the densest this fraction of the truth sources (default 0.1) */
     const char *psf_dir;     /* folder with sim.yaml for the true PSF (NULL: the truth's folder) */
     double aper_r;           /* aperture columns: divide flux and error by the true PSF's encircled
                               * energy within this radius (pix) at each source, i.e. a point-source
@@ -115,7 +125,9 @@ typedef struct {
     int nbins;
     sp_score_stats *bin;     /* nbins * SP_SCORE_NTYPE, [k * SP_SCORE_NTYPE + t] */
     sp_score_stats iso;      /* isolated stars in the SNR range (the headline star sample) */
-    sp_score_stats gal;      /* galaxies, no truth flag, f_true/sigma_f >= gal_snr_min */
+    sp_score_stats gal;      /* galaxies, no truth flag, Re in range, f_true/sigma_f >= gal_snr_min */
+    sp_score_stats crowd;    /* crowded stars in the SNR range (bounds: their isolated-star CRLB) */
+    sp_score_stats *crowd_bin; /* nbins: crowded stars per bin of true magnitude (all SNR) */
 } sp_score_band;
 
 typedef struct {
@@ -131,6 +143,9 @@ typedef struct {
     double star_flux_scatter_over_crlb_known, star_flux_scatter_over_crlb_free;
     double star_pull_std, star_flux_bias, star_pos_scatter_over_crlb;
     double galaxy_flux_bias, galaxy_pull_std;
+    double crowd_star_scatter_over_crlb, crowd_star_pull_std, crowd_star_flux_bias;
+    long crowd_min_neighbours;  /* the crowded sample: sources with at least this many neighbours */
+    long n_crowded;             /* truth sources in it (all types) */
     double zp_error_mag_max; /* max |zp_error| over bands with a ZP */
     double epsf_resid_rms;   /* median over bands and cells */
     double seconds;

@@ -25,6 +25,9 @@ def load(pat):
     return out
 
 
+CROWD_MIN = 3  # crowded stars per magnitude bin for a fixed-magnitude comparison (peers detect few there)
+
+
 def med(v):
     v = [x for x in v if x is not None]
     return st.median(v) if v else None
@@ -330,6 +333,44 @@ if scores:
             rate = sf / cpu if cpu else None
             srow(p, what[p], sf, cpu, pr[0]["nframes"], scores.get((p, t)),
                  f(ours_rate / rate if ours_rate and rate else None, "%.3gx"))
+    w("")
+    w("Crowded stars (issue 9's densest decile): the truth sources with the most neighbours within 10 px (the "
+      "densest 10%%, `surveyproc score --crowd 10:0.1`, docs/scoring.md), their stars without a saturated / bad / "
+      "edge flag. Scatter over each star's isolated-star bound (SNR 20-500; medians over bands), and the flux "
+      "scatter at fixed magnitude: per band and 1-mag bin of true magnitude where both codes measured >= %d "
+      "crowded stars, the peer's robust scatter over ours (> 1: the peer scatters more); median (min-max) over "
+      "those bins." % CROWD_MIN)
+    w("")
+    w("| tile | code | crowded stars used (median per band) | bias | pull std | scatter/CRLB | "
+      "scatter at fixed magnitude, peer / ours (bins) |")
+    w("|---|---|---|---|---|---|---|")
+    for t in tiles:
+        so = scores.get(("ours", t))
+        for name in ("ours", "sextractor", "photutils", "sep"):
+            s_ = scores.get((name, t))
+            if not s_:
+                continue
+            try:
+                ncr = int(med([b["crowded_stars"]["n_used"] for b in s_["per_band"].values()]))
+            except Exception:
+                ncr = None
+            ratio = "-"
+            if name != "ours" and so:
+                rr = []
+                for bn, b in s_["per_band"].items():
+                    ob = so["per_band"].get(bn)
+                    if not ob or "crowded_star_bins" not in b or "crowded_star_bins" not in ob:
+                        continue
+                    for x, y in zip(b["crowded_star_bins"], ob["crowded_star_bins"]):
+                        if (x["n_used"] >= CROWD_MIN and y["n_used"] >= CROWD_MIN and x.get("scatter") and
+                                y.get("scatter")):
+                            rr.append(x["scatter"] / y["scatter"])
+                if rr:
+                    ratio = "%.2f (%.2f-%.2f; %d bins)" % (med(rr), min(rr), max(rr), len(rr))
+            w("| %s | %s | %s | %s | %s | %s | %s |" %
+              (t, "**surveyproc**" if name == "ours" else name, f(ncr, "%s"),
+               f(s_.get("crowd_star_flux_bias"), "%+.4f"), f(s_.get("crowd_star_pull_std"), "%.3f"),
+               f(s_.get("crowd_star_scatter_over_crlb"), "%.3f"), ratio))
     w("")
     w("Peer step CPU seconds (median over repeats):")
     w("")

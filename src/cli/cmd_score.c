@@ -40,7 +40,10 @@ static void usage(FILE *f)
             "                       PSF's encircled energy within R pix at each source (a point-source aperture\n"
             "                       correction, so stars are compared with their total flux); auto (default):\n"
             "                       the run's patch_run.r_ap from /provenance\n"
-            "  --gal-snr MIN        galaxy sample: f_true/sigma_f >= MIN (default 20)\n"
+            "  --gal-snr MIN        galaxy sample: f_true/sigma_f >= MIN (default 50)\n"
+            "  --gal-re LO:HI       galaxy sample: true Re within [LO, HI] pix (default 1:6)\n"
+            "  --crowd R:FRAC       crowded sample: the densest FRAC of the truth sources by their count of\n"
+            "                       neighbours within R pix (default 10:0.1)\n"
             "  --quiet-table        print only the summary and the bars\n\n"
             "Bars (the command exits 5 with a FAIL line per missed bar; a bar on a figure that cannot be\n"
             "measured fails too):\n"
@@ -54,7 +57,8 @@ static void usage(FILE *f)
             "JSON top-level keys (medians over bands): match_rate, star_flux_scatter_over_crlb (isolated stars,\n"
             "SNR 20-500; bound with the position free for fit columns, known for aperture columns; both also as\n"
             "_free/_known), star_pull_std, star_flux_bias, star_pos_scatter_over_crlb, galaxy_flux_bias,\n"
-            "galaxy_pull_std, zp_error_mag_max, epsf_resid_rms, notes, per_band.\n\n"
+            "galaxy_pull_std, crowd_star_flux_bias, crowd_star_pull_std, crowd_star_scatter_over_crlb,\n"
+            "zp_error_mag_max, epsf_resid_rms, n_crowded, crowd_min_neighbours, notes, per_band.\n\n"
             "Exit codes: 0 ok, 2 usage, 3 bad input (missing column, no matching ID), 4 I/O (missing file),\n"
             "5 a --require bar missed.\n"
             "Example: surveyproc score DIR/work/surveyproc.h5 DIR --flux aper --json score.json\n");
@@ -124,6 +128,12 @@ int sp_cmd_score(int argc, char **argv)
                 SP_CHECK(o.aper_r > 0, SP_ERR_CONFIG, "surveyproc score: --aper-correct %s: give a radius > 0 (pix), auto or none", v);
             }
         } else if (OPT("--gal-snr")) SP_TRY(parse_num(a, v, &o.gal_snr_min));
+        else if (OPT("--gal-re")) SP_TRY(parse_range(a, v, &o.gal_re_lo, &o.gal_re_hi));
+        else if (OPT("--crowd")) {
+            SP_TRY(parse_range(a, v, &o.crowd_radius, &o.crowd_fraction));
+            SP_CHECK(o.crowd_radius > 0 && o.crowd_fraction > 0 && o.crowd_fraction <= 1, SP_ERR_CONFIG,
+                     "surveyproc score: --crowd %s: expected R:FRAC with R > 0 pix and FRAC in (0, 1]", v);
+        }
         else if (OPT("--require-pull-std")) SP_TRY(parse_range(a, v, &q.pull_std_lo, &q.pull_std_hi));
         else if (OPT("--require-scatter-crlb")) SP_TRY(parse_num(a, v, &q.scatter_crlb_max));
         else if (OPT("--require-bias")) SP_TRY(parse_num(a, v, &q.bias_max));

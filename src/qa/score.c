@@ -36,7 +36,11 @@ void sp_score_opts_default(sp_score_opts *o)
     o->mag_step = 1;
     o->snr_lo = 20;
     o->snr_hi = 500;
-    o->gal_snr_min = 20;
+    o->gal_snr_min = 50;
+    o->gal_re_lo = 1;
+    o->gal_re_hi = 6;
+    o->crowd_radius = 10;
+    o->crowd_fraction = 0.1;
     o->aper_r = -1; /* auto: the run's patch_run.r_ap */
 }
 
@@ -50,7 +54,10 @@ void sp_score_require_none(sp_score_require *q)
 void sp_score_result_free(sp_score_result *r)
 {
     if (!r) return;
-    for (int b = 0; b < r->nbands && r->band; b++) free(r->band[b].bin);
+    for (int b = 0; b < r->nbands && r->band; b++) {
+        free(r->band[b].bin);
+        free(r->band[b].crowd_bin);
+    }
     free(r->band);
     free(r->store);
     free(r->truth);
@@ -113,6 +120,11 @@ typedef struct {
     double dx, dy;   /* fitted - true position (NaN: no fit) */
     sp_score_crlb cr;/* NaN unless an isolated star with the true PSF available */
 } rec;
+
+/* Truth flags that keep a crowded star out of the crowded sample: saturated, bad pixels, edge,
+ * forced bright (what is measured there is not the crowding). */
+#define CROWD_SKIP_FLAGS (1u | 2u | 4u | 32u)
+static int crowd_ok(const rec *s, int crowded) { return crowded && !(s->tflags & CROWD_SKIP_FLAGS); }
 
 static int rec_measured(const rec *s) { return s->row >= 0 && isfinite(s->f) && isfinite(s->e) && s->e > 0; }
 static int rec_used(const rec *s) { return rec_measured(s) && !s->flagged; }
@@ -196,6 +208,7 @@ typedef struct {
     int *type;
     unsigned *flags;
     double *x, *y;
+    double *re;   /* half-light radius (pix; NaN without the column) */
     double *flux; /* n * nbands, store units */
 } truth_t;
 
@@ -206,6 +219,7 @@ static void truth_free(truth_t *t)
     free(t->flags);
     free(t->x);
     free(t->y);
+    free(t->re);
     free(t->flux);
     memset(t, 0, sizeof *t);
 }
@@ -235,6 +249,7 @@ static int truth_read(const char *path, char (*bands)[32], int nb, double zp_ref
     SP_ALLOC(T->flags, n);
     SP_ALLOC(T->x, n);
     SP_ALLOC(T->y, n);
+    SP_ALLOC(T->re, n);
     SP_ALLOC(T->flux, (size_t)n * (nb > 0 ? nb : 1));
     SP_ALLOC(col, n);
     SP_TRY(sp_csv_col_double(t, ci[0], col));
@@ -247,6 +262,12 @@ static int truth_read(const char *path, char (*bands)[32], int nb, double zp_ref
     for (long i = 0; i < n; i++) T->flags[i] = isfinite(col[i]) && col[i] > 0 ? (unsigned)col[i] : 0;
     SP_TRY(sp_csv_col_double(t, ci[2], T->x));
     SP_TRY(sp_csv_col_double(t, ci[3], T->y));
+    {
+        int cre = sp_csv_col(t, "re");
+        if (cre >= 0) SP_TRY(sp_csv_col_double(t, cre, T->re));
+        else
+            for (long i = 0; i < n; i++) T->re[i] = NAN;
+    }
     for (long i = 0; i < n; i++) {
         const char *ty = sp_csv_cell(t, i, ci[1]);
         if (!strcasecmp(ty, "STAR")) T->type[i] = SP_SCORE_STAR;
@@ -270,6 +291,59 @@ cleanup:
     sp_csv_free(&t);
     if (status != SP_OK) truth_free(T);
     return status;
+}
+
+/* cnt[i] = truth sources within r of source i (itself not counted): a grid of r-sized buckets,
+ * so O(n) for any density. */
+static int neighbour_counts(const truth_t *T, double r, long *cnt)
+{
+    int status = SP_OK;
+    long *head = NULL, *next = NULL;
+    double x0 = INFINITY, y0 = INFINITY, x1 = -INFINITY, y1 = -INFINITY;
+    for (long i = 0; i < T->n; i++) {
+        cnt[i] = 0;
+        if (!isfinite(T->x[i]) || !isfinite(T->y[i])) continue;
+        x0 = fmin(x0, T->x[i]);
+        x1 = fmax(x1, T->x[i]);
+        y0 = fmin(y0, T->y[i]);
+        y1 = fmax(y1, T->y[i]);
+    }
+    if (!(x1 >= x0) || !(r > 0)) return SP_OK;
+    long gx = (long)((x1 - x0) / r) + 1, gy = (long)((y1 - y0) / r) + 1;
+    SP_CHECK(gx * gy < 100000000L, SP_ERR_INPUT, "crowding radius %g pix is too small for a field of %.0f x %.0f pix", r,
+             x1 - x0, y1 - y0);
+    SP_ALLOC(head, gx * gy);
+    SP_ALLOC(next, T->n);
+    for (long k = 0; k < gx * gy; k++) head[k] = -1;
+    for (long i = 0; i < T->n; i++) {
+        next[i] = -1;
+        if (!isfinite(T->x[i]) || !isfinite(T->y[i])) continue;
+        long k = (long)((T->y[i] - y0) / r) * gx + (long)((T->x[i] - x0) / r);
+        next[i] = head[k];
+        head[k] = i;
+    }
+    for (long i = 0; i < T->n; i++) {
+        if (!isfinite(T->x[i]) || !isfinite(T->y[i])) continue;
+        long cx = (long)((T->x[i] - x0) / r), cy = (long)((T->y[i] - y0) / r);
+        for (long v = cy - 1; v <= cy + 1; v++)
+            for (long u = cx - 1; u <= cx + 1; u++) {
+                if (u < 0 || v < 0 || u >= gx || v >= gy) continue;
+                for (long j = head[v * gx + u]; j >= 0; j = next[j]) {
+                    double dx = T->x[j] - T->x[i], dy = T->y[j] - T->y[i];
+                    cnt[i] += j != i && dx * dx + dy * dy <= r * r;
+                }
+            }
+    }
+cleanup:
+    free(head);
+    free(next);
+    return status;
+}
+
+static int cmp_long(const void *a, const void *b)
+{
+    long x = *(const long *)a, y = *(const long *)b;
+    return (x > y) - (x < y);
 }
 
 /* Folder of a file path ("." if none), into out. */
@@ -518,7 +592,8 @@ int sp_score_run(const char *store, const char *truth_csv, const sp_score_opts *
     double *excl = NULL, *conv = NULL, *ffl = NULL, *xf = NULL, *yf = NULL, *fl = NULL, *er = NULL, *af = NULL;
     double *work = NULL;
     rec *s = NULL;
-    unsigned char *sel = NULL;
+    unsigned char *sel = NULL, *crowded = NULL;
+    long *ncnt = NULL, *csort = NULL;
     frame_t *fr = NULL;
     sp_zp_result zp = {0};
     int nfr = 0, nb = 0;
@@ -531,6 +606,9 @@ int sp_score_run(const char *store, const char *truth_csv, const sp_score_opts *
     SP_CHECK(store && truth_csv, SP_ERR_INTERNAL, "sp_score_run: store and truth paths are required");
     SP_CHECK(o.mag_step > 0 && o.mag_hi > o.mag_lo, SP_ERR_CONFIG, "score: bad magnitude bins %g:%g:%g", o.mag_lo,
              o.mag_hi, o.mag_step);
+    SP_CHECK(o.crowd_radius > 0 && o.crowd_fraction > 0 && o.crowd_fraction <= 1, SP_ERR_CONFIG,
+             "score: crowding radius (%g pix) must be > 0 and the crowded fraction (%g) in (0, 1]", o.crowd_radius,
+             o.crowd_fraction);
     r->store = dupstr(store);
     r->truth = dupstr(truth_csv);
     r->notes = dupstr("");
@@ -593,6 +671,24 @@ int sp_score_run(const char *store, const char *truth_csv, const sp_score_opts *
              "input_catalog.csv ID); is this the store of a run on this simulation?",
              truth_csv, store);
     r->match_rate = (double)r->n_matched / (double)T.n;
+
+    /* the crowded sample: sources with at least as many neighbours as the densest crowd_fraction */
+    SP_ALLOC(ncnt, T.n);
+    SP_ALLOC(csort, T.n);
+    SP_ALLOC(crowded, T.n);
+    SP_TRY(neighbour_counts(&T, o.crowd_radius, ncnt));
+    memcpy(csort, ncnt, sizeof(long) * (size_t)T.n);
+    qsort(csort, (size_t)T.n, sizeof(long), cmp_long);
+    {
+        long k = (long)floor((1.0 - o.crowd_fraction) * (double)T.n);
+        if (k > T.n - 1) k = T.n - 1;
+        if (k < 0) k = 0;
+        r->crowd_min_neighbours = csort[k] > 1 ? csort[k] : 1;
+    }
+    for (long i = 0; i < T.n; i++) {
+        crowded[i] = (unsigned char)(ncnt[i] >= r->crowd_min_neighbours);
+        r->n_crowded += crowded[i];
+    }
 
     /* per-row columns */
     SP_ALLOC(excl, n);
@@ -792,7 +888,9 @@ int sp_score_run(const char *store, const char *truth_csv, const sp_score_opts *
 #pragma omp for schedule(dynamic, 4)
                 for (long i = 0; i < T.n; i++) {
                     rec *q = &s[i];
-                    if (!buf || q->type != SP_SCORE_STAR || q->tflags || q->row < 0 || !(q->ft > 0)) continue;
+                    if (!buf || q->type != SP_SCORE_STAR || !(crowd_ok(q, crowded[i]) || !q->tflags) || q->row < 0 ||
+                        !(q->ft > 0))
+                        continue;
                     if (star_crlb(sim, b, T.x[i], T.y[i], q->ft, nz, nnz, buf, size, &q->cr) != SP_OK) {
 #pragma omp critical(score_msg)
                         if (!msg[0]) snprintf(msg, sizeof msg, "source %ld band %s: %s", T.id[i], bands[b], sp_err_msg());
@@ -832,10 +930,29 @@ int sp_score_run(const char *store, const char *truth_csv, const sp_score_opts *
         group_stats(s, sel, T.n, 1, work, &B->iso);
         for (long i = 0; i < T.n; i++) {
             const rec *q = &s[i];
-            sel[i] = (unsigned char)(q->type != SP_SCORE_STAR && !q->tflags && q->ft / q->e >= o.gal_snr_min);
+            sel[i] = (unsigned char)(q->type != SP_SCORE_STAR && !q->tflags && q->ft / q->e >= o.gal_snr_min &&
+                                     T.re[i] >= o.gal_re_lo && T.re[i] <= o.gal_re_hi);
         }
         stats_clear(&B->gal, NAN, NAN);
         group_stats(s, sel, T.n, 0, work, &B->gal);
+        /* crowded stars: in the SNR range (the figures of the isolated sample), and per bin */
+        for (long i = 0; i < T.n; i++) {
+            const rec *q = &s[i];
+            double snr = isfinite(q->cr.sig_f_known) ? q->ft / q->cr.sig_f_known : q->ft / q->e;
+            sel[i] = (unsigned char)(q->type == SP_SCORE_STAR && crowd_ok(q, crowded[i]) && snr >= o.snr_lo &&
+                                     snr <= o.snr_hi);
+        }
+        stats_clear(&B->crowd, NAN, NAN);
+        group_stats(s, sel, T.n, 1, work, &B->crowd);
+        SP_ALLOC(B->crowd_bin, nbins);
+        for (int k = 0; k < nbins; k++) {
+            double lo = o.mag_lo + k * o.mag_step, hi = lo + o.mag_step;
+            for (long i = 0; i < T.n; i++)
+                sel[i] = (unsigned char)(s[i].type == SP_SCORE_STAR && crowd_ok(&s[i], crowded[i]) && s[i].mag >= lo &&
+                                         s[i].mag < hi);
+            stats_clear(&B->crowd_bin[k], lo, hi);
+            group_stats(s, sel, T.n, 0, work, &B->crowd_bin[k]);
+        }
         /* zero point: with ZP_AUTO off the truth by d, fluxes are off by 10^(0.4 d), so the right
          * calibration is zp_ref + d (mean over the band's frames) */
         B->zp = B->zp_expected = B->zp_error = NAN;
@@ -857,6 +974,10 @@ int sp_score_run(const char *store, const char *truth_csv, const sp_score_opts *
     r->star_pos_scatter_over_crlb = MOB(iso.pos_over_crlb);
     r->galaxy_flux_bias = MOB(gal.bias);
     r->galaxy_pull_std = MOB(gal.pull_std);
+    r->crowd_star_scatter_over_crlb = o.flux == SP_SCORE_FLUX_FIT ? MOB(crowd.scatter_over_crlb_free)
+                                                                  : MOB(crowd.scatter_over_crlb_known);
+    r->crowd_star_pull_std = MOB(crowd.pull_std);
+    r->crowd_star_flux_bias = MOB(crowd.bias);
     r->epsf_resid_rms = MOB(epsf_resid);
 #undef MOB
     r->zp_error_mag_max = NAN;
@@ -886,6 +1007,9 @@ cleanup:
     free(work);
     free(s);
     free(sel);
+    free(crowded);
+    free(ncnt);
+    free(csort);
     free(fr);
     if (status != SP_OK) sp_score_result_free(r);
     return status;

@@ -68,10 +68,28 @@ void sp_score_print(FILE *f, const sp_score_result *r)
                 num(a[1], 24, "%+.4f", i->bias), num(a[2], 24, "%.3f", i->pull_std),
                 num(a[3], 24, "%.3f", i->scatter_over_crlb_known), num(a[4], 24, "%.3f", i->scatter_over_crlb_free),
                 num(a[5], 24, "%.3f", i->pos_over_crlb));
-        fprintf(f, "  isolated galaxies, f_true/sigma_f >= %g: %ld used: bias %s, scatter %s, pull std %s\n",
-                r->opts.gal_snr_min, B->gal.n_used, num(a[0], 24, "%+.4f", B->gal.bias),
-                num(a[1], 24, "%.4f", B->gal.scatter), num(a[2], 24, "%.3f", B->gal.pull_std));
+        fprintf(f, "  isolated galaxies, Re %g-%g pix, f_true/sigma_f >= %g: %ld used: bias %s, scatter %s, pull std %s\n",
+                r->opts.gal_re_lo, r->opts.gal_re_hi, r->opts.gal_snr_min, B->gal.n_used,
+                num(a[0], 24, "%+.4f", B->gal.bias), num(a[1], 24, "%.4f", B->gal.scatter),
+                num(a[2], 24, "%.3f", B->gal.pull_std));
+        const sp_score_stats *c = &B->crowd;
+        fprintf(f, "  crowded stars, SNR %g-%g: %ld used (%ld with a bound): bias %s, pull std %s,\n"
+                   "    scatter/CRLB (isolated-star bound) %s (position known) %s (position free)\n",
+                r->opts.snr_lo, r->opts.snr_hi, c->n_used, c->n_crlb, num(a[0], 24, "%+.4f", c->bias),
+                num(a[1], 24, "%.3f", c->pull_std), num(a[2], 24, "%.3f", c->scatter_over_crlb_known),
+                num(a[3], 24, "%.3f", c->scatter_over_crlb_free));
+        for (int k = 0; k < B->nbins && B->crowd_bin; k++) {
+            const sp_score_stats *st = &B->crowd_bin[k];
+            if (st->n_truth == 0) continue;
+            char bin[24];
+            snprintf(bin, sizeof bin, "%.1f-%.1f", st->mag_lo, st->mag_hi);
+            stats_row(f, "CRWD", bin, st);
+        }
     }
+    fprintf(f, "\ncrowded sample: the %ld truth sources (%.1f%%) with >= %ld neighbours within %g pix (densest %g); "
+               "CRWD rows: its stars without a saturated / bad-pixel / edge / forced-bright flag\n",
+            r->n_crowded, r->n_truth > 0 ? 100.0 * (double)r->n_crowded / (double)r->n_truth : 0.0,
+            r->crowd_min_neighbours, r->opts.crowd_radius, r->opts.crowd_fraction);
     fprintf(f, "\nsummary (medians over bands): match_rate %.4f, star_flux_bias %s, star_pull_std %s,\n"
                "  star_flux_scatter_over_crlb %s (%s), star_pos_scatter_over_crlb %s,\n"
                "  galaxy_flux_bias %s, galaxy_pull_std %s, zp_error_mag_max %s, epsf_resid_rms %s (%.2f s)\n",
@@ -80,6 +98,9 @@ void sp_score_print(FILE *f, const sp_score_result *r)
             num(a[3], 24, "%.3f", r->star_pos_scatter_over_crlb), num(a[4], 24, "%+.4f", r->galaxy_flux_bias),
             num(a[5], 24, "%.3f", r->galaxy_pull_std), num(a[6], 24, "%.4f", r->zp_error_mag_max),
             num(a[7], 24, "%.4f", r->epsf_resid_rms), r->seconds);
+    fprintf(f, "  crowd_star_flux_bias %s, crowd_star_pull_std %s, crowd_star_scatter_over_crlb %s\n",
+            num(a[0], 24, "%+.4f", r->crowd_star_flux_bias), num(a[1], 24, "%.3f", r->crowd_star_pull_std),
+            num(a[2], 24, "%.3f", r->crowd_star_scatter_over_crlb));
     if (r->notes && r->notes[0]) {
         fprintf(f, "notes:\n");
         const char *p = r->notes;
@@ -174,14 +195,20 @@ int sp_score_write_json(const char *path, const sp_score_result *r)
                {"galaxy_pull_std", r->galaxy_pull_std},
                {"zp_error_mag_max", r->zp_error_mag_max},
                {"epsf_resid_rms", r->epsf_resid_rms},
+               {"crowd_star_flux_bias", r->crowd_star_flux_bias},
+               {"crowd_star_pull_std", r->crowd_star_pull_std},
+               {"crowd_star_scatter_over_crlb", r->crowd_star_scatter_over_crlb},
                {"seconds", r->seconds}};
     for (size_t i = 0; i < sizeof top / sizeof top[0]; i++) {
         fprintf(f, ",\n  \"%s\": ", top[i].k);
         jnum(f, top[i].v);
     }
     fprintf(f, ",\n  \"options\": {\"mag_lo\": %g, \"mag_hi\": %g, \"mag_step\": %g, \"snr_lo\": %g, \"snr_hi\": %g, "
-               "\"gal_snr_min\": %g, \"aper_r\": %g}",
-            r->opts.mag_lo, r->opts.mag_hi, r->opts.mag_step, r->opts.snr_lo, r->opts.snr_hi, r->opts.gal_snr_min, r->opts.aper_r);
+               "\"gal_snr_min\": %g, \"gal_re_lo\": %g, \"gal_re_hi\": %g, \"crowd_radius\": %g, "
+               "\"crowd_fraction\": %g, \"aper_r\": %g}",
+            r->opts.mag_lo, r->opts.mag_hi, r->opts.mag_step, r->opts.snr_lo, r->opts.snr_hi, r->opts.gal_snr_min,
+            r->opts.gal_re_lo, r->opts.gal_re_hi, r->opts.crowd_radius, r->opts.crowd_fraction, r->opts.aper_r);
+    fprintf(f, ",\n  \"n_crowded\": %ld,\n  \"crowd_min_neighbours\": %ld", r->n_crowded, r->crowd_min_neighbours);
     fprintf(f, ",\n  \"notes\": [");
     int first = 1;
     for (const char *p = r->notes ? r->notes : ""; *p;) {
@@ -216,6 +243,14 @@ int sp_score_write_json(const char *path, const sp_score_result *r)
         jstats(f, &B->iso, 1);
         fprintf(f, ",\n      \"galaxies\": ");
         jstats(f, &B->gal, 0);
+        fprintf(f, ",\n      \"crowded_stars\": ");
+        jstats(f, &B->crowd, 1);
+        fprintf(f, ",\n      \"crowded_star_bins\": [");
+        for (int k = 0; k < B->nbins && B->crowd_bin; k++) {
+            fprintf(f, "%s\n        ", k ? "," : "");
+            jstats(f, &B->crowd_bin[k], 0);
+        }
+        fprintf(f, "]");
         fprintf(f, ",\n      \"types\": {");
         for (int t = 0; t < SP_SCORE_NTYPE; t++) {
             fprintf(f, "%s\n        \"%s\": ", t ? "," : "", sp_score_type_names[t]);

@@ -116,6 +116,25 @@ if "$BIN" -q simulate "$TMP/dense.yaml" --out "$E" >"$TMP/sim2.log" 2>&1 &&
   if in_range "$b" -0.02 0.02; then pass "score_dense_bias ($b)"; else fail score_dense_bias "$b"; fi
   if in_range "$p" 0.8 1.35; then pass "score_dense_pull_std ($p)"; else fail score_dense_pull_std "$p"; fi
   if in_range "$c" 0.95 1.8; then pass "score_dense_scatter_over_crlb ($c)"; else fail score_dense_scatter_over_crlb "$c"; fi
+  # the crowded sample, recomputed here from truth.csv (brute-force neighbour counts within 10 px,
+  # the densest 10%): the same threshold and size; crowding costs the apertures precision
+  read -r want_k want_n < <(python3 - "$E/truth.csv" <<'PY'
+import csv, math, sys
+rows = list(csv.DictReader(open(sys.argv[1])))
+xy = [(float(r["x"]), float(r["y"])) for r in rows]
+cnt = [sum(1 for j, (u, v) in enumerate(xy) if j != i and (u - x) ** 2 + (v - y) ** 2 <= 100.0)
+       for i, (x, y) in enumerate(xy)]
+k = max(sorted(cnt)[min(len(cnt) - 1, int(math.floor(0.9 * len(cnt))))], 1)
+print(k, sum(c >= k for c in cnt))
+PY
+)
+  got_k=$(jget crowd_min_neighbours "$TMP/dense.json"); got_n=$(jget n_crowded "$TMP/dense.json")
+  if [ -n "$want_k" ] && [ "$got_k" = "$want_k" ] && [ "$got_n" = "$want_n" ]; then
+    pass "score_crowded_sample (>= $got_k neighbours: $got_n sources)"
+  else fail score_crowded_sample "score: >= $got_k, $got_n sources; recomputed: >= $want_k, $want_n"; fi
+  cc=$(jget crowd_star_scatter_over_crlb "$TMP/dense.json")
+  if awk -v a="$cc" -v b="$c" 'BEGIN{exit !(a+0 > b+0)}'; then pass "score_crowded_worse ($cc > $c)"
+  else fail score_crowded_worse "crowded scatter/CRLB $cc, isolated $c"; fi
   # the uncorrected aperture loses the light outside r_ap: a clear negative bias
   "$BIN" score "$E/work/surveyproc.h5" "$E" --flux aper --aper-correct none --json "$TMP/raw.json" >/dev/null 2>&1
   b0=$(jget star_flux_bias "$TMP/raw.json")
@@ -152,4 +171,5 @@ mkdir -p "$TMP/noid" && awk -F, -v OFS=, 'NR>1{$1=$1+100000}1' "$D/truth.csv" >"
 expect_err score_err_no_match 3 "matches" -- "$BIN" score "$S" --truth "$TMP/noid/truth.csv" --flux aper
 expect_err score_err_not_store 4 "$D/truth.csv" -- "$BIN" score "$D/truth.csv" "$D"
 expect_err score_err_option 3 "--bogus" -- "$BIN" score "$S" "$D" --bogus
+expect_err score_err_crowd 3 "--crowd 10:2" -- "$BIN" score "$S" "$D" --crowd 10:2
 if "$BIN" score --help | grep -q -- "--require-scatter-crlb"; then pass score_help; else fail score_help; fi
