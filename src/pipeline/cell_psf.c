@@ -607,6 +607,62 @@ cleanup:
     return status;
 }
 
+/* Detection mode: the detections that the input catalog says are galaxies (a
+ * source of given TYPE other than STAR within max(1.5, FWHM / 2) pixels) are no
+ * PSF-star candidates; they stay in the isolation list as neighbours of unknown
+ * flux (others, flux -1: always count). A compact galaxy passes the roundness
+ * cut, and on a galaxy-rich field such candidates broaden every cell's PSF.
+ * *cand (NULL when nothing is vetoed: use the detections as they are). */
+static int veto_catalog_galaxies(cell_t *c, sp_source **cand, int *ncand, double **others, int *nothers)
+{
+    int status = SP_OK;
+    const sp_catalog *cat = &c->run->plan->cat;
+    double rv = fmax(1.5, 0.5 * c->run->sp.sel.fwhm);
+    unsigned char *veto = NULL;
+    int nveto = 0;
+    *cand = NULL;
+    *others = NULL;
+    *ncand = c->ndet;
+    *nothers = 0;
+    if (c->ndet == 0 || !cat->type_given) return SP_OK;
+    SP_ALLOC(veto, c->ndet);
+    for (long q = 0; q < c->ncat; q++) {
+        long k = c->cat[q];
+        if (!cat->type_given[k] || cat->type[k] == SP_SRC_STAR) continue;
+        double x = cat->x[k] - c->x0, y = cat->y[k] - c->y0;
+        for (int d = 0; d < c->ndet; d++) {
+            double dx = c->det[d].x - x, dy = c->det[d].y - y;
+            if (!veto[d] && dx * dx + dy * dy <= rv * rv) {
+                veto[d] = 1;
+                nveto++;
+            }
+        }
+    }
+    if (nveto == 0) goto cleanup;
+    SP_ALLOC(*cand, c->ndet - nveto + 1);
+    SP_ALLOC(*others, 3 * nveto);
+    *ncand = 0;
+    for (int d = 0; d < c->ndet; d++) {
+        if (!veto[d]) {
+            (*cand)[(*ncand)++] = c->det[d];
+            continue;
+        }
+        double *o = *others + 3 * (*nothers)++;
+        o[0] = c->det[d].x;
+        o[1] = c->det[d].y;
+        o[2] = -1.0;
+    }
+cleanup:
+    free(veto);
+    if (status != SP_OK) {
+        free(*cand);
+        free(*others);
+        *cand = NULL;
+        *others = NULL;
+    }
+    return status;
+}
+
 /* Star selection + ePSF of one band. Candidates: the catalog STARs
  * (epsf.psfstar_use_catalog) or the white-stack detections; reference stars in
  * the cell ROI whose magnitude in this band is inside
@@ -630,6 +686,13 @@ static int build_band(cell_t *c, int b, sp_epsf_result **res)
         nbs = nbl;
         sel.others = others;
         sel.nothers = nothers;
+    } else {
+        SP_TRY(veto_catalog_galaxies(c, &cand, &ncand, &others, &nothers));
+        if (cand) {
+            candl = cand;
+            sel.others = others;
+            sel.nothers = nothers;
+        }
     }
     if (r->sp.sel.mode != SP_PSFSTAR_DETECT && r->refs.n > 0) {
         SP_ALLOC(rxy, 2 * r->refs.n);
@@ -707,7 +770,7 @@ int stage_epsf(cell_t *c)
     int nb = r->plan->nbands;
     thread_err te = {0};
     SP_ALLOC(c->epsf, nb);
-    if (r->sp.use_catalog) SP_TRY(cell_catalog(c));
+    SP_TRY(cell_catalog(c)); /* candidates (psfstar_use_catalog) or the galaxy veto */
 #pragma omp parallel for schedule(dynamic, 1) num_threads(r->sp.band_threads)
     for (int b = 0; b < nb; b++) {
         int st = build_band(c, b, &c->epsf[b]);
