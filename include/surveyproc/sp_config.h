@@ -197,6 +197,7 @@ typedef struct {
     int edge_pad;
     double min_sep;
     double min_sep_flux_ratio;
+    double psfstar_size_tol;
     bool psfstar_use_catalog;
     double neighbour_mask_sigma;
     bool fallback_borrow;

@@ -73,6 +73,12 @@ typedef struct {
                                 * always counts; may be NULL */
     int nothers;
     double snr_min;            /* SNR floor (matched filter, this band); default 20 */
+    double size_tol;           /* stellar locus: a detected candidate whose windowed size sqrt(a^2 + b^2)
+                                * is off the locus (the densest size among the candidates that passed
+                                * every other cut: the median of the narrowest run of a third of them)
+                                * by more than this fraction is rejected (an extended source: a
+                                * galaxy; or a defect); reference-backed candidates are exempt; applied
+                                * with >= 5 candidates; <= 0: off; default 0 */
     double peak_max;           /* reject peaks above this (non-linearity; <= 0: off); default 0 */
     int max_stars;             /* keep at most this many, brightest first; default 30 */
     double fwhm;               /* expected FWHM in pixels (measurement window, core radius); default 4 */
@@ -96,7 +102,8 @@ typedef struct {
 
 /* Rejection counts (a candidate is counted under the first cut it fails). */
 typedef struct {
-    int ncand, n_edge, n_flagged, n_snr, n_round, n_peak, n_crowded, n_selected;
+    int ncand, n_edge, n_flagged, n_snr, n_round, n_peak, n_crowded, n_size, n_selected;
+    double locus;       /* the stellar-locus size (pixels; 0 when the size cut did not apply) */
 } sp_starsel_stats;
 
 void sp_starsel_params_default(sp_starsel_params *p);

@@ -238,6 +238,10 @@ const sp_config_key sp_cfg_schema[] = {
     KDV("epsf.q_range", epsf.q_range, SC | ORD, "[0.7, 1.3]", 0, 10, "",
         "Allowed [min, max] axis ratio of a candidate from its second moments (round stars are near 1)."),
     KD("epsf.snr_min", epsf.snr_min, SC, "20.0", 0, 1000000, "", "Minimum aperture SNR of a PSF star."),
+    KD("epsf.psfstar_size_tol", epsf.psfstar_size_tol, SC, "0.15", 0, 10, "",
+       "Stellar locus: a detected PSF-star candidate whose windowed size differs from the cell's stellar "
+       "locus (the densest size among the candidates) by more than this fraction is rejected as extended "
+       "(a galaxy the catalog does not type, a blend, a defect); reference stars are exempt; 0: off."),
     KD("epsf.max_peak_fraction", epsf.max_peak_fraction, SC | GT, "0.75", 0, 2, "",
        "Candidates whose peak pixel exceeds this fraction of SATURATE are rejected (non-linear regime)."),
     KD("epsf.reference_mag_min", epsf.reference_mag_min, SC, "10.0", -5, 40, "mag",

@@ -138,6 +138,7 @@ static void params_from_config(const sp_config *cfg, int threads, int nbands, st
     s->sel.q_max = e->q_range[1] < 1.0 ? e->q_range[1] : 1.0; /* q = b/a never exceeds 1 */
     s->sel.min_sep = e->min_sep;
     s->sel.min_sep_flux_ratio = e->min_sep_flux_ratio;
+    s->sel.size_tol = e->psfstar_size_tol;
     s->sel.snr_min = e->snr_min;
     s->sel.max_stars = e->max_stars;
     s->sel.fwhm = e->fallback_fwhm_pix;
@@ -713,9 +714,10 @@ static int build_band(cell_t *c, int b, sp_epsf_result **res)
     SP_TRY(sp_starsel_select(c->data[b], c->rms[b], c->mask[b], (int)c->nx, (int)c->ny, candl, ncand, rxy, nref, &sel,
                              &stars, &nstars, &ss));
     SP_DEBUG("cell %d band %s: %d %s, %d reference(s); PSF-star candidates %d: edge %d, flagged %d, snr %d, "
-             "round %d, peak %d, crowded %d -> %d selected",
+             "round %d, peak %d, crowded %d, off the stellar locus (%.3f px) %d -> %d selected",
              c->cell->id, r->plan->bands[b], ncand, r->sp.use_catalog ? "catalog star(s)" : "detection(s)", nref,
-             ss.ncand, ss.n_edge, ss.n_flagged, ss.n_snr, ss.n_round, ss.n_peak, ss.n_crowded, ss.n_selected);
+             ss.ncand, ss.n_edge, ss.n_flagged, ss.n_snr, ss.n_round, ss.n_peak, ss.n_crowded, ss.locus, ss.n_size,
+             ss.n_selected);
     /* the ePSF applies at the centre of the cell's base region (ROI pixels) */
     ep.x_ref = 0.5 * (c->cell->bx0 + c->cell->bx1 - 1) - c->x0;
     ep.y_ref = 0.5 * (c->cell->by0 + c->cell->by1 - 1) - c->y0;

@@ -22,6 +22,7 @@ void sp_starsel_params_default(sp_starsel_params *p)
     p->others = NULL;
     p->nothers = 0;
     p->snr_min = 20.0;
+    p->size_tol = 0.0;
     p->peak_max = 0.0;
     p->max_stars = 30;
     p->fwhm = 4.0;
@@ -38,6 +39,12 @@ typedef struct {
     int det_match;      /* detection index matched to a reference, -1 */
 } cand_t;
 
+
+static int cmp_double(const void *a, const void *b)
+{
+    double x = *(const double *)a, y = *(const double *)b;
+    return (x > y) - (x < y);
+}
 
 static int cmp_star_flux(const void *a, const void *b)
 {
@@ -80,7 +87,7 @@ int sp_starsel_select(const float *img, const float *rms, const uint8_t *mask, i
     sp_psfstar *stars = NULL;
     float *buf = NULL, *samp = NULL;
     int *used_det = NULL, *cell_head = NULL, *cell_next = NULL;
-    double *allx = NULL, *ally = NULL, *allf = NULL;
+    double *allx = NULL, *ally = NULL, *allf = NULL, *size = NULL, *srt = NULL;
     int *allid = NULL;
     sp_starsel_stats st;
     memset(&st, 0, sizeof st);
@@ -219,6 +226,8 @@ int sp_starsel_select(const float *img, const float *rms, const uint8_t *mask, i
     int nbuf = (int)(M_PI * (rout + 2) * (rout + 2)) + 64;
     SP_ALLOC(buf, nbuf);
     SP_ALLOC(stars, ncand + 1);
+    SP_ALLOC(size, ncand + 1);
+    SP_ALLOC(srt, ncand + 1);
     double need = half + p.edge_pad;
     for (int ci = 0; ci < ncand; ci++) {
         cand_t *c = &cand[ci];
@@ -292,6 +301,7 @@ int sp_starsel_select(const float *img, const float *rms, const uint8_t *mask, i
             continue;
         }
         sp_psfstar *s = &stars[nstars];
+        size[nstars] = sqrt(m.a * m.a + m.b * m.b);
         s->x = m.x;
         s->y = m.y;
         s->flux = m.flux;
@@ -305,6 +315,28 @@ int sp_starsel_select(const float *img, const float *rms, const uint8_t *mask, i
         s->bkg = bk;
         s->bkg_rms = bs > 0 ? bs : (rms ? rms[(size_t)lround(m.y) * nx + lround(m.x)] : noise);
         nstars++;
+    }
+    /* the stellar locus: stars share one size, extended sources scatter above it */
+    if (p.size_tol > 0 && nstars >= 5) {
+        int nd = 0;
+        for (int i = 0; i < nstars; i++) srt[nd++] = size[i];
+        qsort(srt, (size_t)nd, sizeof *srt, cmp_double);
+        int k = nd / 3 > 3 ? nd / 3 : 3, best = 0;
+        for (int i = 1; i + k - 1 < nd; i++)
+            if (srt[i + k - 1] - srt[i] < srt[best + k - 1] - srt[best]) best = i;
+        double locus = srt[best + k / 2];
+        st.locus = locus;
+        int w = 0;
+        for (int i = 0; i < nstars; i++) {
+            if (stars[i].origin == SP_PSFSTAR_DETECT && locus > 0 && fabs(size[i] / locus - 1.0) > p.size_tol) {
+                st.n_size++;
+                continue;
+            }
+            stars[w] = stars[i];
+            size[w] = size[i];
+            w++;
+        }
+        nstars = w;
     }
     /* brightest first, references ahead of detections at equal priority */
     qsort(stars, (size_t)nstars, sizeof(sp_psfstar), cmp_star_flux);
@@ -340,5 +372,7 @@ cleanup:
     free(ally);
     free(allf);
     free(allid);
+    free(size);
+    free(srt);
     return status;
 }

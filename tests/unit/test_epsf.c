@@ -588,6 +588,74 @@ static void t_starsel(void **s)
     sp_psf_free(&gal);
 }
 
+/* The stellar locus: round extended sources (what a compact galaxy looks like) pass every cut but
+ * size; with size_tol they are rejected and the stars kept; a reference-backed one is exempt. */
+static void t_starsel_locus(void **s)
+{
+    (void)s;
+    const int nx = 620, ny = 600;
+    float *img = calloc((size_t)nx * ny, sizeof(float));
+    sp_psf *star = NULL, *ext = NULL;
+    assert_int_equal(sp_psf_moffat(FWHM, BETA, 1.0, 0.0, 4 * 50 + 1, 4, &star), SP_OK);
+    assert_int_equal(sp_psf_moffat(1.6 * FWHM, BETA, 1.0, 0.0, 4 * 50 + 1, 4, &ext), SP_OK);
+    double *scr = malloc(sizeof(double) * 60 * 60);
+    double xs[18], ys[18];
+    int isext[18], next = 0;
+    for (int k = 0; k < 18; k++) {
+        xs[k] = 60 + 100 * (k % 6) + 0.13 * k;
+        ys[k] = 100 + 200 * (k / 6) - 0.07 * k;
+        isext[k] = k % 3 == 2;
+        next += isext[k];
+        sim_add_star(img, nx, ny, isext[k] ? ext : star, xs[k], ys[k], 5e4 * (1 + 0.1 * k), scr);
+    }
+    sim_rng r;
+    sim_seed(&r, 5);
+    sim_sky sky = {0, 0, 0, 0};
+    sim_finish(img, NULL, nx, ny, &sky, 5.0, 0.0, &r);
+    sp_detect_params dp;
+    sp_detect_params_default(&dp);
+    dp.fwhm = FWHM;
+    sp_source *src = NULL;
+    int ns = 0;
+    assert_int_equal(sp_detect(img, NULL, NULL, nx, ny, NULL, &dp, &src, &ns), SP_OK);
+    sp_starsel_params sp;
+    sp_starsel_params_default(&sp);
+    sp.stamp_size = FINAL;
+    sp.fwhm = FWHM;
+    sp_psfstar *st = NULL;
+    int n = 0;
+    sp_starsel_stats ss;
+    assert_int_equal(sp_starsel_select(img, NULL, NULL, nx, ny, src, ns, NULL, 0, &sp, &st, &n, &ss), SP_OK);
+    assert_int_equal(n, 18); /* without the cut every round source is a "star" */
+    assert_int_equal(ss.n_size, 0);
+    free(st);
+    sp.size_tol = 0.15;
+    assert_int_equal(sp_starsel_select(img, NULL, NULL, nx, ny, src, ns, NULL, 0, &sp, &st, &n, &ss), SP_OK);
+    printf("starsel locus: %d detections -> %d stars, %d off the locus (%.3f px)\n", ns, n, ss.n_size, ss.locus);
+    assert_int_equal(n, 18 - next);
+    assert_int_equal(ss.n_size, next);
+    assert_true(ss.locus > 0);
+    for (int i = 0; i < n; i++) {
+        int k = -1;
+        for (int j = 0; j < 18; j++)
+            if (hypot(st[i].x - xs[j], st[i].y - ys[j]) < 1.0) k = j;
+        assert_true(k >= 0 && !isext[k]);
+    }
+    free(st);
+    /* a reference star on an extended source is kept (the reference says it is a star) */
+    sp.mode = SP_PSFSTAR_BOTH;
+    double ref[2] = {xs[2] + 0.3, ys[2] - 0.2};
+    assert_int_equal(sp_starsel_select(img, NULL, NULL, nx, ny, src, ns, ref, 1, &sp, &st, &n, &ss), SP_OK);
+    assert_int_equal(n, 18 - next + 1);
+    assert_int_equal(st[0].origin, SP_PSFSTAR_BOTH);
+    free(st);
+    free(src);
+    free(scr);
+    free(img);
+    sp_psf_free(&star);
+    sp_psf_free(&ext);
+}
+
 /* Cell grid: weights, continuity across cell borders, clamping, missing cells,
  * and fidelity between centres for a PSF whose FWHM varies linearly. */
 static void t_grid(void **s)
@@ -987,7 +1055,7 @@ int main(void)
 {
     const struct CMUnitTest tests[] = {
         cmocka_unit_test(t_fidelity), cmocka_unit_test(t_noiseless), cmocka_unit_test(t_fallback),
-        cmocka_unit_test(t_diagnostics), cmocka_unit_test(t_starsel), cmocka_unit_test(t_grid),
+        cmocka_unit_test(t_diagnostics), cmocka_unit_test(t_starsel), cmocka_unit_test(t_starsel_locus), cmocka_unit_test(t_grid),
         cmocka_unit_test(t_spatial),     cmocka_unit_test(t_parallel), cmocka_unit_test(t_pool),
         cmocka_unit_test(t_field),
     };
