@@ -188,6 +188,9 @@ for t in $TILES; do
         "$BIN" score "$RES/peer_${t}/$p.h5" "$DIR/$t" "${fl[@]}" --json "$RES/score_${p}_$t.json" --quiet-table \
             > "$RES/score_${p}_$t.log" 2>&1 || true
         log "peer $p $t: $(head -1 "$RES/score_${p}_$t.log")"
+        # ours on the sources the peer measured: the crowded comparison at fixed magnitude uses the same stars
+        "$BIN" score "$RES/${t}_2x1_$REPS.h5" "$DIR/$t" --ids-from "$RES/peer_${t}/$p.h5" \
+            --json "$RES/score_oursvs-${p}_$t.json" --quiet-table > "$RES/score_oursvs-${p}_$t.log" 2>&1 || true
     done
     unset OMP_NUM_THREADS OPENBLAS_NUM_THREADS
 done

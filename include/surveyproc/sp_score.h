@@ -85,6 +85,8 @@ typedef struct {
     double gal_re_lo, gal_re_hi; /* ... and true Re (pix) in this range (default 1, 6) */
     double crowd_radius;     /* crowded sample: neighbours counted within this (pix, default 10) */
     double crowd_fraction;   /* ... the densest this fraction of the truth sources (default 0.1) */
+    const char *ids_from;    /* NULL, or a store: score only the truth sources it has a /catalog row
+                              * for (two codes on the same sources; crowding still counts them all) */
     const char *psf_dir;     /* folder with sim.yaml for the true PSF (NULL: the truth's folder) */
     double aper_r;           /* aperture columns: divide flux and error by the true PSF's encircled
                               * energy within this radius (pix) at each source, i.e. a point-source

@@ -338,8 +338,8 @@ if scores:
       "densest 10%%, `surveyproc score --crowd 10:0.1`, docs/scoring.md), their stars without a saturated / bad / "
       "edge flag. Scatter over each star's isolated-star bound (SNR 20-500; medians over bands), and the flux "
       "scatter at fixed magnitude: per band and 1-mag bin of true magnitude where both codes measured >= %d "
-      "crowded stars, the peer's robust scatter over ours (> 1: the peer scatters more); median (min-max) over "
-      "those bins." % CROWD_MIN)
+      "crowded stars, the peer's robust scatter over ours (> 1: the peer scatters more) on the same sources "
+      "(ours scored with `--ids-from` the peer's store); median (min-max) over those bins." % CROWD_MIN)
     w("")
     w("| tile | code | crowded stars used (median per band) | bias | pull std | scatter/CRLB | "
       "scatter at fixed magnitude, peer / ours (bins) |")
@@ -355,10 +355,11 @@ if scores:
             except Exception:
                 ncr = None
             ratio = "-"
-            if name != "ours" and so:
+            same = scores.get(("oursvs-" + name, t))  # ours on the sources the peer measured
+            if name != "ours" and (same or so):
                 rr = []
                 for bn, b in s_["per_band"].items():
-                    ob = so["per_band"].get(bn)
+                    ob = (same or so)["per_band"].get(bn)
                     if not ob or "crowded_star_bins" not in b or "crowded_star_bins" not in ob:
                         continue
                     for x, y in zip(b["crowded_star_bins"], ob["crowded_star_bins"]):

@@ -41,6 +41,8 @@ static void usage(FILE *f)
             "                       correction, so stars are compared with their total flux); auto (default):\n"
             "                       the run's patch_run.r_ap from /provenance\n"
             "  --gal-snr MIN        galaxy sample: f_true/sigma_f >= MIN (default 50)\n"
+            "  --ids-from STORE     score only the truth sources STORE has a /catalog row for (compare\n"
+            "                       two codes on the same sources, e.g. a peer that measured a subset)\n"
             "  --gal-re LO:HI       galaxy sample: true Re within [LO, HI] pix (default 1:6)\n"
             "  --crowd R:FRAC       crowded sample: the densest FRAC of the truth sources by their count of\n"
             "                       neighbours within R pix (default 10:0.1)\n"
@@ -110,6 +112,7 @@ int sp_cmd_score(int argc, char **argv)
 #define OPT(name) (!strcmp(a, name) && v && (i++, 1))
         if (OPT("--truth")) truth = v;
         else if (OPT("--psf")) o.psf_dir = v;
+        else if (OPT("--ids-from")) o.ids_from = v;
         else if (OPT("--json") || OPT("--out")) json = v;
         else if (OPT("--flux")) {
             if (!strcmp(v, "fit")) o.flux = SP_SCORE_FLUX_FIT;

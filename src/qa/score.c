@@ -340,6 +340,54 @@ cleanup:
     return status;
 }
 
+/* Keep the truth sources whose id is an ID of path's /catalog (compacting T and crowded[]); *nkeep. */
+static int store_ids_keep(const char *path, int nb, truth_t *T, unsigned char *crowded, long *nkeep)
+{
+    int status = SP_OK, idlen = 0;
+    sp_h5 *h = NULL;
+    sp_h5_table_info info = {0};
+    char *ids = NULL;
+    unsigned char *have = NULL;
+    long idmax = 0;
+    SP_TRY(sp_h5_open(path, 0, MPI_COMM_NULL, &h));
+    SP_TRY(sp_h5_table_describe(h, "/catalog", &info));
+    for (int c = 0; c < info.ncol; c++)
+        if (!strcmp(info.cols[c].name, "ID") && info.cols[c].type == SP_H5_STR) idlen = info.cols[c].len;
+    SP_CHECK(idlen > 0, SP_ERR_INPUT, "--ids-from %s: /catalog has no string column ID", path);
+    for (long i = 0; i < T->n; i++)
+        if (T->id[i] > idmax) idmax = T->id[i];
+    SP_ALLOC(have, idmax + 1);
+    SP_ALLOC(ids, (size_t)(info.nrows > 0 ? info.nrows : 1) * idlen);
+    if (info.nrows > 0) SP_TRY(sp_h5_table_read_col_str(h, "/catalog", "ID", 0, info.nrows, ids, (size_t)idlen));
+    for (long i = 0; i < info.nrows; i++) {
+        char *end = NULL;
+        const char *p = ids + (size_t)i * idlen;
+        long v = strtol(p, &end, 10);
+        if (p[0] && end != p && v >= 0 && v <= idmax) have[v] = 1;
+    }
+    long w = 0;
+    for (long i = 0; i < T->n; i++) {
+        if (T->id[i] < 0 || T->id[i] > idmax || !have[T->id[i]]) continue;
+        T->id[w] = T->id[i];
+        T->type[w] = T->type[i];
+        T->flags[w] = T->flags[i];
+        T->x[w] = T->x[i];
+        T->y[w] = T->y[i];
+        T->re[w] = T->re[i];
+        for (int b = 0; b < nb; b++) T->flux[(size_t)w * nb + b] = T->flux[(size_t)i * nb + b]; /* w <= i */
+        crowded[w] = crowded[i];
+        w++;
+    }
+    T->n = w;
+    *nkeep = w;
+cleanup:
+    sp_h5_table_info_free(&info);
+    sp_h5_close(&h);
+    free(ids);
+    free(have);
+    return status;
+}
+
 static int cmp_long(const void *a, const void *b)
 {
     long x = *(const long *)a, y = *(const long *)b;
@@ -639,6 +687,33 @@ int sp_score_run(const char *store, const char *truth_csv, const sp_score_opts *
 
     /* the truth, and the match by ID */
     SP_TRY(truth_read(truth_csv, bands, nb, r->zp_ref, &T));
+    /* the crowded sample: sources with at least as many neighbours as the densest crowd_fraction */
+    SP_ALLOC(ncnt, T.n);
+    SP_ALLOC(csort, T.n);
+    SP_ALLOC(crowded, T.n);
+    SP_TRY(neighbour_counts(&T, o.crowd_radius, ncnt));
+    memcpy(csort, ncnt, sizeof(long) * (size_t)T.n);
+    qsort(csort, (size_t)T.n, sizeof(long), cmp_long);
+    {
+        long k = (long)floor((1.0 - o.crowd_fraction) * (double)T.n);
+        if (k > T.n - 1) k = T.n - 1;
+        if (k < 0) k = 0;
+        r->crowd_min_neighbours = csort[k] > 1 ? csort[k] : 1;
+    }
+    for (long i = 0; i < T.n; i++) {
+        crowded[i] = (unsigned char)(ncnt[i] >= r->crowd_min_neighbours);
+        r->n_crowded += crowded[i];
+    }
+
+    /* --ids-from: keep the truth sources that another store has a row for (codes compared on the
+     * same sources); the crowding above counted every source */
+    if (o.ids_from) {
+        long nk = 0;
+        SP_TRY(store_ids_keep(o.ids_from, nb, &T, crowded, &nk));
+        SP_CHECK(nk > 0, SP_ERR_INPUT, "--ids-from %s: no row of it has an ID of %s", o.ids_from, truth_csv);
+        r->n_crowded = 0;
+        for (long i = 0; i < T.n; i++) r->n_crowded += crowded[i];
+    }
     r->n_truth = T.n;
     int idlen = 0;
     for (int c = 0; c < info.ncol; c++)
@@ -671,24 +746,6 @@ int sp_score_run(const char *store, const char *truth_csv, const sp_score_opts *
              "input_catalog.csv ID); is this the store of a run on this simulation?",
              truth_csv, store);
     r->match_rate = (double)r->n_matched / (double)T.n;
-
-    /* the crowded sample: sources with at least as many neighbours as the densest crowd_fraction */
-    SP_ALLOC(ncnt, T.n);
-    SP_ALLOC(csort, T.n);
-    SP_ALLOC(crowded, T.n);
-    SP_TRY(neighbour_counts(&T, o.crowd_radius, ncnt));
-    memcpy(csort, ncnt, sizeof(long) * (size_t)T.n);
-    qsort(csort, (size_t)T.n, sizeof(long), cmp_long);
-    {
-        long k = (long)floor((1.0 - o.crowd_fraction) * (double)T.n);
-        if (k > T.n - 1) k = T.n - 1;
-        if (k < 0) k = 0;
-        r->crowd_min_neighbours = csort[k] > 1 ? csort[k] : 1;
-    }
-    for (long i = 0; i < T.n; i++) {
-        crowded[i] = (unsigned char)(ncnt[i] >= r->crowd_min_neighbours);
-        r->n_crowded += crowded[i];
-    }
 
     /* per-row columns */
     SP_ALLOC(excl, n);

@@ -38,6 +38,9 @@ void sp_score_print(FILE *f, const sp_score_result *r)
             r->zp_ref);
     fprintf(f, "matched %ld of %ld truth sources (match_rate %.4f); %ld store rows, %ld without a truth source\n",
             r->n_matched, r->n_truth, r->match_rate, r->n_rows, r->n_rows_unmatched);
+    if (r->opts.ids_from)
+        fprintf(f, "restricted (--ids-from) to the %ld truth sources with a /catalog row in %s\n", r->n_truth,
+                r->opts.ids_from);
     fprintf(f, "bias = median f/f_true - 1; scatter = robust sigma of (f - f_true)/f_true; pulls (f - f_true)/sigma_f;\n"
                "pos = rms |fit - true| (pix); used = measured and not flagged\n");
     for (int b = 0; b < r->nbands; b++) {
@@ -208,6 +211,9 @@ int sp_score_write_json(const char *path, const sp_score_result *r)
                "\"crowd_fraction\": %g, \"aper_r\": %g}",
             r->opts.mag_lo, r->opts.mag_hi, r->opts.mag_step, r->opts.snr_lo, r->opts.snr_hi, r->opts.gal_snr_min,
             r->opts.gal_re_lo, r->opts.gal_re_hi, r->opts.crowd_radius, r->opts.crowd_fraction, r->opts.aper_r);
+    fprintf(f, ",\n  \"ids_from\": ");
+    if (r->opts.ids_from) jstr(f, r->opts.ids_from);
+    else fprintf(f, "null");
     fprintf(f, ",\n  \"n_crowded\": %ld,\n  \"crowd_min_neighbours\": %ld", r->n_crowded, r->crowd_min_neighbours);
     fprintf(f, ",\n  \"notes\": [");
     int first = 1;

@@ -20,6 +20,7 @@ TMP=$(mktemp -d "${TMPDIR:-/tmp}/sptest_score.XXXXXX")
 trap 'rm -rf "$TMP"' EXIT
 pass() { echo "PASS: $1"; }
 fail() { echo "FAIL: $1${2:+ — $2}"; }
+skip() { echo "SKIP: $1${2:+ — $2}"; }
 
 if [ ! -x "$BIN" ]; then fail score_binary "$BIN missing (make first)"; exit 0; fi
 
@@ -135,6 +136,24 @@ PY
   cc=$(jget crowd_star_scatter_over_crlb "$TMP/dense.json")
   if awk -v a="$cc" -v b="$c" 'BEGIN{exit !(a+0 > b+0)}'; then pass "score_crowded_worse ($cc > $c)"
   else fail score_crowded_worse "crowded scatter/CRLB $cc, isolated $c"; fi
+  # --ids-from: a store holding 40 of the IDs restricts the truth to those 40 sources
+  PYH=/usr/bin/python3; [ -x "$PYH" ] || PYH=python3
+  if "$PYH" - "$E/truth.csv" "$TMP/sub.h5" <<'PY'
+import csv, sys
+import h5py, numpy as np
+ids = [r["id"] for r in csv.DictReader(open(sys.argv[1]))][::7][:40]
+with h5py.File(sys.argv[2], "w") as h:
+    h.create_dataset("catalog", data=np.array([(i.encode(),) for i in ids], dtype=[("ID", "S16")]))
+PY
+  then
+    "$BIN" score "$E/work/surveyproc.h5" "$E" --flux aper --ids-from "$TMP/sub.h5" --json "$TMP/sub.json" \
+      >"$TMP/sub.out" 2>&1; rc=$?
+    if [ $rc -eq 0 ] && [ "$(jget n_truth "$TMP/sub.json")" = 40 ] && [ "$(jget n_matched "$TMP/sub.json")" = 40 ] &&
+       grep -q "restricted (--ids-from) to the 40" "$TMP/sub.out"; then pass score_ids_from
+    else fail score_ids_from "exit $rc, n_truth $(jget n_truth "$TMP/sub.json")"; fi
+  else
+    skip score_ids_from "python3-h5py missing"
+  fi
   # the uncorrected aperture loses the light outside r_ap: a clear negative bias
   "$BIN" score "$E/work/surveyproc.h5" "$E" --flux aper --aper-correct none --json "$TMP/raw.json" >/dev/null 2>&1
   b0=$(jget star_flux_bias "$TMP/raw.json")
