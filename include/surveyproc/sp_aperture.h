@@ -29,8 +29,8 @@ typedef struct {
 
 /* Measure at (xc, yc) in the image's own pixel frame (pixel centres at integers).
  * r: aperture radius, [r_in, r_out): annulus (r_in <= r_out; r_out <= 0 -> no
- * background subtraction). `scratch` must hold at least
- * pi*(r_out^2 - r_in^2) + 4*(r_out+1) floats (use sp_aper_scratch_size). */
+ * background subtraction). `scratch` must hold sp_aper_scratch_size(r_out) floats
+ * (the annulus values and the keys of their sort). */
 void sp_aper_measure(const float *data, const float *ivar, long nx, long ny, double xc, double yc, double r,
                      double r_in, double r_out, float *scratch, sp_aper_result *res);
 

@@ -3,12 +3,64 @@
 #include "surveyproc/sp_background.h"
 
 #include <math.h>
+#include <stdint.h>
 #include <stdlib.h>
+#include <string.h>
 
-size_t sp_aper_scratch_size(double r_out)
+/* The annulus values, and two key arrays of the same length for their radix sort. */
+static size_t annulus_cap(double r_out)
 {
     double r = r_out > 0 ? r_out + 1.5 : 1.5;
     return (size_t)(4.0 * r * r) + 16;
+}
+
+size_t sp_aper_scratch_size(double r_out) { return 3 * annulus_cap(r_out); }
+
+/* Order-preserving map of a float to an unsigned key (and back), for a radix sort. */
+static inline uint32_t fkey(float v)
+{
+    uint32_t u;
+    memcpy(&u, &v, 4);
+    return u ^ ((uint32_t)((int32_t)u >> 31) | 0x80000000u);
+}
+static inline float kfloat(uint32_t k)
+{
+    uint32_t u = k ^ (((k >> 31) - 1u) | 0x80000000u);
+    float v;
+    memcpy(&v, &u, 4);
+    return v;
+}
+
+/* a[0..n-1] sorted ascending: 3-pass LSD radix sort of the keys (11+11+10 bits); k0, k1 hold n. */
+static void radix_sort(float *a, uint32_t *k0, uint32_t *k1, size_t n)
+{
+    static const int shift[3] = {0, 11, 22};
+    uint32_t cnt[3][2048];
+    memset(cnt, 0, sizeof cnt);
+    for (size_t i = 0; i < n; i++) {
+        uint32_t k = fkey(a[i]);
+        k0[i] = k;
+        cnt[0][k & 2047]++;
+        cnt[1][(k >> 11) & 2047]++;
+        cnt[2][k >> 22]++;
+    }
+    uint32_t *src = k0, *dst = k1;
+    for (int p = 0; p < 3; p++) {
+        uint32_t sum = 0;
+        for (int b = 0; b < 2048; b++) {
+            uint32_t c = cnt[p][b];
+            cnt[p][b] = sum;
+            sum += c;
+        }
+        for (size_t i = 0; i < n; i++) {
+            uint32_t k = src[i];
+            dst[cnt[p][(k >> shift[p]) & 2047]++] = k;
+        }
+        uint32_t *t = src;
+        src = dst;
+        dst = t;
+    }
+    for (size_t i = 0; i < n; i++) a[i] = kfloat(src[i]);
 }
 
 /* ∫_a^b sqrt(r^2 - x^2) dx, with a, b clamped to [-r, r]. */
@@ -69,29 +121,32 @@ static double overlap(double px, double py, double xc, double yc, double r)
 }
 
 /* Median with 3-sigma clipping (sigma from the interquartile range), three
- * rounds. Order statistics by selection: the same values a sort would give. */
-static double clipped_median(float *v, size_t n)
+ * rounds: each round the order statistics (the 3n/4-th, n/2-th, n/4-th) of the
+ * values kept, which are kept as a contiguous range of the values sorted once
+ * (|v - median| <= 3 sigma is an interval of v), so every round reads them off
+ * the range: the same values as a selection per round. keys: 2 n. */
+static double clipped_median(float *v, size_t n, uint32_t *keys)
 {
     if (n == 0) return NAN;
+    radix_sort(v, keys, keys + n, n);
     double med = 0;
+    size_t lo = 0;
     for (int it = 0; it < 3; it++) {
+        const float *a = v + lo;
         size_t k3 = (3 * n) / 4, k2 = n / 2, k1 = n / 4;
-        double q3 = sp_select_k(v, n, k3);
-        double m2 = k2 < k3 ? sp_select_k(v, k3, k2) : q3;
+        double q3 = a[k3];
+        double m2 = a[k2];
         if (n % 2) med = m2;
-        else {
-            /* v[0..k2) are all <= v[k2]: the (k2-1)-th order statistic is their maximum */
-            float mx = v[0];
-            for (size_t k = 1; k < k2; k++) mx = v[k] > mx ? v[k] : mx;
-            med = 0.5 * (mx + v[k2]); /* float sum, as a sort-based median computes it */
-        }
-        double q1 = k1 < k2 ? sp_select_k(v, k2, k1) : m2;
+        else med = 0.5 * (a[k2 - 1] + a[k2]); /* float sum, as a sort-based median computes it */
+        double q1 = a[k1];
         double sig = (q3 - q1) / 1.349;
         if (!(sig > 0)) break;
-        size_t m = 0;
-        for (size_t k = 0; k < n; k++)
-            if (fabs(v[k] - med) <= 3.0 * sig) v[m++] = v[k];
+        size_t b = 0, e = n;
+        while (b < e && !(fabs(a[b] - med) <= 3.0 * sig)) b++;
+        while (e > b && !(fabs(a[e - 1] - med) <= 3.0 * sig)) e--;
+        size_t m = e - b;
         if (m == n || m < 5) break;
+        lo += b;
         n = m;
     }
     return med;
@@ -140,7 +195,7 @@ void sp_aper_measure(const float *data, const float *ivar, long nx, long ny, dou
         if (n >= 8) {
             /* variance of the annulus median: (pi/2) * mean pixel variance / n */
             bkg_var = M_PI / 2 * (mv / (double)n) / (double)n;
-            res->bkg = clipped_median(scratch, n);
+            res->bkg = clipped_median(scratch, n, (uint32_t *)(scratch + annulus_cap(r_out)));
         } else
             res->flags |= SP_APER_NOBKG;
     }
