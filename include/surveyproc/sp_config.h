@@ -203,6 +203,7 @@ typedef struct {
     bool fallback_borrow;
     bool wing_pool;
     double fallback_residual_fwhm;
+    double fallback_reject_sigma;
     double wing_smoothing;
     double wing_pool_fwhm[2];
     double empirical_core_fwhm;

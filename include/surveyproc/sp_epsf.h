@@ -138,6 +138,8 @@ typedef struct {
     double clip_sigma;        /* residual clipping in noise units (<= 0: off); default 5 */
     double reject_sigma;      /* reject contaminated pixels (3x3-mean residual beyond this many sigma,
                                * dilated by 1 pixel) from the 2nd iteration on (<= 0: off); default 3 */
+    double fallback_reject_sigma; /* the same rejection in the fallback's Moffat fit (sp_epsf_fit_moffat's
+                               * reject_sigma; <= 0: off); default 0 (docs/zeropoints.md) */
     int smooth;               /* 1: triangle smoothing of updates when oversamp >= 2; default 1 */
     int spatial_degree;       /* d >= 1: fit a polynomial variation of degree d jointly (PSFEx-like):
                                * psi(x, y) = psf + sum_t phi_t(u, v) T_t with the monomials
@@ -285,12 +287,18 @@ int sp_epsf_build_field(const sp_epsf_cutout *cuts, int ncuts, const sp_epsf_par
 double sp_epsf_encircled(const sp_psf *psf, double r);
 
 /* Fit an elliptical Moffat (FWHM, beta, q, theta) jointly with the stars'
- * centres and fluxes (Levenberg-Marquardt). Used by the fallback; public for
- * diagnostics. Returns SP_OK, SP_ERR_NUMERIC (no convergence / parameters at
- * their bounds), SP_ERR_INPUT (no usable star). */
+ * centres and fluxes (Levenberg-Marquardt) in boxes of half-width 2.5 fwhm0,
+ * each star's bkg held. With reject_sigma > 0 (the builder passes its
+ * fallback_reject_sigma), pixels whose 3x3 / 5x5 mean residual from the fitted Moffat
+ * exceeds reject_sigma times its noise (+2% of the model) are rejected with
+ * their 8 neighbours, outside 1 FWHM of each centre, and the fit repeated (at
+ * most 3 rounds): light of undetected or merged neighbours otherwise widens the
+ * Moffat. <= 0: no rejection. Used by the fallback; public for diagnostics.
+ * Returns SP_OK, SP_ERR_NUMERIC (no convergence / parameters at their bounds),
+ * SP_ERR_INPUT (no usable star). */
 int sp_epsf_fit_moffat(const float *img, const float *ivar, const uint8_t *mask, int nx, int ny,
-                       const sp_psfstar *stars, int nstars, double fwhm0, double beta0, double *fwhm,
-                       double *beta, double *q, double *theta);
+                       const sp_psfstar *stars, int nstars, double fwhm0, double beta0, double reject_sigma,
+                       double *fwhm, double *beta, double *q, double *theta);
 
 /* ------------------------------------------------------------------------ */
 /* The PSF anywhere in a tile: bilinear blend of cell ePSFs                   */

@@ -222,6 +222,11 @@ const sp_config_key sp_cfg_schema[] = {
        "ePSF builder: beyond 1.5 FWHM from the centre the stack is smoothed by a Gaussian whose sigma "
        "grows as this x (r - 1.5 FWHM): a few faint stars leave the faint outer pixels as noisy as the "
        "sky, and a real wing varies slowly with r. 0: off (docs/psf.md has the measurements)."),
+    KD("epsf.fallback_reject_sigma", epsf.fallback_reject_sigma, SC, "0", 0, 100, "sigma",
+       "> 0: the fallback's Moffat fit rejects pixels whose local mean residual exceeds this many sigma "
+       "(light of merged or undetected neighbours; a round wing is kept, the core never rejected) and fits "
+       "again. 0 (default): with the galaxy veto and the stellar-locus cut of the star selection, measured "
+       "to move the zero points further from the truth on 3 of 4 simulated tiles (docs/zeropoints.md)."),
     KD("epsf.fallback_residual_fwhm", epsf.fallback_residual_fwhm, SC, "0", 0, 100, "FWHM",
        "> 0: a cell whose ePSF fails its quality gate gets the Moffat fitted to its stars plus the stars' "
        "stacked residual from that Moffat beyond this many FWHM (ramped in over one more), pooled over the "

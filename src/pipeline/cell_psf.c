@@ -165,6 +165,7 @@ static void params_from_config(const sp_config *cfg, int threads, int nbands, st
     s->epsf.keep_stamps = e->save_residual_diagnostics;
     s->epsf.core_fwhm = e->empirical_core_fwhm;
     s->epsf.fallback_resid_fwhm = e->fallback_residual_fwhm;
+    s->epsf.fallback_reject_sigma = e->fallback_reject_sigma;
     s->epsf.wing_smooth_k = e->wing_smoothing;
     /* polynomial: one model per band over the tile; a band whose model fails
      * its gate blends the cell grid as bilinear does */

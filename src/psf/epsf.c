@@ -23,6 +23,7 @@ void sp_epsf_params_default(sp_epsf_params *p)
     p->conv_tol = 2e-4;
     p->clip_sigma = 5.0;
     p->reject_sigma = 3.0;
+    p->fallback_reject_sigma = 0.0;
     p->neighbours = NULL;
     p->nneighbours = 0;
     p->neighbour_rscale = 3.0;
@@ -613,7 +614,8 @@ static double moffat_pix_grad(double dx, double dy, double alpha, double beta, d
  * i.e. sqrt(w) d model / d P) into J[k * np + p] (rows of unusable pixels zero). The
  * e1, e2 columns go through (q, theta), which are singular at e = 0: there (e < 1e-6)
  * they are left to the caller (need_e = 1). */
-static void moffat_jac(const mstar *ms, int ns, const double *P, int np, double *J, const int *off, int *need_e)
+static void moffat_jac(const mstar *ms, int ns, const double *P, int np, double *J, const int *off,
+                       const uint8_t *rej, int *need_e)
 {
     double fwhm = exp(P[0]), beta = 1.0 + exp(P[1]), e1 = P[2], e2 = P[3];
     double e = hypot(e1, e2), ec = e > 0.95 ? 0.95 : e;
@@ -638,7 +640,7 @@ static void moffat_jac(const mstar *ms, int ns, const double *P, int np, double 
             for (int i = m->ix - m->R; i <= m->ix + m->R; i++, k++) {
                 double *Jk = J + (size_t)k * np;
                 memset(Jk, 0, sizeof(double) * np);
-                if (i < 0 || j < 0 || i >= m->nx || j >= m->ny) continue;
+                if (i < 0 || j < 0 || i >= m->nx || j >= m->ny || rej[k]) continue;
                 size_t kk = (size_t)j * m->nx + i;
                 if (!pix_ok(m->img, m->ivar, m->mask, kk)) continue;
                 double sw = sqrt(m->ivar ? m->ivar[kk] : m->wdef), g[6];
@@ -660,7 +662,8 @@ static void moffat_jac(const mstar *ms, int ns, const double *P, int np, double 
 /* Residuals (weighted) of all stars for parameter vector P = [ln fwhm,
  * ln(beta-1), e1, e2, (x, y, F) per star]; only star `only` when >= 0 (others
  * left as they are in r). Returns chi2 of the evaluated part. */
-static double moffat_resid(const mstar *ms, int ns, const double *P, int only, double *r, const int *off)
+static double moffat_resid(const mstar *ms, int ns, const double *P, int only, double *r, const int *off,
+                           const uint8_t *rej)
 {
     double fwhm = exp(P[0]), beta = 1.0 + exp(P[1]), e1 = P[2], e2 = P[3];
     double e = hypot(e1, e2);
@@ -676,7 +679,7 @@ static double moffat_resid(const mstar *ms, int ns, const double *P, int only, d
         for (int j = m->iy - m->R; j <= m->iy + m->R; j++)
             for (int i = m->ix - m->R; i <= m->ix + m->R; i++, k++) {
                 r[k] = 0;
-                if (i < 0 || j < 0 || i >= m->nx || j >= m->ny) continue;
+                if (i < 0 || j < 0 || i >= m->nx || j >= m->ny || rej[k]) continue;
                 size_t kk = (size_t)j * m->nx + i;
                 if (!pix_ok(m->img, m->ivar, m->mask, kk)) continue;
                 double w = m->ivar ? m->ivar[kk] : m->wdef;
@@ -688,14 +691,120 @@ static double moffat_resid(const mstar *ms, int ns, const double *P, int only, d
     return chi2;
 }
 
+static int cmp_dbl(const void *a, const void *b)
+{
+    double x = *(const double *)a, y = *(const double *)b;
+    return (x > y) - (x < y);
+}
+
+/* Contaminated pixels of the Moffat fit, by the builder's star_reject rule on the
+ * fitted Moffat: a pixel whose 3x3 or 5x5 mean residual exceeds nsig times its
+ * noise (1/w plus CLIP_MODEL_FRAC of the local model) is rejected with its 8
+ * neighbours. The residual is first taken relative to its median in 1-pixel rings
+ * about the star: what is round is the Moffat's own shortfall (a PSF's wide wing:
+ * rejecting it would shrink the Moffat and lose that light), contamination is not.
+ * Pixels within rkeep of a star's centre are kept (its centre and flux stay
+ * determined). Recomputed from scratch into rej (nr bytes; rnew nr bytes of
+ * scratch, e and v nr doubles, ring (2R+1)^2 + 2R + 3 doubles, rid (2R+1)^2 + 4R + 8
+ * ints; all stars share one R). Returns how many pixels changed state. */
+static int moffat_reject(const mstar *ms, int ns, const double *P, const int *off, int nr, double nsig,
+                         double rkeep, uint8_t *rej, uint8_t *rnew, double *e, double *v, double *ring, int *rid)
+{
+    double fwhm = exp(P[0]), beta = 1.0 + exp(P[1]), e1 = P[2], e2 = P[3];
+    double ec = fmin(hypot(e1, e2), 0.95);
+    double q = (1 - ec) / (1 + ec), th = 0.5 * atan2(e2, e1), ct = cos(th), st = sin(th);
+    double alpha = fwhm / (2.0 * sqrt(pow(2.0, 1.0 / beta) - 1.0));
+    memset(rnew, 0, (size_t)nr);
+    for (int s = 0; s < ns; s++) {
+        const mstar *m = &ms[s];
+        double x = P[4 + 3 * s], y = P[5 + 3 * s], F = P[6 + 3 * s];
+        int W = 2 * m->R + 1, k0 = off[s], nring = (int)ceil(M_SQRT2 * m->R) + 2;
+        int *rcount = rid + W * W, *rfill = rcount + nring + 1;
+        double *rmed = ring + W * W;
+        for (int j = 0; j < W; j++)
+            for (int i = 0; i < W; i++) {
+                int k = k0 + j * W + i, ii = m->ix - m->R + i, jj = m->iy - m->R + j;
+                e[k] = v[k] = 0.0;
+                if (ii < 0 || jj < 0 || ii >= m->nx || jj >= m->ny) continue;
+                size_t kk = (size_t)jj * m->nx + ii;
+                if (!pix_ok(m->img, m->ivar, m->mask, kk)) continue;
+                double w = m->ivar ? m->ivar[kk] : m->wdef;
+                double mod = F * moffat_pix(ii - x, jj - y, alpha, beta, q, ct, st), fm = CLIP_MODEL_FRAC * mod;
+                e[k] = m->img[kk] - m->b - mod;
+                v[k] = 1.0 / w + fm * fm;
+            }
+        /* ring medians: pixels bucketed by ring (counting sort), each bucket sorted */
+        for (int ir = 0; ir <= nring; ir++) rcount[ir] = 0;
+        for (int j = 0; j < W; j++)
+            for (int i = 0; i < W; i++) {
+                int k = k0 + j * W + i, ir = (int)lround(hypot(m->ix - m->R + i - x, m->iy - m->R + j - y));
+                rid[j * W + i] = v[k] > 0 && ir < nring ? ir : -1;
+                if (rid[j * W + i] >= 0) rcount[ir + 1]++;
+            }
+        for (int ir = 0; ir < nring; ir++) rcount[ir + 1] += rcount[ir];
+        for (int ir = 0; ir < nring; ir++) rfill[ir] = rcount[ir];
+        for (int q = 0; q < W * W; q++)
+            if (rid[q] >= 0) ring[rfill[rid[q]]++] = e[k0 + q];
+        for (int ir = 0; ir < nring; ir++) {
+            int n = rcount[ir + 1] - rcount[ir];
+            double *rb = ring + rcount[ir];
+            if (n < 3) {
+                rmed[ir] = 0.0;
+                continue;
+            }
+            qsort(rb, (size_t)n, sizeof *rb, cmp_dbl);
+            rmed[ir] = n % 2 ? rb[n / 2] : 0.5 * (rb[n / 2 - 1] + rb[n / 2]);
+        }
+        for (int q = 0; q < W * W; q++)
+            if (rid[q] >= 0) e[k0 + q] -= rmed[rid[q]];
+        for (int sc = 1; sc <= 2; sc++)
+            for (int j = 0; j < W; j++)
+                for (int i = 0; i < W; i++) {
+                    double se = 0, sv = 0;
+                    int c = 0;
+                    for (int dj = -sc; dj <= sc; dj++)
+                        for (int di = -sc; di <= sc; di++) {
+                            int a = i + di, b = j + dj;
+                            if (a < 0 || b < 0 || a >= W || b >= W || !(v[k0 + b * W + a] > 0)) continue;
+                            se += e[k0 + b * W + a];
+                            sv += v[k0 + b * W + a];
+                            c++;
+                        }
+                    if (c >= 3 && se * se > nsig * nsig * sv) rnew[k0 + j * W + i] |= 1;
+                }
+        /* dilate by one pixel; keep the core */
+        for (int j = 0; j < W; j++)
+            for (int i = 0; i < W; i++) {
+                int bad = 0;
+                for (int dj = -1; dj <= 1 && !bad; dj++)
+                    for (int di = -1; di <= 1 && !bad; di++) {
+                        int a = i + di, b = j + dj;
+                        bad = a >= 0 && b >= 0 && a < W && b < W && (rnew[k0 + b * W + a] & 1);
+                    }
+                double dx = m->ix - m->R + i - x, dy = m->iy - m->R + j - y;
+                if (bad && dx * dx + dy * dy > rkeep * rkeep) rnew[k0 + j * W + i] |= 2;
+            }
+    }
+    int nchange = 0;
+    for (int k = 0; k < nr; k++) {
+        uint8_t b = (rnew[k] & 2) ? 1 : 0;
+        nchange += b != rej[k];
+        rej[k] = b;
+    }
+    return nchange;
+}
+
 int sp_epsf_fit_moffat(const float *img, const float *ivar, const uint8_t *mask, int nx, int ny,
-                       const sp_psfstar *stars, int nstars, double fwhm0, double beta0, double *fwhm,
-                       double *beta, double *q, double *theta)
+                       const sp_psfstar *stars, int nstars, double fwhm0, double beta0, double reject_sigma,
+                       double *fwhm, double *beta, double *q, double *theta)
 {
     int status = SP_OK;
     mstar *ms = NULL;
     int *off = NULL;
     double *P = NULL, *Pt = NULL, *r = NULL, *rt = NULL, *J = NULL, *A = NULL, *g = NULL, *A2 = NULL;
+    uint8_t *rej = NULL, *rnew = NULL;
+    double *ring = NULL;
+    int *rid = NULL;
     int ns = 0;
     SP_CHECK(nstars > 0 && stars, SP_ERR_INPUT, "Moffat fit: no star");
     SP_CHECK(fwhm0 > 0 && beta0 > 1, SP_ERR_INPUT, "Moffat fit: bad start (fwhm %g, beta %g)", fwhm0, beta0);
@@ -730,6 +839,8 @@ int sp_epsf_fit_moffat(const float *img, const float *ivar, const uint8_t *mask,
     SP_ALLOC(A, (size_t)np * np);
     SP_ALLOC(A2, (size_t)np * np);
     SP_ALLOC(g, np);
+    SP_ALLOC(rej, nr);
+    memset(rej, 0, (size_t)nr);
     P[0] = log(fwhm0);
     P[1] = log(beta0 - 1.0);
     P[2] = P[3] = 0.0;
@@ -744,66 +855,84 @@ int sp_epsf_fit_moffat(const float *img, const float *ivar, const uint8_t *mask,
             s2++;
         }
     }
-    double chi2 = moffat_resid(ms, ns, P, -1, r, off), lam = 1e-3;
-    int converged = 0;
-    for (int it = 0; it < 60 && !converged; it++) {
-        /* the Jacobian: analytic (moffat_jac); e1, e2 by forward differences at e = 0 */
-        int need_e = 0;
-        moffat_jac(ms, ns, P, np, J, off, &need_e);
-        for (int p = 2; need_e && p < 4; p++) {
-            int only = -1;
-            double h = p < 4 ? 1e-4 : (p % 3 == 0 ? 1e-4 * fabs(P[p]) + 1e-8 : 1e-4); /* F relative */
-            memcpy(Pt, P, sizeof(double) * np);
-            Pt[p] += h;
-            memcpy(rt, r, sizeof(double) * nr);
-            moffat_resid(ms, ns, Pt, only, rt, off);
-            for (int k = 0; k < nr; k++) J[(size_t)k * np + p] = -(rt[k] - r[k]) / h; /* d model */
+    /* Two passes with reject_sigma > 0: fit, reject the pixels the fitted Moffat
+     * finds contaminated (undetected or merged neighbours, galaxies: nothing else
+     * keeps their light out of the Moffat, which widens and grows a wing beyond the
+     * fit box for it), fit again from there. One rejection pass: a second changed
+     * the cells' Moffats by far less than the first (bench, docs/zeropoints.md). */
+    double chi2 = 0;
+    for (int pass = 0; pass < 2; pass++) {
+        if (pass == 1) {
+            if (!(reject_sigma > 0)) break;
+            SP_ALLOC(rnew, nr);
+            SP_ALLOC(ring, (size_t)(2 * R + 1) * (2 * R + 1) + 2 * R + 3);
+            SP_ALLOC(rid, (size_t)(2 * R + 1) * (2 * R + 1) + 4 * R + 8);
+            /* r, rt serve as scratch: both are recomputed below */
+            if (moffat_reject(ms, ns, P, off, nr, reject_sigma, exp(P[0]), rej, rnew, r, rt, ring, rid) == 0)
+                break;
         }
-        memset(A, 0, sizeof(double) * np * np);
-        memset(g, 0, sizeof(double) * np);
-        for (int k = 0; k < nr; k++) {
-            const double *Jk = J + (size_t)k * np;
-            if (r[k] == 0.0) {
-                int any = 0;
-                for (int p = 0; p < np && !any; p++) any = Jk[p] != 0.0;
-                if (!any) continue;
+        double lam = 1e-3;
+        chi2 = moffat_resid(ms, ns, P, -1, r, off, rej);
+        int converged = 0;
+        for (int it = 0; it < 60 && !converged; it++) {
+            /* the Jacobian: analytic (moffat_jac); e1, e2 by forward differences at e = 0 */
+            int need_e = 0;
+            moffat_jac(ms, ns, P, np, J, off, rej, &need_e);
+            for (int p = 2; need_e && p < 4; p++) {
+                int only = -1;
+                double h = p < 4 ? 1e-4 : (p % 3 == 0 ? 1e-4 * fabs(P[p]) + 1e-8 : 1e-4); /* F relative */
+                memcpy(Pt, P, sizeof(double) * np);
+                Pt[p] += h;
+                memcpy(rt, r, sizeof(double) * nr);
+                moffat_resid(ms, ns, Pt, only, rt, off, rej);
+                for (int k = 0; k < nr; k++) J[(size_t)k * np + p] = -(rt[k] - r[k]) / h; /* d model */
             }
-            for (int p = 0; p < np; p++) {
-                if (Jk[p] == 0.0) continue;
-                g[p] += Jk[p] * r[k];
-                for (int q2 = 0; q2 <= p; q2++) A[p * np + q2] += Jk[p] * Jk[q2];
+            memset(A, 0, sizeof(double) * np * np);
+            memset(g, 0, sizeof(double) * np);
+            for (int k = 0; k < nr; k++) {
+                const double *Jk = J + (size_t)k * np;
+                if (r[k] == 0.0) {
+                    int any = 0;
+                    for (int p = 0; p < np && !any; p++) any = Jk[p] != 0.0;
+                    if (!any) continue;
+                }
+                for (int p = 0; p < np; p++) {
+                    if (Jk[p] == 0.0) continue;
+                    g[p] += Jk[p] * r[k];
+                    for (int q2 = 0; q2 <= p; q2++) A[p * np + q2] += Jk[p] * Jk[q2];
+                }
             }
+            for (int p = 0; p < np; p++)
+                for (int q2 = p + 1; q2 < np; q2++) A[p * np + q2] = A[q2 * np + p];
+            int accepted = 0;
+            for (int tries = 0; tries < 12 && !accepted; tries++) {
+                memcpy(A2, A, sizeof(double) * np * np);
+                for (int p = 0; p < np; p++) A2[p * np + p] *= 1.0 + lam;
+                memcpy(Pt, g, sizeof(double) * np);
+                if (!chol_solve(A2, Pt, np)) {
+                    lam *= 10;
+                    continue;
+                }
+                for (int p = 0; p < np; p++) Pt[p] += P[p];
+                /* bounds */
+                if (Pt[0] < log(0.5)) Pt[0] = log(0.5);
+                if (Pt[0] > log(50.0)) Pt[0] = log(50.0);
+                if (Pt[1] < log(0.1)) Pt[1] = log(0.1);
+                if (Pt[1] > log(30.0)) Pt[1] = log(30.0);
+                double chi2t = moffat_resid(ms, ns, Pt, -1, rt, off, rej);
+                if (isfinite(chi2t) && chi2t <= chi2) {
+                    converged = (chi2 - chi2t) < 1e-7 * chi2 + 1e-12;
+                    memcpy(P, Pt, sizeof(double) * np);
+                    memcpy(r, rt, sizeof(double) * nr);
+                    chi2 = chi2t;
+                    lam = fmax(lam * 0.2, 1e-9);
+                    accepted = 1;
+                } else {
+                    lam *= 10;
+                }
+            }
+            if (!accepted) converged = 1; /* no downhill step left: at the minimum (or stuck) */
         }
-        for (int p = 0; p < np; p++)
-            for (int q2 = p + 1; q2 < np; q2++) A[p * np + q2] = A[q2 * np + p];
-        int accepted = 0;
-        for (int tries = 0; tries < 12 && !accepted; tries++) {
-            memcpy(A2, A, sizeof(double) * np * np);
-            for (int p = 0; p < np; p++) A2[p * np + p] *= 1.0 + lam;
-            memcpy(Pt, g, sizeof(double) * np);
-            if (!chol_solve(A2, Pt, np)) {
-                lam *= 10;
-                continue;
-            }
-            for (int p = 0; p < np; p++) Pt[p] += P[p];
-            /* bounds */
-            if (Pt[0] < log(0.5)) Pt[0] = log(0.5);
-            if (Pt[0] > log(50.0)) Pt[0] = log(50.0);
-            if (Pt[1] < log(0.1)) Pt[1] = log(0.1);
-            if (Pt[1] > log(30.0)) Pt[1] = log(30.0);
-            double chi2t = moffat_resid(ms, ns, Pt, -1, rt, off);
-            if (isfinite(chi2t) && chi2t <= chi2) {
-                converged = (chi2 - chi2t) < 1e-7 * chi2 + 1e-12;
-                memcpy(P, Pt, sizeof(double) * np);
-                memcpy(r, rt, sizeof(double) * nr);
-                chi2 = chi2t;
-                lam = fmax(lam * 0.2, 1e-9);
-                accepted = 1;
-            } else {
-                lam *= 10;
-            }
-        }
-        if (!accepted) converged = 1; /* no downhill step left: at the minimum (or stuck) */
     }
     double e = hypot(P[2], P[3]);
     *fwhm = exp(P[0]);
@@ -813,6 +942,10 @@ int sp_epsf_fit_moffat(const float *img, const float *ivar, const uint8_t *mask,
     SP_CHECK(isfinite(chi2) && *fwhm > 0.51 && *fwhm < 49.0 && *beta > 1.11 && *beta < 30.9 && e < 0.9,
              SP_ERR_NUMERIC, "Moffat fit ran to a bound (FWHM %.3g, beta %.3g, q %.3g)", *fwhm, *beta, *q);
 cleanup:
+    free(rej);
+    free(rnew);
+    free(ring);
+    free(rid);
     free(ms);
     free(off);
     free(P);
@@ -965,7 +1098,8 @@ static int make_fallback(sp_epsf_result *res, const float *img, const float *iva
     if (nstars > 0) {
         double f0 = fwhm_guess > 0 ? fwhm_guess : p->fallback_fwhm;
         double f1, b1, q1, t1;
-        int st = sp_epsf_fit_moffat(img, ivar, mask, nx, ny, stars, nstars, f0, p->fallback_beta, &f1, &b1, &q1, &t1);
+        int st = sp_epsf_fit_moffat(img, ivar, mask, nx, ny, stars, nstars, f0, p->fallback_beta, p->fallback_reject_sigma,
+                                    &f1, &b1, &q1, &t1);
         if (st == SP_OK) {
             fw = f1;
             be = b1;
@@ -1041,7 +1175,7 @@ static int hybrid_wings(sp_psf *psf, const float *img, const float *ivar, const 
     }
     double f1, b1, q1, t1;
     if (nf == 0 || sp_epsf_fit_moffat(img, ivar, nmask ? nmask : mask, nx, ny, fs, nf, fwhm > 0.5 ? fwhm : p->fallback_fwhm,
-                                      p->fallback_beta, &f1, &b1, &q1, &t1) != SP_OK) {
+                                      p->fallback_beta, p->fallback_reject_sigma, &f1, &b1, &q1, &t1) != SP_OK) {
         sp_err_clear();
         goto cleanup;
     }
