@@ -63,6 +63,11 @@ typedef struct {
  * after (quickselect, median-of-three pivot; reorders v). Values must be comparable (no NaN). */
 float sp_select_k(float *v, size_t n, size_t k);
 
+/* v[0..n) sorted ascending by a 3-pass LSD radix sort of order-preserving integer keys
+ * (11 + 11 + 10 bits; no NaN); k0 and k1 hold n keys each (scratch). Used where the order
+ * statistics of one sample are read many times (sky subsamples, aperture annuli). */
+void sp_sort_f32(float *v, uint32_t *k0, uint32_t *k1, size_t n);
+
 /* Defaults listed in sp_bkg_params. */
 void sp_bkg_params_default(sp_bkg_params *p);
 

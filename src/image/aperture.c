@@ -5,7 +5,6 @@
 #include <math.h>
 #include <stdint.h>
 #include <stdlib.h>
-#include <string.h>
 
 /* The annulus values, and two key arrays of the same length for their radix sort. */
 static size_t annulus_cap(double r_out)
@@ -15,53 +14,6 @@ static size_t annulus_cap(double r_out)
 }
 
 size_t sp_aper_scratch_size(double r_out) { return 3 * annulus_cap(r_out); }
-
-/* Order-preserving map of a float to an unsigned key (and back), for a radix sort. */
-static inline uint32_t fkey(float v)
-{
-    uint32_t u;
-    memcpy(&u, &v, 4);
-    return u ^ ((uint32_t)((int32_t)u >> 31) | 0x80000000u);
-}
-static inline float kfloat(uint32_t k)
-{
-    uint32_t u = k ^ (((k >> 31) - 1u) | 0x80000000u);
-    float v;
-    memcpy(&v, &u, 4);
-    return v;
-}
-
-/* a[0..n-1] sorted ascending: 3-pass LSD radix sort of the keys (11+11+10 bits); k0, k1 hold n. */
-static void radix_sort(float *a, uint32_t *k0, uint32_t *k1, size_t n)
-{
-    static const int shift[3] = {0, 11, 22};
-    uint32_t cnt[3][2048];
-    memset(cnt, 0, sizeof cnt);
-    for (size_t i = 0; i < n; i++) {
-        uint32_t k = fkey(a[i]);
-        k0[i] = k;
-        cnt[0][k & 2047]++;
-        cnt[1][(k >> 11) & 2047]++;
-        cnt[2][k >> 22]++;
-    }
-    uint32_t *src = k0, *dst = k1;
-    for (int p = 0; p < 3; p++) {
-        uint32_t sum = 0;
-        for (int b = 0; b < 2048; b++) {
-            uint32_t c = cnt[p][b];
-            cnt[p][b] = sum;
-            sum += c;
-        }
-        for (size_t i = 0; i < n; i++) {
-            uint32_t k = src[i];
-            dst[cnt[p][(k >> shift[p]) & 2047]++] = k;
-        }
-        uint32_t *t = src;
-        src = dst;
-        dst = t;
-    }
-    for (size_t i = 0; i < n; i++) a[i] = kfloat(src[i]);
-}
 
 /* ∫_a^b sqrt(r^2 - x^2) dx, with a, b clamped to [-r, r]. */
 static double arc_int(double a, double b, double r)
@@ -128,7 +80,7 @@ static double overlap(double px, double py, double xc, double yc, double r)
 static double clipped_median(float *v, size_t n, uint32_t *keys)
 {
     if (n == 0) return NAN;
-    radix_sort(v, keys, keys + n, n);
+    sp_sort_f32(v, keys, keys + n, n);
     double med = 0;
     size_t lo = 0;
     for (int it = 0; it < 3; it++) {

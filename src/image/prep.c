@@ -1,5 +1,6 @@
 /* prep.c — frame scaling, masks, noise model, coadd and white stack (see sp_prep.h). */
 #include "surveyproc/sp_prep.h"
+#include "surveyproc/sp_background.h"
 #include "surveyproc/sp_error.h"
 
 #include <math.h>
@@ -21,9 +22,8 @@ static inline float kfloat(uint32_t k)
     return v;
 }
 
-/* a[0..n-1] sorted ascending by a 3-pass LSD radix sort of the keys (11+11+10 bits);
- * tmp holds n keys. */
-static void radix_sort(float *a, uint32_t *k0, uint32_t *k1, size_t n)
+/* sp_background.h */
+void sp_sort_f32(float *a, uint32_t *k0, uint32_t *k1, size_t n)
 {
     static const int shift[3] = {0, 11, 22};
     size_t cnt[3][2048];
@@ -70,7 +70,7 @@ static double robust_sky(const float *raw, const uint8_t *mask, size_t npix)
     if (!s || !k) goto done;
     for (size_t i = 0; i < npix; i += stride)
         if (!mask[i]) s[n++] = raw[i];
-    radix_sort(s, k, k + cap, n);
+    sp_sort_f32(s, k, k + cap, n);
     size_t lo = 0, hi = n;
     for (int it = 0; it < 5 && hi > lo; it++) {
         size_t m = hi - lo, mid = lo + m / 2;
