@@ -850,7 +850,7 @@ int sp_pipeline_run(const sp_run_opts *o, int *agreed)
     uint64_t sh = 0;
     sp_config_science_hash(&cfg, &sh);
     sp_store_meta meta = {.config_yaml = yaml, .command = o->command_line, .science_hash = sh,
-                          .inputs_hash = plan.inputs_hash, .mpi_size = r.nranks, .threads = r.threads,
+                          .inputs_hash = plan.inputs_hash ^ r.given_hash, .mpi_size = r.nranks, .threads = r.threads,
                           .epsf_size = cfg.epsf.final_psf_size, .epsf_oversamp = cfg.epsf.oversamp};
     if (cfg.epsf.interpolation == SP_CFG_EPSF_INTERP_POLYNOMIAL)
         meta.epsf_poly_terms = (cfg.epsf.poly_degree + 1) * (cfg.epsf.poly_degree + 2) / 2;

@@ -224,6 +224,7 @@ typedef struct {
     int final_psf_size;
     sp_cfg_epsf_interp interpolation;
     int poly_degree;
+    char *given_psf;          /* NULL: the fit uses the ePSFs built from the data; else a path with {band} */
     sp_cfg_fallback_model fallback_model;
     double fallback_fwhm_pix;
     double fallback_moffat_beta;

@@ -111,6 +111,8 @@ typedef struct {
     long bx0, by0, bx1, by1;
     long rx0, ry0, rx1, ry1;
     long src0, nsrc;          /* base sources: plan->patch_src[src0 .. src0+nsrc) */
+    long xsrc0, nxsrc;        /* crop-excluded sources whose pixel is in the base region:
+                               * plan->patch_xsrc[xsrc0 .. xsrc0+nxsrc) (modelled, never reported) */
     int active;
 } sp_patch;
 
@@ -132,6 +134,8 @@ typedef struct {
     sp_cell *cells;
     sp_patch *patches;
     long *patch_src;             /* sources ordered by patch */
+    long *patch_xsrc;            /* crop-excluded sources ordered by patch (their light is modelled) */
+    int outer;                   /* sources this far outside a patch ROI (pixels) are modelled too */
     uint64_t inputs_hash;        /* paths, sizes, header checksums, catalog bytes */
     double max_cell_mem;         /* largest cell memory estimate (bytes) */
     sp_fit_reserve fit_reserve;  /* the largest patch fit (fieldwise max over active patches): what each
@@ -157,8 +161,11 @@ void sp_plan_print(const sp_plan *plan, FILE *f, int verbose);
 int sp_plan_parse_type(const char *s);
 const char *sp_plan_type_name(int type);
 
-/* Sources whose position lies within the ROI of patch p (base + halo) —
- * base sources first. Returns the count; fills idx (capacity cap). */
+/* The sources a fit of patch p models: its base sources first, then every
+ * other source whose light may reach its ROI (base + halo) — active or
+ * crop-excluded, with its position in the ROI grown by plan->outer pixels (a
+ * bright star just outside the ROI pours its PSF into it). Returns the count;
+ * fills idx (capacity cap). */
 long sp_plan_patch_sources(const sp_plan *plan, int p, long *idx, long cap);
 
 /* Memory estimate of processing a cell with `threads` OpenMP threads: its pixel

@@ -96,6 +96,7 @@ typedef struct {
     double ref_mag_min, ref_mag_max, ref_mag_noise;   /* reference catalog selection and noise */
     int epsf_ngrid, ngrid;        /* written into DIR/config.yaml for the pipeline */
     int truth_psf_ngrid;          /* grid of true PSF stamps per band (0: epsf_ngrid) */
+    int truth_psf_oversamp;       /* samples per image pixel of those stamps (0: 1) */
     int block_rows;               /* rows rendered per block (memory vs. overhead) */
 } sp_sim_config;
 

@@ -279,6 +279,12 @@ const sp_config_key sp_cfg_schema[] = {
        "polynomial in (x, y) fitted per band to the PSF stars of every cell at once (PSFEx-like; needs "
        "smoothing_kernel quartic with oversamp > 1; better only with bright PSF stars, docs/psf.md), or "
        "none (constant per cell)."),
+    KP("epsf.given_psf", epsf.given_psf, SC | NUL, "null",
+       "A PSF grid per band for the fit instead of the ePSFs built from the data: a path with {band} "
+       "(e.g. psf/{band}.fits), each a FITS mosaic of PSFNGRID x PSFNGRID stamps of PSFSIZE samples "
+       "(PSFOVERS per pixel, default 1) at nodes ((i + 0.5) TILENX / PSFNGRID - 0.5, same in y), the "
+       "format `surveyproc simulate` writes as truth_psf/ (docs/psf.md). Blended bilinearly between "
+       "nodes at each patch centre; the ePSFs are still built and stored. null: off."),
     KI("epsf.poly_degree", epsf.poly_degree, SC, "2", 0, 4, "",
        "Degree of the polynomial PSF variation (interpolation: polynomial); lowered for a band with fewer "
        "than 4 usable stars per term."),

@@ -788,7 +788,7 @@ static int build_grid(const sp_plan_opts *o, sp_plan *p)
 {
     int status = SP_OK;
     sp_catalog *c = &p->cat;
-    long *count = NULL;
+    long *count = NULL, *xpatch = NULL;
     int ng = o->epsf_ngrid, pg = o->ngrid;
     SP_CHECK(ng >= 1 && pg >= 1, SP_ERR_CONFIG, "epsf.epsf_ngrid and epsf.ngrid must be >= 1");
     SP_CHECK(p->nx / ((long)ng * pg) >= 8 && p->ny / ((long)ng * pg) >= 8, SP_ERR_CONFIG,
@@ -798,6 +798,7 @@ static int build_grid(const sp_plan_opts *o, sp_plan *p)
     int halo = (o->psf_size - 1) / 2 + 2;
     if (o->halo_pix_min > halo) halo = o->halo_pix_min;
     p->halo = halo;
+    p->outer = (o->psf_size - 1) / 2 + 1; /* a PSF centred further out puts no light in the ROI */
     p->ncells = ng * ng;
     p->npatches = ng * ng * pg * pg;
     SP_ALLOC(p->cells, p->ncells);
@@ -836,10 +837,14 @@ static int build_grid(const sp_plan_opts *o, sp_plan *p)
                     pt->ry1 = pt->by1 + halo < p->ny ? pt->by1 + halo : p->ny;
                 }
         }
-    /* assign active sources to the patch whose base region holds their pixel */
-    SP_ALLOC(count, p->npatches + 1);
+    /* assign active sources to the patch whose base region holds their pixel (crop-excluded
+     * ones too, to a list of their own: they are modelled as neighbours, never reported) */
+    SP_ALLOC(count, 2 * (p->npatches + 1));
+    long *xcount = count + p->npatches + 1;
+    SP_ALLOC(xpatch, c->n > 0 ? c->n : 1);
     for (long i = 0; i < c->n; i++) {
-        if (c->excl[i]) continue;
+        xpatch[i] = -1;
+        if (c->excl[i] && c->excl[i] != SP_EXCL_CROP) continue;
         long ix = lround(c->x[i]), iy = lround(c->y[i]);
         int pxg = (int)((double)ix * gx / p->nx), pyg = (int)((double)iy * gx / p->ny);
         /* split() rounds: step to the patch that really holds the pixel */
@@ -849,21 +854,34 @@ static int build_grid(const sp_plan_opts *o, sp_plan *p)
         while (pyg < gx - 1 && iy >= split(p->ny, (int)gx, pyg + 1)) pyg++;
         int cx = pxg / pg, cy = pyg / pg;
         int pid = (cy * ng + cx) * pg * pg + (pyg % pg) * pg + (pxg % pg);
+        if (c->excl[i]) {
+            xpatch[i] = pid;
+            xcount[pid]++;
+            continue;
+        }
         c->patch[i] = pid;
         c->cell[i] = cy * ng + cx;
         count[pid]++;
     }
-    SP_ALLOC(p->patch_src, c->n);
-    long off = 0;
+    SP_ALLOC(p->patch_src, c->n > 0 ? c->n : 1);
+    SP_ALLOC(p->patch_xsrc, c->n > 0 ? c->n : 1);
+    long off = 0, xoff = 0;
     for (int k = 0; k < p->npatches; k++) {
         p->patches[k].src0 = off;
         p->patches[k].nsrc = 0;
         off += count[k];
+        p->patches[k].xsrc0 = xoff;
+        p->patches[k].nxsrc = 0;
+        xoff += xcount[k];
     }
     for (long i = 0; i < c->n; i++) {
-        if (c->patch[i] < 0) continue;
-        sp_patch *pt = &p->patches[c->patch[i]];
-        p->patch_src[pt->src0 + pt->nsrc++] = i;
+        if (c->patch[i] >= 0) {
+            sp_patch *pt = &p->patches[c->patch[i]];
+            p->patch_src[pt->src0 + pt->nsrc++] = i;
+        } else if (xpatch[i] >= 0) {
+            sp_patch *pt = &p->patches[xpatch[i]];
+            p->patch_xsrc[pt->xsrc0 + pt->nxsrc++] = i;
+        }
     }
     p->ncells_active = p->npatches_active = 0;
     p->nsrc_active = 0;
@@ -896,6 +914,7 @@ static int build_grid(const sp_plan_opts *o, sp_plan *p)
     }
 cleanup:
     free(count);
+    free(xpatch);
     return status;
 }
 
@@ -905,21 +924,28 @@ long sp_plan_patch_sources(const sp_plan *p, int pid, long *idx, long cap)
     long n = 0;
     for (long k = 0; k < pt->nsrc; k++)
         if (n < cap) idx[n++] = p->patch_src[pt->src0 + k];
+    for (long k = 0; k < pt->nxsrc; k++)
+        if (n < cap) idx[n++] = p->patch_xsrc[pt->xsrc0 + k];
     long gx = (long)p->opts.epsf_ngrid * p->opts.ngrid, pg = p->opts.ngrid;
-    /* neighbours whose base region may reach into this ROI */
+    /* neighbours whose base region may reach into this ROI grown by `outer` */
     long minw = p->nx / gx < p->ny / gx ? p->nx / gx : p->ny / gx;
-    long reach = p->halo / (minw > 0 ? minw : 1) + 1;
+    long reach = (p->halo + p->outer) / (minw > 0 ? minw : 1) + 1;
+    double gx0 = pt->rx0 - 0.5 - p->outer, gx1 = pt->rx1 - 0.5 + p->outer;
+    double gy0 = pt->ry0 - 0.5 - p->outer, gy1 = pt->ry1 - 0.5 + p->outer;
     for (long qy = pt->iy - reach; qy <= pt->iy + reach; qy++) {
         if (qy < 0 || qy >= gx) continue;
         for (long qx = pt->ix - reach; qx <= pt->ix + reach; qx++) {
             if (qx < 0 || qx >= gx || (qx == pt->ix && qy == pt->iy)) continue;
             long cid = (qy / pg) * p->opts.epsf_ngrid + qx / pg;
             const sp_patch *q = &p->patches[cid * pg * pg + (qy % pg) * pg + qx % pg];
-            for (long k = 0; k < q->nsrc; k++) {
-                long i = p->patch_src[q->src0 + k];
-                double x = p->cat.x[i], y = p->cat.y[i];
-                if (x >= pt->rx0 - 0.5 && x < pt->rx1 - 0.5 && y >= pt->ry0 - 0.5 && y < pt->ry1 - 0.5 && n < cap)
-                    idx[n++] = i;
+            for (int list = 0; list < 2; list++) {
+                const long *src = list ? p->patch_xsrc + q->xsrc0 : p->patch_src + q->src0;
+                long ns = list ? q->nxsrc : q->nsrc;
+                for (long k = 0; k < ns; k++) {
+                    long i = src[k];
+                    double x = p->cat.x[i], y = p->cat.y[i];
+                    if (x >= gx0 && x < gx1 && y >= gy0 && y < gy1 && n < cap) idx[n++] = i;
+                }
             }
         }
     }
@@ -1104,6 +1130,7 @@ void sp_plan_free(sp_plan *p)
     free(p->cells);
     free(p->patches);
     free(p->patch_src);
+    free(p->patch_xsrc);
     memset(p, 0, sizeof *p);
 }
 

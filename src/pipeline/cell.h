@@ -77,6 +77,8 @@ typedef struct {
     long nfit_sources, nfit_patches; /* this rank's totals (summary) */
     struct ioprep_state *iop;       /* read+prep buffers and open frames kept across cells (pipeline.c) */
     double *apcal_r;                /* nbands: calibration-aperture radius (pixels), set before the fit pass */
+    struct given_psf *given;        /* nbands: epsf.given_psf grids (psf_given.c), NULL: off */
+    uint64_t given_hash;            /* their paths and samples (folded into the store's inputs hash) */
 } run_t;
 
 typedef struct {
@@ -133,6 +135,12 @@ void cell_fit_row(const cell_t *c, long k, void *rows, long row);
 int cell_qa_write(cell_t *c);
 
 void cell_psf_free(cell_t *c);
+
+/* epsf.given_psf (psf_given.c): read every band's grid (all ranks; SP_OK and nothing
+ * done when unset), free them, and the blend of the nodes around (x, y) (tile pixels). */
+int psf_given_load(run_t *r);
+void psf_given_free(run_t *r);
+int psf_given_at(const run_t *r, int b, double x, double y, sp_psf **scratch, const sp_psf **out);
 
 /* Radius (pixels) out to which a source of flux f adds more than k_sigma per
  * pixel, for a beta-3 Moffat of the given FWHM (0: never); cell_psf.c. */

@@ -273,6 +273,7 @@ int cell_stages_setup(run_t *r)
         }
     }
     SP_TRY(load_refs(r));
+    SP_TRY(psf_given_load(r));
     /* FFTW plans serially, then one fit workspace per thread, reused by every patch */
     SP_TRY(sp_fit_init());
     SP_ALLOC(r->ws, r->threads);
@@ -298,6 +299,7 @@ void cell_stages_cleanup(run_t *r)
     memset(&r->refs, 0, sizeof r->refs);
     free(r->band_satlevel);
     r->band_satlevel = NULL;
+    psf_given_free(r);
     if (r->grid)
         for (long k = 0; k < (long)r->plan->ncells * r->plan->nbands; k++) sp_psf_free(&r->grid[k]);
     free(r->grid);
@@ -1443,7 +1445,7 @@ int psf_grid_share(run_t *r)
             }
             /* the kinds decide the photometry: say so when the empirical ePSF lost
              * (not for a band that uses its band-wide model: said above) */
-            if (r->poly && r->poly[b].psf) continue;
+            if ((r->poly && r->poly[b].psf) || r->given) continue;
             sp_log(nk[0] == 0 && nk[1] + nk[2] > 0 ? SP_LOG_WARN : SP_LOG_INFO,
                    "ePSF band %s: %d cell(s) empirical, %d Moffat fitted to the stars, %d configured Moffat, %d "
                    "borrowed (quality-gate reasons: logging.level debug)",
@@ -1463,6 +1465,7 @@ int psf_grid_at(const run_t *r, int b, int cell, double x, double y, sp_psf **sc
     const sp_plan *p = r->plan;
     const sp_psf *own = r->grid[(long)b * p->ncells + cell];
     SP_CHECK(own != NULL, SP_ERR_INTERNAL, "cell %d band %s: no ePSF in the grid", cell, p->bands[b]);
+    if (r->given) return psf_given_at(r, b, x, y, scratch, out);
     if (r->poly && r->poly[b].psf) {
         const sp_psf *m = r->poly[b].psf;
         if (!*scratch || (*scratch)->size != m->size || (*scratch)->oversamp != m->oversamp) {

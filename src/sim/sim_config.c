@@ -89,6 +89,8 @@ static const skey keys[] = {
     {"epsf_ngrid", K_INT, O(epsf_ngrid), 1, 64, "pipeline config: ePSF cells per side"},
     {"ngrid", K_INT, O(ngrid), 1, 64, "pipeline config: patches per cell side"},
     {"truth_psf_ngrid", K_INT, O(truth_psf_ngrid), 0, 64, "true PSF stamps per side (0: epsf_ngrid)"},
+    {"truth_psf_oversamp", K_INT, O(truth_psf_oversamp), 0, 4,
+     "samples per pixel of the true PSF stamps (0: 1); > 1 gives a grid epsf.given_psf can use"},
     {"block_rows", K_INT, O(block_rows), 16, 4096, "rows rendered per block"},
 };
 #undef O

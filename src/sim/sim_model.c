@@ -504,6 +504,7 @@ int sp_sim_create(const sp_sim_config *cfg, sp_sim **out)
     s->cfg = *cfg;
     set_band_names(&s->cfg);
     if (s->cfg.truth_psf_ngrid == 0) s->cfg.truth_psf_ngrid = s->cfg.epsf_ngrid;
+    if (s->cfg.truth_psf_oversamp == 0) s->cfg.truth_psf_oversamp = 1;
     s->nbands = s->cfg.nbands;
     build_bands(s);
     SP_TRY(build_wcs(s));

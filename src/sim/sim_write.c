@@ -443,7 +443,8 @@ static int write_truth_psf(const sp_sim *s, const char *dir)
     int status = SP_OK;
     const sp_sim_config *c = &s->cfg;
     int ng = c->truth_psf_ngrid;
-    long hs = (long)ceil(c->psf_radius), S = 2 * hs + 1;
+    int os = c->truth_psf_oversamp > 0 ? c->truth_psf_oversamp : 1;
+    long hs = (long)ceil(c->psf_radius), S = 2 * hs * os + 1; /* samples per side */
     double *stamp = NULL;
     float *mosaic = NULL;
     char *path = NULL, name[64];
@@ -456,7 +457,10 @@ static int write_truth_psf(const sp_sim *s, const char *dir)
             for (int gi = 0; gi < ng; gi++) {
                 sp_sim_psf p;
                 sp_sim_psf_params(s, b, grid_pos(c->nx, ng, gi), grid_pos(c->ny, ng, gj), &p);
-                SP_TRY(sp_sim_render_psf(&p, 0, 0, (int)S, 1, stamp));
+                if (os == 1)
+                    SP_TRY(sp_sim_render_psf(&p, 0, 0, (int)S, 1, stamp));
+                else /* the effective PSF at offsets of 1/os pixel (the sp_psf.h convention) */
+                    SP_TRY(sp_sim_render_epsf(&p, (int)S, os, stamp));
                 for (long j = 0; j < S; j++)
                     for (long i = 0; i < S; i++)
                         mosaic[(size_t)(gj * S + j) * (size_t)(ng * S) + (size_t)(gi * S + i)] =
@@ -469,7 +473,8 @@ static int write_truth_psf(const sp_sim *s, const char *dir)
         SP_TRY(sp_fits_create(path, ng * S, ng * S, &fh));
         SP_TRY(sp_fits_write_key_string(fh, "FILTER", s->band[b].name, "band"));
         SP_TRY(sp_fits_write_key_long(fh, "PSFNGRID", ng, "stamps per side; stamp (i,j) = PSF at grid node (i,j)"));
-        SP_TRY(sp_fits_write_key_long(fh, "PSFSIZE", S, "stamp side (image pixels, PSF centred on the middle one)"));
+        SP_TRY(sp_fits_write_key_long(fh, "PSFSIZE", S, "stamp side (samples, PSF centred on the middle one)"));
+        SP_TRY(sp_fits_write_key_long(fh, "PSFOVERS", os, "samples per image pixel (offset (i - c) / PSFOVERS)"));
         SP_TRY(sp_fits_write_key_long(fh, "TILENX", c->nx, "node x = (i + 0.5) * TILENX / PSFNGRID - 0.5"));
         SP_TRY(sp_fits_write_key_long(fh, "TILENY", c->ny, "node y = (j + 0.5) * TILENY / PSFNGRID - 0.5"));
         SP_TRY(sp_fits_write_key_double(fh, "PSFRAD", c->psf_radius, "profile tapered to 0 here (pixels)"));
@@ -492,9 +497,10 @@ static int write_truth_psf(const sp_sim *s, const char *dir)
                "#   e1 = e1c0 + e1c1 u + e1c2 v + e1c3 (u^2 - v^2);  e2 = e2c0 + e2c1 u + e2c2 v + e2c3 2uv\n"
                "#   e = min(hypot(e1, e2), 0.5), theta = atan2(e2, e1) / 2 (radians from +x towards +y)\n"
                "#   u = (x - (nx - 1)/2) / (nx/2), v = (y - (ny - 1)/2) / (ny/2); wing_fwhm = wing_fwhm_factor fwhm\n"
-               "# truth_psf/<band>.fits: PSFNGRID^2 stamps of PSFSIZE^2 at the nodes listed below.\n");
-    fprintf(f, "radius: %.17g\ntile: {nx: %ld, ny: %ld}\nngrid: %d\nstamp_size: %ld\n", c->psf_radius, c->nx, c->ny,
-            ng, S);
+               "# truth_psf/<band>.fits: PSFNGRID^2 stamps of PSFSIZE^2 samples (PSFOVERS per pixel) at the nodes\n"
+               "# listed below; a grid `epsf.given_psf` of the pipeline reads.\n");
+    fprintf(f, "radius: %.17g\ntile: {nx: %ld, ny: %ld}\nngrid: %d\nstamp_size: %ld\noversamp: %d\n", c->psf_radius,
+            c->nx, c->ny, ng, S, os);
     fprintf(f, "bands:\n");
     for (int b = 0; b < s->nbands; b++) {
         const sp_sim_band *B = &s->band[b];

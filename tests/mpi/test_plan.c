@@ -190,6 +190,25 @@ static void t_plan_good(void **s)
     n = sp_plan_patch_sources(&p, left, idx, 16);
     assert_int_equal(p.patches[left].nsrc, 0);
     assert_int_equal(n, 3);
+    /* sources whose light reaches a ROI are modelled: patch (1,1) (ROI x [24,72) y [16,56),
+     * grown by outer = 6 px) also sees (30, 60), 4 px beyond its ROI; the patch of (10, 10)
+     * also models the crop-excluded source at (1, 1) in its base region, after its base source */
+    assert_int_equal(p.outer, 6);
+    int p11 = -1;
+    for (int k = 0; k < p.npatches; k++)
+        if (p.patches[k].ix == 1 && p.patches[k].iy == 1) p11 = k;
+    n = sp_plan_patch_sources(&p, p11, idx, 16);
+    assert_int_equal(n, 3);
+    int seen5 = 0;
+    for (long k = 0; k < n; k++) seen5 |= idx[k] == 5;
+    assert_true(seen5);
+    n = sp_plan_patch_sources(&p, c->patch[0], idx, 16);
+    assert_int_equal(p.patches[c->patch[0]].nsrc, 1);
+    assert_int_equal(p.patches[c->patch[0]].nxsrc, 1);
+    assert_int_equal(n, 2);
+    assert_int_equal(idx[0], 0);
+    assert_int_equal(idx[1], 3);
+    assert_int_equal(c->patch[3], -1); /* still excluded: no /catalog fit, no patch of its own */
     /* every rank built the same plan */
     uint64_t h = p.inputs_hash, h0 = h;
     MPI_Bcast(&h0, 1, MPI_UINT64_T, 0, MPI_COMM_WORLD);
