@@ -87,6 +87,12 @@ typedef enum {
     SP_CFG_PSF_GAUSSIAN_MIXTURE = 1 /* analytic convolution with a Gaussian-mixture fit of the ePSF */
 } sp_cfg_psf_model;
 
+/* patch_run.galaxy_profiles: which Gaussian mixtures stand for EXP and DEV. */
+typedef enum {
+    SP_CFG_GALPROF_TRUNCATED = 0, /* fitted here to the SDSS-truncated laws (EXP 3-4 Re, DEV 7-8 Re) */
+    SP_CFG_GALPROF_TRACTOR = 1    /* the Tractor's (Hogg & Lang 2013) K=6 / K=8 mixtures */
+} sp_cfg_galprof;
+
 /* patch_run.halo_source_mode: what is done with sources in a patch's halo. */
 typedef enum {
     SP_CFG_HALO_FIT = 0,  /* fitted with the patch, results discarded (their own patch reports them) */
@@ -268,6 +274,7 @@ typedef struct {
     sp_cfg_gal_model gal_model;
     bool untyped_point_first;
     sp_cfg_psf_model psf_model;
+    sp_cfg_galprof galaxy_profiles;
     int gaussian_mixture_n;
     int min_epsf_nstars_for_use;
     sp_cfg_halo_mode halo_source_mode;

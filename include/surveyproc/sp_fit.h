@@ -206,7 +206,14 @@ typedef struct {
                              * alternated (3 + 2 rounds) (1) */
     int lm_osc_damp;        /* extra damping of parameters whose accepted LM steps flip sign (0:
                              * 5% fewer trials, accuracy mixed) */
+    int gal_profiles;       /* EXP and DEV mixtures: SP_FIT_PROF_TRUNCATED (default) or _TRACTOR */
 } sp_fit_options;
+
+/* sp_fit_options.gal_profiles */
+enum {
+    SP_FIT_PROF_TRUNCATED = 0, /* fitted to the SDSS-truncated exponential / de Vaucouleurs laws */
+    SP_FIT_PROF_TRACTOR = 1    /* the Tractor's Hogg & Lang (2013) mixtures */
+};
 
 void sp_fit_options_default(sp_fit_options *opt);
 

@@ -45,6 +45,7 @@ static const char *const v_bkg[] = {"mode", "median", NULL};
 static const char *const v_fallback[] = {"moffat", "gaussian", NULL};
 static const char *const v_gal[] = {"exp", "dev", "sersic", "star", NULL};
 static const char *const v_psfmodel[] = {"pixelized", "gaussian_mixture", NULL};
+static const char *const v_galprof[] = {"truncated", "tractor", NULL};
 static const char *const a_psfmodel[] = {"gaussian_mixture_from_stamp", "gaussian_mixture", NULL};
 static const char *const v_halo[] = {"fit", "fixed", NULL};
 
@@ -367,6 +368,12 @@ const sp_config_key sp_cfg_schema[] = {
        "then tried (from Re, Re/3 and Re/10, neighbours held) and kept only if it lowers chi2 by more than 4; the "
        "catalog's TYPE records the model used. false (the seed's rule): they are fitted as gal_model. Measured "
        "trade-off (untyped stars much better, faint small untyped galaxies 5-20% low): docs/fitting.md."),
+    KE("patch_run.galaxy_profiles", patch_run.galaxy_profiles, SC, "truncated", v_galprof, NULL,
+       "The Gaussian mixtures that stand for EXP and DEV (docs/fitting.md): truncated (default) = fitted "
+       "to the exponential and de Vaucouleurs laws with the SDSS truncations (smoothly to zero between 3 "
+       "and 4 Re, and 7 and 8 Re), enclosed light within 5e-4 of the law inside 4 Re; tractor = the "
+       "Tractor's Hogg & Lang (2013) mixtures, as the seed pipeline fits (their DEV holds half its light "
+       "within 0.915 Re of the truncated law's 0.892: DEV Re comes out ~4% small)."),
     KE("patch_run.psf_model", patch_run.psf_model, SC, "gaussian_mixture", v_psfmodel, a_psfmodel,
        "Galaxy-PSF convolution: FFT with the pixelized ePSF, or analytic with a Gaussian-mixture fit of it."),
     KI("patch_run.gaussian_mixture_n", patch_run.gaussian_mixture_n, SC, "4", 1, 10, "",

@@ -52,6 +52,7 @@ typedef struct {
     int ng;             /* geometry parameters used: 2 (star), 5 (EXP/DEV), 6 (SERSIC) */
     int ngc;            /* derivative planes per model-cache slot (the largest ng it may take) */
     int autot;          /* type_auto: fitted as a point source, galaxy model `gal` tried after */
+    int profset;        /* sp_fit_options.gal_profiles */
     sp_src_type gal;
     fit_geom g, gt;     /* current and trial geometry */
     double p0[P_MAX];   /* initial */
@@ -537,7 +538,7 @@ static void project(wsrc *s, fit_geom *g, const sp_fit_options *o)
     if (s->type == SP_SRC_SERSIC) {
         double n0 = g->p[P_N];
         g->p[P_N] = clampd(g->p[P_N], o->n_min, o->n_max);
-        if (g->p[P_N] != n0 || g->prof.k == 0) fit_gal_profile(s->type, g->p[P_N], &g->prof);
+        if (g->p[P_N] != n0 || g->prof.k == 0) fit_gal_profile(s->type, g->p[P_N], s->profset, &g->prof);
     }
 }
 
@@ -559,7 +560,7 @@ static double pos_prior(const sp_fit_workspace *ws, const wgroup *G, const sp_fi
 
 static void refresh_profile(wsrc *s, fit_geom *g)
 {
-    if (s->type == SP_SRC_SERSIC) fit_gal_profile(s->type, g->p[P_N], &g->prof);
+    if (s->type == SP_SRC_SERSIC) fit_gal_profile(s->type, g->p[P_N], s->profset, &g->prof);
 }
 
 /* ---------------------------------------------------------------- rendering helpers */
@@ -1799,7 +1800,7 @@ static void set_type(wsrc *s, sp_src_type t)
     s->type = s->g.type = s->gt.type = t;
     s->ng = ngeom(t);
     if (t != SP_SRC_STAR) {
-        fit_gal_profile(t, s->g.p[P_N], &s->g.prof);
+        fit_gal_profile(t, s->g.p[P_N], s->profset, &s->g.prof);
         s->gt.prof = s->g.prof;
     }
 }
@@ -2109,6 +2110,7 @@ static int run_fit(sp_fit_workspace *ws, const sp_fit_options *o, const sp_fit_i
         s->ng = s->ngc = ngeom(in->type);
         s->g.type = in->type;
         s->gal = in->type;
+        s->profset = o->gal_profiles;
         s->autot = in->type_auto && in->type != SP_SRC_STAR && in->role != SP_ROLE_FIXED && !rs->indep;
         double x = in->x, y = in->y;
         if (!isfinite(x) || !isfinite(y)) {
@@ -2138,7 +2140,7 @@ static int run_fit(sp_fit_workspace *ws, const sp_fit_options *o, const sp_fit_i
                 s->flags |= SP_FITF_BAD_INPUT;
             }
             s->g.p[P_N] = clampd(n, o->n_min, o->n_max);
-            fit_gal_profile(in->type, s->g.p[P_N], &s->g.prof);
+            fit_gal_profile(in->type, s->g.p[P_N], s->profset, &s->g.prof);
         }
         memcpy(s->p0, s->g.p, sizeof s->p0);
         s->lo[P_X] = x - o->max_shift;
@@ -2948,7 +2950,7 @@ int sp_fit_render_source(sp_fit_workspace *ws, const sp_fit_options *opt, const 
     if (s->type != SP_SRC_STAR) {
         fit_shape_to_eta(s->re, s->q, s->theta, &g.p[P_LNS], &g.p[P_E1], &g.p[P_E2]);
         g.p[P_N] = s->sersic_n;
-        fit_gal_profile(s->type, s->sersic_n, &g.prof);
+        fit_gal_profile(s->type, s->sersic_n, opt->gal_profiles, &g.prof);
     }
     fit_box b = {0, 0, img->nx, img->ny};
     double *const nod[P_MAX] = {0};

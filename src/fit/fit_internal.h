@@ -52,8 +52,9 @@ typedef struct {
     double damp[GMIX_MAXK], dvar[GMIX_MAXK];
 } gal_profile;
 
-/* Profile of a type (SERSIC uses n, clamped to the table range 0.5..6.3). */
-void fit_gal_profile(sp_src_type type, double n, gal_profile *p);
+/* Profile of a type (SERSIC uses n, clamped to the table range 0.5..6.3; set: the
+ * EXP/DEV mixtures, SP_FIT_PROF_*). */
+void fit_gal_profile(sp_src_type type, double n, int set, gal_profile *p);
 
 /* Shape parametrisation: (ln s, eta1, eta2) with s the circularised radius
  * sqrt(a b) and Sigma0 = s^2 expm(eta1 sigma3 + eta2 sigma1) — smooth through

@@ -191,6 +191,7 @@ static void params_from_config(const sp_config *cfg, int threads, int nbands, st
     s->fit.n_max = pr->sersic_n_max;
     s->fit.conv = pr->psf_model == SP_CFG_PSF_PIXELIZED ? SP_FIT_CONV_FFT : SP_FIT_CONV_GMIX;
     s->fit.psf_gmix_k = pr->gaussian_mixture_n;
+    s->fit.gal_profiles = pr->galaxy_profiles == SP_CFG_GALPROF_TRACTOR ? SP_FIT_PROF_TRACTOR : SP_FIT_PROF_TRUNCATED;
     s->halo_fixed = pr->halo_source_mode == SP_CFG_HALO_FIXED;
     s->poisson_from_model = pr->poisson_from_model;
 

@@ -18,6 +18,7 @@
 #include "surveyproc/sp_error.h"
 #include "surveyproc/sp_fit.h"
 #include "surveyproc/sp_psf.h"
+#include "surveyproc/sp_sim.h"
 
 #include "../../src/fit/fit_internal.h" /* white-box: analytic derivatives */
 
@@ -947,7 +948,7 @@ static void t_derivatives(void **s)
             g.p[P_Y] = 59.6;
             fit_shape_to_eta(2.2, 0.6, 0.7, &g.p[P_LNS], &g.p[P_E1], &g.p[P_E2]);
             g.p[P_N] = 2.35;
-            fit_gal_profile(g.type, g.p[P_N], &g.prof);
+            fit_gal_profile(g.type, g.p[P_N], SP_FIT_PROF_TRUNCATED, &g.prof);
             double *dm[P_MAX];
             int np = t == 0 ? 2 : (t == 3 ? 6 : 5);
             for (int j = 0; j < P_MAX; j++) dm[j] = j < np ? d[j] : NULL;
@@ -959,8 +960,8 @@ static void t_derivatives(void **s)
                 fit_geom gp = g, gm = g;
                 gp.p[j] += h;
                 gm.p[j] -= h;
-                fit_gal_profile(g.type, gp.p[P_N], &gp.prof);
-                fit_gal_profile(g.type, gm.p[P_N], &gm.prof);
+                fit_gal_profile(g.type, gp.p[P_N], SP_FIT_PROF_TRUNCATED, &gp.prof);
+                fit_gal_profile(g.type, gm.p[P_N], SP_FIT_PROF_TRUNCATED, &gm.prof);
                 double *nod[P_MAX] = {0};
                 assert_int_equal(fit_render(&im, &pc, conv, &gp, &b, mp, nod, &fs), SP_OK);
                 assert_int_equal(fit_render(&im, &pc, conv, &gm, &b, mm, nod, &fs), SP_OK);
@@ -1031,6 +1032,70 @@ static void t_affine_image(void **s)
 }
 
 /* SERSIC with n free: data drawn with the fitter's own renderer (n = 2.5). */
+/* The EXP/DEV mixtures against the laws they stand for: the enclosed light of
+ * the default ("truncated") mixtures follows the SDSS-truncated exponential and
+ * de Vaucouleurs laws (sp_sim_galaxy_profile, what the simulator draws) within
+ * 2.5e-3 up to where the laws' cut begins (3 and 7 Re; tested to 6), with the same
+ * half-light radius; the Tractor's DEV mixture
+ * is the less concentrated one the docs describe (half light within 0.915 Re). */
+static double law_enclosed(sp_sim_type t, double R, double *total)
+{
+    /* 2 pi int_0^R I(r) r dr, midpoint rule in u = r^1/4 (the DEV cusp) */
+    const int n = 200000;
+    double umax = sqrt(sqrt(R)), du = umax / n, sum = 0;
+    for (int i = 0; i < n; i++) {
+        double u = (i + 0.5) * du, r = u * u * u * u;
+        sum += sp_sim_galaxy_profile(t, r) * r * 4.0 * u * u * u * du;
+    }
+    if (total) *total = 0;
+    return 2.0 * M_PI * sum;
+}
+static double mix_enclosed(const gal_profile *p, double r)
+{
+    double L = 0;
+    for (int i = 0; i < p->k; i++) L += p->amp[i] * (p->var[i] > 0 ? 1.0 - exp(-r * r / (2.0 * p->var[i])) : 1.0);
+    return L;
+}
+static double half_light(const gal_profile *p)
+{
+    double lo = 0.01, hi = 10;
+    for (int it = 0; it < 60; it++) {
+        double m = 0.5 * (lo + hi);
+        if (mix_enclosed(p, m) < 0.5) lo = m;
+        else hi = m;
+    }
+    return 0.5 * (lo + hi);
+}
+static void t_profile_laws(void **st)
+{
+    (void)st;
+    const sp_sim_type st_[2] = {SP_SIM_EXP, SP_SIM_DEV};
+    const sp_src_type ft[2] = {SP_SRC_EXP, SP_SRC_DEV};
+    const double law_hl[2] = {0.9818, 0.8921};
+    for (int t = 0; t < 2; t++) {
+        double tot = law_enclosed(st_[t], sp_sim_galaxy_rmax(st_[t]), NULL);
+        gal_profile p;
+        fit_gal_profile(ft[t], 0, SP_FIT_PROF_TRUNCATED, &p);
+        double maxd = 0, asum = 0;
+        for (int i = 0; i < p.k; i++) asum += p.amp[i];
+        assert_true(fabs(asum - 1.0) < 1e-12);
+        const double rcut = t ? 6.0 : 3.0; /* up to the laws' cut (7 and 3 Re) */
+        for (double r = 0.01; r <= rcut; r *= 1.1) {
+            double d = fabs(mix_enclosed(&p, r) - law_enclosed(st_[t], r, NULL) / tot);
+            if (d > maxd) maxd = d;
+        }
+        double hl = half_light(&p);
+        print_message("%s truncated mixture: max |L_mix - L_law| %.2e (r 0.01-%.0f Re), half-light %.4f Re (law %.4f)\n",
+                      t ? "DEV" : "EXP", maxd, rcut, hl, law_hl[t]);
+        assert_true(maxd < 2.5e-3);
+        assert_true(fabs(hl - law_hl[t]) < 2e-3);
+        fit_gal_profile(ft[t], 0, SP_FIT_PROF_TRACTOR, &p);
+        double hlt = half_light(&p);
+        print_message("%s Tractor mixture: half-light %.4f Re\n", t ? "DEV" : "EXP", hlt);
+        assert_true(fabs(hlt - (t ? 0.915 : 0.986)) < 2e-3);
+    }
+}
+
 static void t_sersic(void **s)
 {
     (void)s;
@@ -1344,7 +1409,7 @@ int main(void)
         cmocka_unit_test(t_api),          cmocka_unit_test(t_star_crlb), cmocka_unit_test(t_star_data_weights), cmocka_unit_test(t_star_render_sep),      cmocka_unit_test(t_galaxies),
         cmocka_unit_test(t_blend_two_stars), cmocka_unit_test(t_halo_neighbour), cmocka_unit_test(t_multiband),
         cmocka_unit_test(t_sky),          cmocka_unit_test(t_robust),         cmocka_unit_test(t_crowded_split),
-        cmocka_unit_test(t_derivatives),  cmocka_unit_test(t_affine_image),   cmocka_unit_test(t_sersic),
+        cmocka_unit_test(t_derivatives),  cmocka_unit_test(t_affine_image),   cmocka_unit_test(t_sersic),      cmocka_unit_test(t_profile_laws),
         cmocka_unit_test(t_threads),      cmocka_unit_test(t_psfmix_noisy),   cmocka_unit_test(t_type_auto),
     };
     return cmocka_run_group_tests_name("fit", tests, setup, teardown);
