@@ -122,6 +122,8 @@ typedef struct {
     int flux_all_nan;        /* 1 if the flux column is NaN on every matched row */
     double zp, zp_expected, zp_error; /* /zp zero point, the truth's, their difference (mag; NaN) */
     double epsf_resid;       /* median over cells of ||m - t|| / ||t|| (NaN: no ePSF in the store) */
+    double epsf_flux_rms, epsf_flux_max; /* over cells: rms and max |e| of e = sum m t / sum m^2 - 1, the
+                              * flux error the cell's stamp m makes on a faint star of the true PSF t */
     double aper_corr;        /* median encircled energy applied to the aperture columns (NaN: none) */
     sp_score_stats type[SP_SCORE_NTYPE];      /* all magnitudes */
     int nbins;
@@ -150,6 +152,7 @@ typedef struct {
     long n_crowded;             /* truth sources in it (all types) */
     double zp_error_mag_max; /* max |zp_error| over bands with a ZP */
     double epsf_resid_rms;   /* median over bands and cells */
+    double epsf_flux_err_max; /* largest epsf_flux_max over bands */
     double seconds;
     char *notes;             /* newline-separated remarks (NaN columns, missing /zp, ...), "" if none */
     sp_score_opts opts;

@@ -60,7 +60,7 @@ static void usage(FILE *f)
             "SNR 20-500; bound with the position free for fit columns, known for aperture columns; both also as\n"
             "_free/_known), star_pull_std, star_flux_bias, star_pos_scatter_over_crlb, galaxy_flux_bias,\n"
             "galaxy_pull_std, crowd_star_flux_bias, crowd_star_pull_std, crowd_star_scatter_over_crlb,\n"
-            "zp_error_mag_max, epsf_resid_rms, n_crowded, crowd_min_neighbours, notes, per_band.\n\n"
+            "zp_error_mag_max, epsf_resid_rms, epsf_flux_err_max, n_crowded, crowd_min_neighbours, notes, per_band.\n\n"
             "Exit codes: 0 ok, 2 usage, 3 bad input (missing column, no matching ID), 4 I/O (missing file),\n"
             "5 a --require bar missed.\n"
             "Example: surveyproc score DIR/work/surveyproc.h5 DIR --flux aper --json score.json\n");

@@ -545,7 +545,8 @@ static int encircled(const sp_sim_psf *p, double ox, double oy, double r, double
 
 /* ePSF residual of one band: median over cells of ||m - t|| / ||t||, both at unit sum on the
  * store's stamp; oversampling inferred from the stamp's sum (sp_psf: sum = oversamp^2). */
-static int epsf_resid(sp_h5 *h, const sp_sim *sim, int b, const char *band, double *out, sp_score_result *r)
+static int epsf_resid(sp_h5 *h, const sp_sim *sim, int b, const char *band, double *out, double *ferr,
+                      sp_score_result *r)
 {
     int status = SP_OK, ex = 0, nd = 0;
     long dims[SP_H5_MAXDIM], nc = 0;
@@ -553,6 +554,7 @@ static int epsf_resid(sp_h5 *h, const sp_sim *sim, int b, const char *band, doub
     double *t = NULL, *res = NULL, *bx0 = NULL, *bx1 = NULL, *by0 = NULL, *by1 = NULL, *cix = NULL, *ciy = NULL;
     char path[128];
     *out = NAN;
+    ferr[0] = ferr[1] = NAN;
     snprintf(path, sizeof path, "/epsf/%s", band);
     SP_TRY(sp_h5_exists(h, path, &ex));
     if (!ex || !sim) goto cleanup;
@@ -575,7 +577,8 @@ static int epsf_resid(sp_h5 *h, const sp_sim *sim, int b, const char *band, doub
     SP_TRY(sp_h5_table_read_col_double(h, "/cells", "ix", 0, nc, cix));
     SP_TRY(sp_h5_table_read_col_double(h, "/cells", "iy", 0, nc, ciy));
     SP_ALLOC(t, npx);
-    SP_ALLOC(res, nc > 0 ? nc : 1);
+    SP_ALLOC(res, 2 * (nc > 0 ? nc : 1));
+    double *fr = res + (nc > 0 ? nc : 1);
     long nr = 0;
     for (long c = 0; c < nc; c++) {
         long ix = (long)cix[c], iy = (long)ciy[c];
@@ -594,16 +597,30 @@ static int epsf_resid(sp_h5 *h, const sp_sim *sim, int b, const char *band, doub
         sp_sim_psf p;
         sp_sim_psf_params(sim, b, 0.5 * (bx0[c] + bx1[c]) - 0.5, 0.5 * (by0[c] + by1[c]) - 0.5, &p);
         SP_TRY(sp_sim_render_epsf(&p, (int)sz, os, t));
-        double st = 0, d2 = 0, t2 = 0;
+        double st = 0, d2 = 0, t2 = 0, at = 0, a2 = 0;
         for (long i = 0; i < npx; i++) st += t[i];
         for (long i = 0; i < npx; i++) {
             double a = m[i] / sum, e = t[i] / st;
             d2 += (a - e) * (a - e);
             t2 += e * e;
+            at += a * e;
+            a2 += a * a;
         }
+        /* the flux a PSF fit with this stamp gives a faint (sky-limited) star of the true PSF, over
+         * its true flux, minus 1: sum m t / sum m^2 on the same stamp */
+        fr[nr] = a2 > 0 ? at / a2 - 1.0 : NAN;
         res[nr++] = sqrt(d2 / t2);
     }
-    if (nr > 0) *out = sp_score_median(res, nr);
+    if (nr > 0) {
+        *out = sp_score_median(res, nr);
+        double s2 = 0, mx = 0;
+        for (long k = 0; k < nr; k++) {
+            s2 += fr[k] * fr[k];
+            if (fabs(fr[k]) > mx) mx = fabs(fr[k]);
+        }
+        ferr[0] = sqrt(s2 / nr);
+        ferr[1] = mx;
+    }
     else note(r, "%s: %s holds no finite ePSF stamp: epsf_resid_rms is null", sp_h5_path(h), path);
 cleanup:
     free(cube);
@@ -1017,7 +1034,10 @@ int sp_score_run(const char *store, const char *truth_csv, const sp_score_opts *
             if (!strcmp(zp.band[k].band, bands[b])) B->zp = zp.band[k].zp;
         if (nnz > 0) B->zp_expected = r->zp_ref + dzp / nnz;
         B->zp_error = B->zp - B->zp_expected;
-        SP_TRY(epsf_resid(h, sim, b, bands[b], &B->epsf_resid, r));
+        double fe[2];
+        SP_TRY(epsf_resid(h, sim, b, bands[b], &B->epsf_resid, fe, r));
+        B->epsf_flux_rms = fe[0];
+        B->epsf_flux_max = fe[1];
     }
 
     /* headline figures */
@@ -1037,6 +1057,10 @@ int sp_score_run(const char *store, const char *truth_csv, const sp_score_opts *
     r->crowd_star_flux_bias = MOB(crowd.bias);
     r->epsf_resid_rms = MOB(epsf_resid);
 #undef MOB
+    r->epsf_flux_err_max = NAN;
+    for (int b = 0; b < nb; b++)
+        if (isfinite(r->band[b].epsf_flux_max) && !(r->band[b].epsf_flux_max <= r->epsf_flux_err_max))
+            r->epsf_flux_err_max = r->band[b].epsf_flux_max;
     r->zp_error_mag_max = NAN;
     for (int b = 0; b < nb; b++)
         if (isfinite(r->band[b].zp_error) &&

@@ -45,9 +45,11 @@ void sp_score_print(FILE *f, const sp_score_result *r)
                "pos = rms |fit - true| (pix); used = measured and not flagged\n");
     for (int b = 0; b < r->nbands; b++) {
         const sp_score_band *B = &r->band[b];
-        fprintf(f, "\nband %s: %d frame(s); ZP %s (truth %s, error %s mag); ePSF residual %s%s\n", B->name, B->nframes,
-                num(a[0], 24, "%.4f", B->zp), num(a[1], 24, "%.4f", B->zp_expected),
+        fprintf(f, "\nband %s: %d frame(s); ZP %s (truth %s, error %s mag); ePSF residual %s, flux error per cell "
+                   "rms %s max %s%s\n",
+                B->name, B->nframes, num(a[0], 24, "%.4f", B->zp), num(a[1], 24, "%.4f", B->zp_expected),
                 num(a[2], 24, "%+.4f", B->zp_error), num(a[3], 24, "%.4f", B->epsf_resid),
+                num(a[4], 24, "%.4f", B->epsf_flux_rms), num(a[5], 24, "%.4f", B->epsf_flux_max),
                 B->flux_all_nan ? "  [flux column NaN on every row]" : "");
         if (isfinite(B->aper_corr))
             fprintf(f, "  aperture fluxes and errors divided by the true PSF's encircled energy within r = %g pix "
@@ -101,6 +103,8 @@ void sp_score_print(FILE *f, const sp_score_result *r)
             num(a[3], 24, "%.3f", r->star_pos_scatter_over_crlb), num(a[4], 24, "%+.4f", r->galaxy_flux_bias),
             num(a[5], 24, "%.3f", r->galaxy_pull_std), num(a[6], 24, "%.4f", r->zp_error_mag_max),
             num(a[7], 24, "%.4f", r->epsf_resid_rms), r->seconds);
+    fprintf(f, "  epsf_flux_err_max %s (the worst cell's ePSF flux error on a faint star)\n",
+            num(a[0], 24, "%.4f", r->epsf_flux_err_max));
     fprintf(f, "  crowd_star_flux_bias %s, crowd_star_pull_std %s, crowd_star_scatter_over_crlb %s\n",
             num(a[0], 24, "%+.4f", r->crowd_star_flux_bias), num(a[1], 24, "%.3f", r->crowd_star_pull_std),
             num(a[2], 24, "%.3f", r->crowd_star_scatter_over_crlb));
@@ -198,6 +202,7 @@ int sp_score_write_json(const char *path, const sp_score_result *r)
                {"galaxy_pull_std", r->galaxy_pull_std},
                {"zp_error_mag_max", r->zp_error_mag_max},
                {"epsf_resid_rms", r->epsf_resid_rms},
+               {"epsf_flux_err_max", r->epsf_flux_err_max},
                {"crowd_star_flux_bias", r->crowd_star_flux_bias},
                {"crowd_star_pull_std", r->crowd_star_pull_std},
                {"crowd_star_scatter_over_crlb", r->crowd_star_scatter_over_crlb},
@@ -243,6 +248,10 @@ int sp_score_write_json(const char *path, const sp_score_result *r)
         jnum(f, B->zp_error);
         fprintf(f, ", \"epsf_resid\": ");
         jnum(f, B->epsf_resid);
+        fprintf(f, ", \"epsf_flux_rms\": ");
+        jnum(f, B->epsf_flux_rms);
+        fprintf(f, ", \"epsf_flux_max\": ");
+        jnum(f, B->epsf_flux_max);
         fprintf(f, ", \"aper_corr\": ");
         jnum(f, B->aper_corr);
         fprintf(f, ",\n      \"isolated_stars\": ");

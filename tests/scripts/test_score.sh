@@ -49,7 +49,7 @@ else
 fi
 missing=""
 for k in match_rate star_flux_scatter_over_crlb star_pull_std star_flux_bias star_pos_scatter_over_crlb \
-         galaxy_flux_bias galaxy_pull_std zp_error_mag_max epsf_resid_rms; do
+         galaxy_flux_bias galaxy_pull_std zp_error_mag_max epsf_resid_rms epsf_flux_err_max; do
   grep -q "^  \"$k\": " "$TMP/aper.json" || missing="$missing $k"
 done
 for k in '"per_band"' '"m400"' '"m650"' '"m875"' '"isolated_stars"' '"mag_bins"' '"STAR"' '"EXP"' '"DEV"' \
@@ -71,6 +71,39 @@ for w in "FLUX_<band>_APER" "band m400" "band m875" "STAR  all" "isolated stars,
   grep -qF "$w" "$TMP/aper.out" || { fail score_table "no '$w' in the table"; w=x; break; }
 done
 [ "$w" != x ] && pass score_table
+
+# the ePSF figures against the truth: the run's stamps are off by something; the same store with the
+# true PSF written into /epsf (truth_psf/<band>.fits, nodes = cell centres here) scores ~0
+e0=$(jget epsf_flux_err_max "$TMP/aper.json"); r0=$(jget epsf_resid_rms "$TMP/aper.json")
+if /usr/bin/python3 - "$S" "$D" "$TMP/true_epsf.h5" >"$TMP/te.log" 2>&1 <<'PYEOF'
+import sys, shutil, h5py, numpy as np
+from astropy.io import fits
+src, sim, dst = sys.argv[1:4]
+shutil.copy(src, dst)
+f = h5py.File(dst, "r+")
+cells = f["cells"][:]
+for b in [k for k in f["epsf"].keys() if "_" not in k]:
+    h = fits.open("%s/truth_psf/%s.fits" % (sim, b))[0]
+    ng, S = h.header["PSFNGRID"], h.header["PSFSIZE"]
+    d = f["epsf"][b]; sz = d.shape[2]; cube = d[:]
+    for c in cells:
+        nx = h.header["TILENX"]; cx = 0.5 * (c["bx0"] + c["bx1"] - 1)
+        i = int(round((cx + 0.5) * ng / nx - 0.5)); j = int(round((0.5 * (c["by0"] + c["by1"] - 1) + 0.5) * ng / h.header["TILENY"] - 0.5))
+        assert abs((i + 0.5) * nx / ng - 0.5 - cx) < 1e-9, "node and cell centre differ"
+        t = h.data[j*S:(j+1)*S, i*S:(i+1)*S].astype(np.float64)
+        st = np.zeros((sz, sz)); o = (sz - S) // 2
+        if o >= 0: st[o:o+S, o:o+S] = t
+        else: st = t[-o:-o+sz, -o:-o+sz]
+        cube[c["iy"], c["ix"]] = st / st.sum()
+    d[...] = cube
+PYEOF
+then
+  "$BIN" score "$TMP/true_epsf.h5" "$D" --flux aper --json "$TMP/te.json" >/dev/null 2>&1
+  e1=$(jget epsf_flux_err_max "$TMP/te.json"); r1=$(jget epsf_resid_rms "$TMP/te.json")
+  if in_range "$e1" 0 0.0002 && in_range "$r1" 0 0.002 && in_range "$e0" 0.0005 1; then
+    pass "score_epsf_flux_error (the run's ePSFs: worst cell $e0, relres $r0; the true PSF: $e1, $r1)"
+  else fail score_epsf_flux_error "run: $e0 / $r0, true PSF in the store: $e1 / $r1"; fi
+else fail score_epsf_flux_error "$(tail -2 "$TMP/te.log")"; fi
 
 # ---- 2. fit columns: the run fills them; score reads them (accuracy bars: part 3 and make bench) ----
 # (the tiny tile has 0-5 PSF stars per cell, so its PSFs are fallbacks: no accuracy bar here)
