@@ -205,8 +205,24 @@ int sp_fits_open(const char *path, sp_fits **out)
 
     f->hdu = 1; /* failures while opening are about the primary header */
     /* fits_open_diskfile: no extended-filename parsing, so paths with brackets
-     * or a leading '!' are taken literally. */
-    if (fits_open_diskfile(&f->fp, path, READONLY, &cfst)) {
+     * or a leading '!' are taken literally. cfitsio picks the decompressor of a
+     * compressed file by looking for ".Z" (then ".bz2") anywhere in the path
+     * (drvrmem.c, mem_uncompress2mem), so a gzip'ed file under e.g.
+     * /tmp/run.Zk3/ fails as "unrecognized compression format": such a file is
+     * opened through /dev/fd/N (cfitsio inflates it into memory while opening,
+     * so the descriptor is closed right after). */
+    const char *open_path = path;
+    char alias[64];
+    int afd = -1;
+    if ((strstr(path, ".Z") || strstr(path, ".bz2")) && is_gzip(path)) {
+        afd = open(path, O_RDONLY | O_CLOEXEC);
+        SP_CHECK(afd >= 0, SP_ERR_IO, "%s: cannot open FITS file: %s", path, strerror(errno));
+        snprintf(alias, sizeof alias, "/dev/fd/%d", afd);
+        open_path = alias;
+    }
+    int opened = fits_open_diskfile(&f->fp, open_path, READONLY, &cfst);
+    if (afd >= 0) close(afd);
+    if (opened) {
         f->fp = NULL;
         status = CFITSIO_FAIL(cfst, f, "not a readable FITS file (truncated or not FITS?)");
         goto cleanup;
