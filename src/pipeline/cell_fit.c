@@ -243,8 +243,14 @@ static int fit_one(cell_t *c, fit_scratch *s, sp_fit_workspace *ws, int pid, lon
         if (base)
             /* saturated sources are modelled (their wings reach the neighbours) but not reported */
             s->src[k].role = (c->excl[base0 + k] & SP_EXCL_SATURATION) ? SP_ROLE_FIT_DISCARD : SP_ROLE_FIT_REPORT;
-        else
-            s->src[k].role = r->sp.halo_fixed ? SP_ROLE_FIXED : SP_ROLE_FIT_DISCARD;
+        else {
+            /* a source outside the ROI shows the fit a sliver of its wing at most: held at its
+             * initial values (catalog flux, or the fitter's estimate from the pixels it sees) so
+             * it cannot make its group's normal matrix singular */
+            double x = p->cat.x[i], y = p->cat.y[i];
+            int inside = x >= pt->rx0 - 0.5 && x < pt->rx1 - 0.5 && y >= pt->ry0 - 0.5 && y < pt->ry1 - 0.5;
+            s->src[k].role = r->sp.halo_fixed || !inside ? SP_ROLE_FIXED : SP_ROLE_FIT_DISCARD;
+        }
     }
     /* images: the patch ROI cut out of the cell ROI, one per band */
     long px0 = pt->rx0 - c->x0, py0 = pt->ry0 - c->y0, pnx = pt->rx1 - pt->rx0, pny = pt->ry1 - pt->ry0;
