@@ -696,6 +696,67 @@ static const sp_h5_col rank_cols[] = {
     {"threads", SP_H5_I32, 0, "", "OpenMP threads", 0, 0},
 };
 
+/* /timing/fit_cost: where the fit's thread CPU went, by stage of the staged fit
+ * and kind of group (docs/fitting.md "Where the fit's time goes"). */
+typedef struct {
+    int32_t rank;
+    char stage[16];
+    char kind[8];
+    double cpu;
+    int64_t source_bands, groups;
+} fitcost_row;
+
+static const sp_h5_col fitcost_cols[] = {
+    {"rank", SP_H5_I32, 0, "", "MPI rank", 0, 0},
+    {"stage", SP_H5_STR, 16, "",
+     "flux (stage 1), positions (stage 2), shapes (stage 3; the one stage when the staged fit is off), errors, "
+     "split_flux (joint flux solves of split components), stages (their sum), patch (images, boxes, grouping, "
+     "weight and sky re-solves, type trials, final model), total",
+     0, 0},
+    {"kind", SP_H5_STR, 8, "", "point: components of point sources only; galaxy: components with a galaxy; all", 0, 0},
+    {"cpu", SP_H5_F64, 0, "s", "thread CPU seconds summed over the rank's threads", 0, 0},
+    {"source_bands", SP_H5_I64, 0, "", "fitted sources (not held) x bands of the components of this kind", 0, 0},
+    {"groups", SP_H5_I64, 0, "", "components of this kind", 0, 0},
+};
+enum { NFITCOST_ROWS = 2 * SP_FIT_NCOST + 4 };
+
+static int fitcost_rows(const run_t *r, fitcost_row *rows)
+{
+    static const char *stages[SP_FIT_NCOST] = {"flux", "positions", "shapes", "errors", "split_flux"};
+    static const char *kinds[2] = {"point", "galaxy"};
+    const sp_fit_patch_stats *c = &r->fitcost;
+    int n = 0;
+    for (int k = 0; k < 2; k++) {
+        double sum = 0.0;
+        for (int q = 0; q < SP_FIT_NCOST; q++) {
+            fitcost_row *w = &rows[n++];
+            memset(w, 0, sizeof *w);
+            w->rank = r->rank;
+            snprintf(w->stage, sizeof w->stage, "%s", stages[q]);
+            snprintf(w->kind, sizeof w->kind, "%s", kinds[k]);
+            w->cpu = c->cpu_stage[q][k];
+            w->source_bands = c->srcband[k];
+            w->groups = c->groups[k];
+            sum += w->cpu;
+        }
+        fitcost_row *w = &rows[n++];
+        *w = rows[n - 2];
+        snprintf(w->stage, sizeof w->stage, "stages");
+        w->cpu = sum;
+    }
+    for (int q = 0; q < 2; q++) {
+        fitcost_row *w = &rows[n++];
+        memset(w, 0, sizeof *w);
+        w->rank = r->rank;
+        snprintf(w->stage, sizeof w->stage, "%s", q ? "total" : "patch");
+        snprintf(w->kind, sizeof w->kind, "all");
+        w->cpu = q ? c->cpu_total : c->cpu_patch;
+        w->source_bands = c->srcband[0] + c->srcband[1];
+        w->groups = c->groups[0] + c->groups[1];
+    }
+    return n;
+}
+
 static int write_timing(run_t *r, const sp_coord_stats *st, double *imbalance)
 {
     int status = SP_OK;
@@ -728,7 +789,13 @@ static int write_timing(run_t *r, const sp_coord_stats *st, double *imbalance)
     SP_TRY(sp_h5_group_create(h, "/timing"));
     SP_TRY(sp_h5_table_create(h, "/timing/regions", timing_cols, 7, total));
     SP_TRY(sp_h5_table_create(h, "/timing/ranks", rank_cols, 9, r->nranks));
+    SP_TRY(sp_h5_table_create(h, "/timing/fit_cost", fitcost_cols, 6, (long)NFITCOST_ROWS * r->nranks));
     status = sp_h5_table_write(h, "/timing/regions", timing_cols, 7, mine, npr, tr);
+    if (status == SP_OK) {
+        fitcost_row fc[NFITCOST_ROWS];
+        int nfc = fitcost_rows(r, fc);
+        status = sp_h5_table_write(h, "/timing/fit_cost", fitcost_cols, 6, (long)r->rank * NFITCOST_ROWS, nfc, fc);
+    }
     rank_row rr = {.rank = r->rank, .wall = st->wall, .busy = st->busy, .idle = st->idle, .overhead = st->overhead,
                    .cells = st->cells, .peak_rss = sp_prof_peak_rss(), .bytes_read = r->bytes_read,
                    .threads = r->threads};
@@ -1025,6 +1092,15 @@ int sp_pipeline_run(const sp_run_opts *o, int *agreed)
     double wall = sp_wtime() - t_start;
     long nfit[2] = {r.nfit_sources, r.nfit_patches}, nfit_all[2] = {0, 0};
     MPI_Reduce(nfit, nfit_all, 2, MPI_LONG, MPI_SUM, 0, r.comm);
+    /* the fit's CPU by kind of component: [point stages, galaxy stages, patch, total], source-bands */
+    double fc[4] = {0, 0, r.fitcost.cpu_patch, r.fitcost.cpu_total}, fc_all[4] = {0, 0, 0, 0};
+    for (int q = 0; q < SP_FIT_NCOST; q++) {
+        fc[0] += r.fitcost.cpu_stage[q][0];
+        fc[1] += r.fitcost.cpu_stage[q][1];
+    }
+    long fsb[2] = {r.fitcost.srcband[0], r.fitcost.srcband[1]}, fsb_all[2] = {0, 0};
+    MPI_Reduce(fc, fc_all, 4, MPI_DOUBLE, MPI_SUM, 0, r.comm);
+    MPI_Reduce(fsb, fsb_all, 2, MPI_LONG, MPI_SUM, 0, r.comm);
     sp_watchdog_disarm();
     SP_TRY(status);
     if (r.rank == 0) {
@@ -1036,6 +1112,11 @@ int sp_pipeline_run(const sp_run_opts *o, int *agreed)
                plan.cat.n, plan.nsrc_active, nexcl, plan.nbands, plan.ncells, ntodo, ndone_before,
                plan.ncells - plan.ncells_active);
         printf("Fitted %ld source(s) in %ld patch(es) this run\n", nfit_all[0], nfit_all[1]);
+        if (fc_all[3] > 0)
+            printf("Fit CPU %.2f s: point-source components %ld source-bands at %.0f per core-second, components "
+                   "with a galaxy %ld at %.0f, per-patch work %.0f%% (/timing/fit_cost)\n",
+                   fc_all[3], fsb_all[0], fc_all[0] > 0 ? fsb_all[0] / fc_all[0] : 0.0, fsb_all[1],
+                   fc_all[1] > 0 ? fsb_all[1] / fc_all[1] : 0.0, 100.0 * fc_all[2] / fc_all[3]);
         printf("Wall %.2f s on %d rank(s) x %d thread(s); load imbalance %.2f; coordinator overhead %.3f s "
                "(%.2f%%); store %s\n",
                wall, r.nranks, r.threads, imbalance, coord_over, wall > 0 ? 100 * coord_over / wall : 0,

@@ -168,7 +168,28 @@ typedef struct {
     int ngroups, max_group_size, nfit, nfixed;
     long renders;                   /* source renders (a cost measure) */
     double seconds;                 /* wall time of sp_fit_patch */
+    /* Where the thread's CPU went (CLOCK_THREAD_CPUTIME_ID), by stage of the
+     * staged fit and by kind of group: [SP_FIT_COST_*][0] groups of point
+     * sources only, [..][1] groups with a galaxy. Work done on the whole patch
+     * (images, boxes, grouping, the model-weight and sky re-solves, the type
+     * trials of untyped sources, the final model) is cpu_patch. The sum of all
+     * of them is the thread CPU of sp_fit_patch, cpu_total. */
+    double cpu_stage[5][2];
+    double cpu_patch, cpu_total;
+    long srcband[2];                /* fitted source x bands (not FIXED), by kind of group */
+    long groups[2];                 /* components, by kind */
 } sp_fit_patch_stats;
+
+/* Stages of sp_fit_patch_stats.cpu_stage. With the staged fit off the one
+ * all-free stage counts as SP_FIT_COST_SHAPE. */
+enum {
+    SP_FIT_COST_FLUX = 0, /* stage 1: the fluxes (joint linear solve; with no geometry free, all of it) */
+    SP_FIT_COST_POS,      /* stage 2: + positions */
+    SP_FIT_COST_SHAPE,    /* stage 3: + galaxy shapes */
+    SP_FIT_COST_ERR,      /* errors at the solution (Fisher matrix, geometry marginalised) */
+    SP_FIT_COST_SPLIT,    /* joint flux solves of split components between sweeps */
+    SP_FIT_NCOST
+};
 
 typedef struct {
     int staged;             /* 1: stage 1 fluxes, 2 + positions, 3 + shapes; 0: one stage, all free */

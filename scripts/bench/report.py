@@ -150,9 +150,39 @@ w("| fitted sources (stars) x bands | | %s |" % " | ".join(
     "%d (%d) x %d" % (runs[(t, "1x1")][0]["nfitted"], runs[(t, "1x1")][0]["nfitted_star"], runs[(t, "1x1")][0]["nbands"])
     for t in tiles))
 w("")
-w("The fit figure is all fitted source-bands (stars and galaxies together: the timing regions do not split "
-  "them by type) per CPU second of the `fit` region.")
+w("The fit figure is all fitted source-bands (stars and galaxies together) per CPU second of the `fit` region "
+  "(which also holds the patch set-up around the fitter).")
 w("")
+# ---- the fit by kind of component and stage (/timing/fit_cost) -------------------------------
+if all(r.get("fit_cost") for t in tiles for r in runs[(t, "1x1")]):
+    w("**The fit by kind of component and stage** (the store's `/timing/fit_cost`, 1x1 runs, medians over "
+      "repeats): each component (sources whose models overlap, fitted together) is of point sources only or "
+      "holds a galaxy; its thread CPU is timed per stage; source-bands are the fitted (not held) sources of "
+      "those components x bands, the halo sources fitted and discarded included. `per-patch work` is what the "
+      "fitter does for the whole patch (images, model boxes, grouping, the weight and sky re-solves, the type "
+      "trials of untyped sources, the final model), in source-bands of all kinds per core-second.")
+    w("")
+    st_names = [("flux", "stage 1: fluxes"), ("positions", "stage 2: + positions"),
+                ("shapes", "stage 3: + shapes"), ("errors", "errors"), ("split_flux", "joint fluxes of split components")]
+    w("| tile | kind | components | source-bands | source-bands per core-second (stages) | " +
+      " | ".join("%s, share" % lab for _, lab in st_names) + " |")
+    w("|---|---|---|---|---|" + "---|" * len(st_names))
+    for t in tiles:
+        rs = runs[(t, "1x1")]
+        for kind, lab in (("point", "point sources only"), ("galaxy", "with a galaxy")):
+            tot = med([r["fit_cost"]["stages/" + kind]["cpu"] for r in rs])
+            sb = rs[0]["fit_cost"]["stages/" + kind]["source_bands"]
+            ng = rs[0]["fit_cost"]["stages/" + kind]["groups"]
+            shares = [med([r["fit_cost"]["%s/%s" % (k, kind)]["cpu"] for r in rs]) for k, _ in st_names]
+            w("| %s | %s | %d | %d | %s | %s |" % (t, lab, ng, sb, f(sb / tot if tot else None, "%.4g"),
+              " | ".join(f(100 * x / tot if tot else None, "%.0f%%") for x in shares)))
+        pt = med([r["fit_cost"]["patch/all"]["cpu"] for r in rs])
+        tt = med([r["fit_cost"]["total/all"]["cpu"] for r in rs])
+        sb = rs[0]["fit_cost"]["total/all"]["source_bands"]
+        w("| %s | per-patch work | | %d | %s | %s of the fitter's CPU |" % (
+            t, sb, f(sb / pt if pt else None, "%.4g"), f(100 * pt / tt if tt else None, "%.0f%%")) +
+          " |" * (len(st_names) - 1))
+    w("")
 
 # ---- memory ---------------------------------------------------------------------------------
 w("### Memory: peak RSS per rank against the planner")

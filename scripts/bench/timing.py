@@ -44,6 +44,17 @@ def main():
         for c in cols:
             h.update(np.ascontiguousarray(cat[c]).tobytes())
         r["catalog_sha1"] = h.hexdigest()[:16]
+        # the fit's thread CPU by stage and kind of component (stores of before it have none)
+        if "timing/fit_cost" in f:
+            fc = f["timing/fit_cost"][:]
+            cost = {}
+            for row in fc:
+                key = "%s/%s" % (row["stage"].decode(), row["kind"].decode())
+                c = cost.setdefault(key, dict(cpu=0.0, source_bands=0, groups=0))
+                c["cpu"] += float(row["cpu"])
+                c["source_bands"] += int(row["source_bands"])
+                c["groups"] += int(row["groups"])
+            r["fit_cost"] = cost
     nthr = r["threads_per_rank"]
 
     def tot(region, col):

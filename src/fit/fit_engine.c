@@ -37,6 +37,7 @@
 #include <math.h>
 #include <omp.h>
 #include <stdlib.h>
+#include <time.h>
 #include <string.h>
 #include <strings.h>
 
@@ -791,7 +792,36 @@ typedef struct {
     const sp_fit_options *o;
     int nimg, nb;
     int use_mf; /* subtract other sources' current model (split groups) */
+    double (*cost)[2]; /* sp_fit_patch_stats.cpu_stage, or NULL: not measured */
 } runctx;
+
+_Static_assert(SP_FIT_NCOST == sizeof(((sp_fit_patch_stats *)0)->cpu_stage) / sizeof(double[2]),
+               "cpu_stage rows");
+
+/* This thread's CPU seconds (the fit's cost accounting, sp_fit_patch_stats). */
+static double thread_cpu(void)
+{
+    struct timespec ts;
+    clock_gettime(CLOCK_THREAD_CPUTIME_ID, &ts);
+    return (double)ts.tv_sec + 1e-9 * (double)ts.tv_nsec;
+}
+
+/* 1 if a member of G is a galaxy model, 0 if all are point sources. */
+static int group_kind(const sp_fit_workspace *ws, const wgroup *G)
+{
+    for (int l = 0; l < G->n; l++)
+        if (ws->s[ws->gmem[G->start + l]].type != SP_SRC_STAR) return 1;
+    return 0;
+}
+
+/* Cost accounting: *t the last reading; the time since goes to (stage, kind). */
+static inline void cost_add(const runctx *rc, int stage, int kind, double *t)
+{
+    if (!rc->cost) return;
+    double now = thread_cpu();
+    rc->cost[stage][kind] += now - *t;
+    *t = now;
+}
 
 /* Evaluate group G at geometry (trial ? gt : g) for all its sources: render,
  * accumulate, solve fluxes. Free parameters: s->freemask. */
@@ -1665,7 +1695,8 @@ static int fast_group(sp_fit_workspace *ws, runctx *rc, wgroup *G)
 {
     int status = SP_OK;
     const sp_fit_options *o = rc->o;
-    const int n = G->n, nb = rc->nb, first = o->staged ? 2 : 3;
+    const int n = G->n, nb = rc->nb, first = o->staged ? 2 : 3, kind = group_kind(ws, G);
+    double t = rc->cost ? thread_cpu() : 0.0;
     gacc *cur = &ws->acc[0];
     for (int l = 0; l < n; l++) {
         wsrc *s = &ws->s[ws->gmem[G->start + l]];
@@ -1687,7 +1718,9 @@ static int fast_group(sp_fit_workspace *ws, runctx *rc, wgroup *G)
         s->freemask = m;
         nfree += __builtin_popcount(m);
     }
+    cost_add(rc, SP_FIT_COST_FLUX, kind, &t);
     if (nfree > 0) SP_TRY(fit_group_stage(ws, rc, G, o->staged ? 1 : 0, 0, !changed));
+    cost_add(rc, o->staged ? SP_FIT_COST_POS : SP_FIT_COST_SHAPE, kind, &t);
     if (o->staged) {
         int nnew = 0;
         for (int l = 0; l < n; l++) {
@@ -1702,6 +1735,7 @@ static int fast_group(sp_fit_workspace *ws, runctx *rc, wgroup *G)
             }
             SP_TRY(fit_group_stage(ws, rc, G, 2, 0, 0));
         }
+        cost_add(rc, SP_FIT_COST_SHAPE, kind, &t);
     }
     if (nfree == 0 && nth > 0) {
         /* everything held after the SNR cut: errors with the geometry held */
@@ -1710,6 +1744,7 @@ static int fast_group(sp_fit_workspace *ws, runctx *rc, wgroup *G)
     nth = theta_map(ws, G);
     if (nth < 0) return -nth;
     SP_TRY(errors_from_acc(ws, rc, G, cur, NULL, NULL));
+    cost_add(rc, SP_FIT_COST_ERR, kind, &t);
 cleanup:
     return status;
 }
@@ -1969,7 +2004,8 @@ static int run_fit(sp_fit_workspace *ws, const sp_fit_options *o, const sp_fit_i
 {
     int status = SP_OK;
     const int nimg = rs->nimg, nb = rs->nb;
-    runctx rc = {.o = o, .nimg = nimg, .nb = nb, .use_mf = 0};
+    runctx rc = {.o = o, .nimg = nimg, .nb = nb, .use_mf = 0, .cost = st ? st->cpu_stage : NULL};
+    double tc = 0.0; /* cost accounting: the last thread-CPU reading */
     double sky[SP_FIT_MAX_BANDS] = {0}, Ssky[SP_FIT_MAX_BANDS] = {0};
     int need_mix = 0;
     for (int k = 0; k < nsrc; k++)
@@ -2368,11 +2404,13 @@ static int run_fit(sp_fit_workspace *ws, const sp_fit_options *o, const sp_fit_i
     if (model_w) reweight(ws, &rc, o->fit_sky ? Ssky : NULL);
     /* ---- stage 1: fluxes of whole components (always: it also gives the SNR
      * that decides which geometry is free); the sky alternates with them */
+    if (rc.cost) tc = thread_cpu();
     for (int gi = 0; gi < ncomp; gi++) {
         wgroup *G = &comps[gi];
         if (keep_mf) SP_TRY(group_to_mf(ws, &rc, G, -1.0));
         SP_TRY(fit_group_stage(ws, &rc, G, o->staged ? 0 : -1, 1, 0));
         if (keep_mf) SP_TRY(group_to_mf(ws, &rc, G, +1.0));
+        cost_add(&rc, SP_FIT_COST_FLUX, group_kind(ws, G), &tc);
     }
     if (model_w) {
         /* weights from the stage-1 fluxes, and the fluxes again with them */
@@ -2495,10 +2533,11 @@ static int run_fit(sp_fit_workspace *ws, const sp_fit_options *o, const sp_fit_i
                     if (!fresh) continue;
                 }
                 if (G->split && stg == (o->staged ? 2 : 3)) G->flags &= ~(NOTCONV | SP_FITF_MAXITER);
+                if (rc.cost) tc = thread_cpu();
                 if (keep_mf) SP_TRY(group_to_mf(ws, &rc, G, -1.0));
-
                 SP_TRY(fit_group_stage(ws, &rc, G, o->staged ? stg - 1 : 0, 0, 0));
                 if (keep_mf) SP_TRY(group_to_mf(ws, &rc, G, +1.0));
+                cost_add(&rc, stg == 2 ? SP_FIT_COST_POS : SP_FIT_COST_SHAPE, group_kind(ws, G), &tc);
                 if (G->split) {
                     G->visit[si] = ++stamp;
                     G->conv[si] = !G->capped && !(G->flags & NOTCONV);
@@ -2514,9 +2553,11 @@ static int run_fit(sp_fit_workspace *ws, const sp_fit_options *o, const sp_fit_i
         for (int gi = 0; gi < ncomp; gi++) {
             wgroup *G = &comps[gi];
             if (!G->split) continue;
+            if (rc.cost) tc = thread_cpu();
             SP_TRY(group_to_mf(ws, &rc, G, -1.0));
             SP_TRY(linear_keep_masks(ws, &rc, G));
             SP_TRY(group_to_mf(ws, &rc, G, +1.0));
+            cost_add(&rc, SP_FIT_COST_SPLIT, group_kind(ws, G), &tc);
         }
         if (sw >= 1 && ncapped == 0 && gain < o->dlnp_stop * (nsplitchk > 0 ? nsplitchk : 1)) break;
     }
@@ -2531,6 +2572,7 @@ static int run_fit(sp_fit_workspace *ws, const sp_fit_options *o, const sp_fit_i
      * component's joint linear one plus the chunk's geometry increment */
     set_stage_free(ws, nsrc, 3);
     GROW(ws->vlin, ws->cap_vlin, 2 * (size_t)nsrc * nb + 1);
+    if (rc.cost) tc = thread_cpu();
     for (int gi = 0; gi < nchk; gi++) {
         wgroup *G = &chunks[gi];
         if (keep_mf) SP_TRY(group_to_mf(ws, &rc, G, -1.0));
@@ -2539,6 +2581,7 @@ static int run_fit(sp_fit_workspace *ws, const sp_fit_options *o, const sp_fit_i
         SP_TRY(group_errors(ws, &rc, G, o->fit_sky ? Ssky : NULL, ws->vlin));
         rc.use_mf = save;
         if (keep_mf) SP_TRY(group_to_mf(ws, &rc, G, +1.0));
+        cost_add(&rc, SP_FIT_COST_ERR, group_kind(ws, G), &tc);
     }
     if (any_split) {
         double *marg2 = ws->vlin + (size_t)nsrc * nb;
@@ -2547,6 +2590,7 @@ static int run_fit(sp_fit_workspace *ws, const sp_fit_options *o, const sp_fit_i
             wgroup *G = &comps[gi];
             if (!G->split) continue;
             /* joint linear errors of the whole component (geometry held) */
+            if (rc.cost) tc = thread_cpu();
             GROW(ws->tmpu, ws->cap_tmpu, G->n + 1);
             for (int l = 0; l < G->n; l++) {
                 wsrc *s = &ws->s[ws->gmem[G->start + l]];
@@ -2569,6 +2613,7 @@ static int run_fit(sp_fit_workspace *ws, const sp_fit_options *o, const sp_fit_i
                     if (isfinite(ws->ferr[fi])) ws->ferr[fi] = sqrt(v);
                 }
             }
+            cost_add(&rc, SP_FIT_COST_ERR, group_kind(ws, G), &tc);
         }
     }
 final_model:
@@ -2782,6 +2827,13 @@ final_model:
         }
         st->ngroups += ncomp;
         if (maxgs > st->max_group_size) st->max_group_size = maxgs;
+        for (int gi = 0; gi < ncomp; gi++) {
+            const wgroup *G = &comps[gi];
+            int kind = group_kind(ws, G), nf = 0;
+            for (int l = 0; l < G->n; l++) nf += ws->s[ws->gmem[G->start + l]].role != SP_ROLE_FIXED;
+            st->srcband[kind] += (long)nf * nb;
+            st->groups[kind]++;
+        }
     }
     if (model) {
         for (int i = 0; i < nimg; i++) {
@@ -2803,7 +2855,7 @@ int sp_fit_patch(sp_fit_workspace *ws, const sp_fit_options *opt, const sp_fit_i
                  float *const *model)
 {
     int status = SP_OK;
-    double t0 = sp_wtime();
+    double t0 = sp_wtime(), c0 = stats ? thread_cpu() : 0.0;
     sp_fit_options od;
     if (!opt) {
         sp_fit_options_default(&od);
@@ -2924,7 +2976,13 @@ int sp_fit_patch(sp_fit_workspace *ws, const sp_fit_options *opt, const sp_fit_i
         stats->renders = ws->renders;
     }
 cleanup:
-    if (stats) stats->seconds = sp_wtime() - t0;
+    if (stats) {
+        stats->seconds = sp_wtime() - t0;
+        stats->cpu_total = thread_cpu() - c0;
+        double staged = 0.0;
+        for (int q = 0; q < SP_FIT_NCOST; q++) staged += stats->cpu_stage[q][0] + stats->cpu_stage[q][1];
+        stats->cpu_patch = stats->cpu_total > staged ? stats->cpu_total - staged : 0.0;
+    }
     return status;
 }
 

@@ -75,6 +75,7 @@ typedef struct {
     int poly_decided;               /* 1 once every band's model is built or refused (or loaded) */
     sp_store_meta qa;               /* which QA diagnostics the store holds (qa_* fields) */
     long nfit_sources, nfit_patches; /* this rank's totals (summary) */
+    sp_fit_patch_stats fitcost;     /* this rank's fit CPU by stage and kind of group (cpu_*, srcband, groups) */
     struct ioprep_state *iop;       /* read+prep buffers and open frames kept across cells (pipeline.c) */
     double *apcal_r;                /* nbands: calibration-aperture radius (pixels), set before the fit pass */
     struct given_psf *given;        /* nbands: epsf.given_psf grids (psf_given.c), NULL: off */

@@ -30,7 +30,21 @@ typedef struct {
     float **mptr;      /* per band: model buffer or NULL */
     sp_psf **local;    /* per band: the PSF at the patch centre (blend of neighbouring cell ePSFs) */
     sp_fit_image *img; /* per band */
+    sp_fit_patch_stats cost; /* the thread's fit CPU by stage and kind, summed over its patches */
 } fit_scratch;
+
+/* a += b for the cost fields of the patch statistics */
+static void cost_sum(sp_fit_patch_stats *a, const sp_fit_patch_stats *b)
+{
+    for (int q = 0; q < SP_FIT_NCOST; q++)
+        for (int k = 0; k < 2; k++) a->cpu_stage[q][k] += b->cpu_stage[q][k];
+    a->cpu_patch += b->cpu_patch;
+    a->cpu_total += b->cpu_total;
+    for (int k = 0; k < 2; k++) {
+        a->srcband[k] += b->srcband[k];
+        a->groups[k] += b->groups[k];
+    }
+}
 
 static void scratch_free(fit_scratch *s, int nb)
 {
@@ -287,6 +301,7 @@ static int fit_one(cell_t *c, fit_scratch *s, sp_fit_workspace *ws, int pid, lon
     }
     sp_fit_patch_stats st;
     SP_TRY(sp_fit_patch(ws, &r->sp.fit, s->img, nb, nb, s->src, (int)n, s->res, &st, want ? s->mptr : NULL));
+    cost_sum(&s->cost, &st);
     if (want_qa) {
         for (long k = 0; k < pt->nsrc; k++)
             if (c->cut_slot[base0 + k] >= 0) qa_cutout(c, s, pt, base0 + k, (int)c->cut_slot[base0 + k]);
@@ -436,6 +451,8 @@ int stage_fit(cell_t *c)
             }
             sp_coord_poll(); /* thread 0 only: answers the workers between patches */
         }
+#pragma omp critical(fit_cost)
+        cost_sum(&r->fitcost, &s.cost);
         scratch_free(&s, nb);
     }
     SP_TRY(thread_err_raise(&te));

@@ -1364,6 +1364,92 @@ static void t_type_auto(void **s)
     sp_fit_workspace_free(&ws);
 }
 
+/* The cost accounting of sp_fit_patch_stats: components are counted by kind
+ * (point sources only / with a galaxy), a held (FIXED) source is no work, the
+ * stages that ran have CPU, and stages + per-patch work add up to the total;
+ * on both routes (the per-component fast path, and the model-image path of
+ * the pipeline's options: sky fitted, weights from the model). */
+static void t_fit_cost(void **s)
+{
+    (void)s;
+    enum { NX = 96, NY = 40 };
+    static float data[NX * NY], ivar[NX * NY];
+    static double gal[NX * NY];
+    sp_fit_workspace *ws = NULL;
+    assert_int_equal(sp_fit_workspace_create(NX * NY, 3, 1, &ws), SP_OK);
+    sp_fit_image im;
+    sp_fit_image_aligned(&im, 0, 0, NX, NY);
+    im.data = data;
+    im.ivar = ivar;
+    im.psf = g_psf;
+    sp_fit_source src[3];
+    memset(src, 0, sizeof src);
+    src[0].type = SP_SRC_STAR;
+    src[0].x = 18.3;
+    src[0].y = 20.1;
+    src[1].type = SP_SRC_EXP;
+    src[1].x = 52.4;
+    src[1].y = 19.7;
+    src[1].re = 3.0;
+    src[1].q = 0.7;
+    src[1].theta = 0.4;
+    src[2].type = SP_SRC_STAR; /* held: no work of its own */
+    src[2].x = 84.0;
+    src[2].y = 21.0;
+    src[2].role = SP_ROLE_FIXED;
+    assert_int_equal(sp_fit_render_source(ws, NULL, &im, &src[1], gal), SP_OK);
+    rng_seed(5);
+    for (int k = 0; k < NX * NY; k++) {
+        double m = 800.0 * truth_star(k % NX - src[0].x, k / NX - src[0].y) + 1500.0 * gal[k] +
+                   300.0 * truth_star(k % NX - src[2].x, k / NX - src[2].y);
+        data[k] = (float)(m + gauss());
+        ivar[k] = 1.0f;
+    }
+    for (int q = 0; q < 3; q++) {
+        src[q].flux[0] = NAN;
+        src[q].id = q;
+    }
+    src[2].flux[0] = 300.0;
+    for (int mode = 0; mode < 2; mode++) {
+        sp_fit_options o;
+        sp_fit_options_default(&o);
+        if (mode) {
+            o.fit_sky = 1;
+            im.poisson_k = 0.01;
+        }
+        sp_fit_result res[3];
+        sp_fit_patch_stats st;
+        assert_int_equal(sp_fit_patch(ws, &o, &im, 1, 1, src, 3, res, &st, NULL), SP_OK);
+        assert_int_equal(st.groups[0], 1);
+        assert_int_equal(st.groups[1], 1);
+        assert_int_equal(st.srcband[0], 1);
+        assert_int_equal(st.srcband[1], 1);
+        double sum = st.cpu_patch;
+        for (int q = 0; q < SP_FIT_NCOST; q++)
+            for (int k = 0; k < 2; k++) {
+                assert_true(st.cpu_stage[q][k] >= 0.0);
+                sum += st.cpu_stage[q][k];
+            }
+        assert_true(st.cpu_total > 0.0);
+        assert_true(fabs(sum - st.cpu_total) <= 1e-9 + 1e-9 * st.cpu_total);
+        assert_true(st.cpu_stage[SP_FIT_COST_FLUX][0] > 0 && st.cpu_stage[SP_FIT_COST_FLUX][1] > 0);
+        assert_true(st.cpu_stage[SP_FIT_COST_POS][0] > 0 && st.cpu_stage[SP_FIT_COST_POS][1] > 0);
+        assert_true(st.cpu_stage[SP_FIT_COST_SHAPE][1] > 0);
+        assert_true(st.cpu_stage[SP_FIT_COST_ERR][0] > 0 && st.cpu_stage[SP_FIT_COST_ERR][1] > 0);
+        assert_true(st.cpu_stage[SP_FIT_COST_SPLIT][0] == 0 && st.cpu_stage[SP_FIT_COST_SPLIT][1] == 0);
+        /* the galaxy's shape stage is its largest cost; the star has none (at most the check that skips it) */
+        assert_true(st.cpu_stage[SP_FIT_COST_SHAPE][0] < 0.1 * st.cpu_stage[SP_FIT_COST_SHAPE][1]);
+        printf("# fit cost (%s): point %.0f+%.0f+%.0f+%.0f us, galaxy %.0f+%.0f+%.0f+%.0f us, patch %.0f us, total "
+               "%.0f us\n",
+               mode ? "model-image path" : "fast path", 1e6 * st.cpu_stage[0][0], 1e6 * st.cpu_stage[1][0],
+               1e6 * st.cpu_stage[2][0], 1e6 * st.cpu_stage[3][0], 1e6 * st.cpu_stage[0][1],
+               1e6 * st.cpu_stage[1][1], 1e6 * st.cpu_stage[2][1], 1e6 * st.cpu_stage[3][1], 1e6 * st.cpu_patch,
+               1e6 * st.cpu_total);
+    }
+    im.poisson_k = 0.0;
+    sp_fit_workspace_free(&ws);
+}
+
 /* The Gaussian mixture of a noisy empirical ePSF (tests/data/psfmix_noisy_epsf.f32: a band-wide
  * polynomial ePSF of the bench tile built from faint stars, 81x81 samples at oversampling 2). A
  * 4-component fit of it converged to near-duplicate components with amplitudes of opposite signs,
@@ -1411,6 +1497,7 @@ int main(void)
         cmocka_unit_test(t_sky),          cmocka_unit_test(t_robust),         cmocka_unit_test(t_crowded_split),
         cmocka_unit_test(t_derivatives),  cmocka_unit_test(t_affine_image),   cmocka_unit_test(t_sersic),      cmocka_unit_test(t_profile_laws),
         cmocka_unit_test(t_threads),      cmocka_unit_test(t_psfmix_noisy),   cmocka_unit_test(t_type_auto),
+        cmocka_unit_test(t_fit_cost),
     };
     return cmocka_run_group_tests_name("fit", tests, setup, teardown);
 }
