@@ -128,9 +128,16 @@ enum {
     SP_FITF_FIXED = 1u << 11,      /* role FIXED: values are the inputs */
     SP_FITF_BAD_INPUT = 1u << 12,  /* non-finite or out-of-range initial values (clamped/ignored) */
     SP_FITF_SHAPE_FROZEN = 1u << 13,/* galaxy too faint for its shape (SNR < min_snr_shape): shape held */
-    SP_FITF_UNRESOLVED = 1u << 14   /* another fitted source is (or was given) within 0.5 FWHM: their
+    SP_FITF_UNRESOLVED = 1u << 14,  /* another fitted source is (or was given) within 0.5 FWHM: their
                                        flux split is not described by the local (Fisher) error */
+    SP_FITF_BOX_TRUNC = 1u << 15    /* galaxy: its model box (sized from the initial flux and Re) is
+                                       smaller than the final flux and Re need, and more than
+                                       SP_FIT_BOX_TRUNC_FRAC of the final model flux lies outside it
+                                       (the fit did not see those wings) */
 };
+
+/* The model-box truncation that sets SP_FITF_BOX_TRUNC (fraction of the flux). */
+#define SP_FIT_BOX_TRUNC_FRAC 0.01
 
 /* Per-band flags in sp_fit_result.band_flags[b]. */
 enum {

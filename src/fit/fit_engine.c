@@ -719,7 +719,7 @@ static void make_box(const wimg *wi, const wsrc *s, double Rimg, fit_box *b, int
 }
 
 /* Radius (image px) where the model of flux F falls below box_nsigma sigma. */
-static double box_radius(const wimg *wi, const wsrc *s, double F, const sp_fit_options *o)
+static double box_radius_at(const wimg *wi, const wsrc *s, const double *p, double F, const sp_fit_options *o)
 {
     const psf_cache_entry *pc = wi->pc;
     double thr = o->box_nsigma * wi->sigma;
@@ -731,7 +731,7 @@ static double box_radius(const wimg *wi, const wsrc *s, double F, const sp_fit_o
     double Rmin = ceil(pc->fwhm) + 2.0;
     if (s->type != SP_SRC_STAR) {
         double re, q, th;
-        fit_eta_to_shape(s->p0[P_LNS], s->p0[P_E1], s->p0[P_E2], &re, &q, &th);
+        fit_eta_to_shape(p[P_LNS], p[P_E1], p[P_E2], &re, &q, &th);
         re *= wi->scale;
         double sp2 = (pc->fwhm / 2.3548) * (pc->fwhm / 2.3548);
         const gal_profile *pr = &s->g.prof;
@@ -753,6 +753,55 @@ static double box_radius(const wimg *wi, const wsrc *s, double F, const sp_fit_o
     if (R < Rmin) R = Rmin;
     if (R > o->box_max_half) R = o->box_max_half;
     return R;
+}
+
+/* ... for the initial geometry (what the boxes are made from) */
+static double box_radius(const wimg *wi, const wsrc *s, double F, const sp_fit_options *o)
+{
+    return box_radius_at(wi, s, s->p0, F, o);
+}
+
+/* Largest fraction, over the images, of galaxy k's final model flux that
+ * falls outside its model box (sized from the initial flux and shape): an
+ * upper bound, the flux of each convolved component beyond the circle of
+ * radius d (the distance from the final centre to the nearest box side that
+ * is not the ROI edge; those are SP_FITF_EDGE) along its major axis. Only
+ * images where the final flux and shape need a box more than 1 px larger
+ * than the one it had count. re: final effective radius (source px). */
+static double box_trunc_frac(const sp_fit_workspace *ws, const sp_fit_options *o, int nimg, int nb, int k,
+                             double re)
+{
+    const wsrc *s = &ws->s[k];
+    const gal_profile *pr = &s->g.prof;
+    double worst = 0.0;
+    for (int i = 0; i < nimg; i++) {
+        const wimg *wi = &ws->im[i];
+        const fit_box *bx = &ws->box[(size_t)k * nimg + i];
+        if (bx->bw <= 0 || bx->bh <= 0) continue;
+        const double *a = wi->img->aff;
+        const double u = a[0] * s->g.p[P_X] + a[1] * s->g.p[P_Y] + a[2];
+        const double v = a[3] * s->g.p[P_X] + a[4] * s->g.p[P_Y] + a[5];
+        double d = INFINITY;
+        if (bx->bx0 > 0) d = fmin(d, u - bx->bx0 + 0.5);
+        if (bx->by0 > 0) d = fmin(d, v - bx->by0 + 0.5);
+        if (bx->bx0 + bx->bw < wi->img->nx) d = fmin(d, bx->bx0 + bx->bw - 0.5 - u);
+        if (bx->by0 + bx->bh < wi->img->ny) d = fmin(d, bx->by0 + bx->bh - 0.5 - v);
+        if (!isfinite(d)) continue;
+        if (d < 0.0) d = 0.0;
+        /* the box the final flux and shape would have been given (0.1 sigma
+         * by default): faint wings cut there are below the noise by design */
+        const double F = ws->flux[(size_t)k * nb + wi->slot] * wi->img->flux_scale;
+        if (box_radius_at(wi, s, s->g.p, F, o) <= d + 1.0) continue;
+        const double rei = re * wi->scale, sp2 = (wi->pc->fwhm / 2.3548) * (wi->pc->fwhm / 2.3548);
+        double out = 0.0, tot = 0.0;
+        for (int c = 0; c < pr->k; c++) {
+            const double a2 = pr->var[c] * rei * rei + sp2;
+            tot += pr->amp[c];
+            out += pr->amp[c] * exp(-0.5 * d * d / a2);
+        }
+        if (tot > 0.0 && out / tot > worst) worst = out / tot;
+    }
+    return worst;
 }
 
 /* ---------------------------------------------------------------- accumulation */
@@ -2749,6 +2798,9 @@ final_model:
         if ((s->freemask & (1u << P_X)) &&
             (fabs(gx - s->p0[P_X]) >= o->max_shift - 1e-6 || fabs(gy - s->p0[P_Y]) >= o->max_shift - 1e-6))
             s->flags |= SP_FITF_POS_BOUND;
+        if (fitted && s->type != SP_SRC_STAR && s->role != SP_ROLE_FIXED && !s->nodata &&
+            box_trunc_frac(ws, o, nimg, nb, k, re) > SP_FIT_BOX_TRUNC_FRAC)
+            s->flags |= SP_FITF_BOX_TRUNC;
         if (fitted && G->n > 1) {
             /* another fitted source of the component within 0.5 FWHM (the
              * local Fisher error cannot describe a swap of such a pair) */
@@ -2850,6 +2902,15 @@ cleanup:
 
 /* ---------------------------------------------------------------- entry point */
 
+static void result_init(sp_fit_result *r)
+{
+    memset(r, 0, sizeof *r);
+    for (int b = 0; b < SP_FIT_MAX_BANDS; b++) {
+        r->flux[b] = r->flux_err[b] = r->flux_err_cond[b] = NAN;
+        r->chi2dof[b] = NAN;
+    }
+}
+
 int sp_fit_patch(sp_fit_workspace *ws, const sp_fit_options *opt, const sp_fit_image *imgs, int nimg, int nbands,
                  const sp_fit_source *src, int nsrc, sp_fit_result *res, sp_fit_patch_stats *stats,
                  float *const *model)
@@ -2893,13 +2954,7 @@ int sp_fit_patch(sp_fit_workspace *ws, const sp_fit_options *opt, const sp_fit_i
         stats->nbands = nbands;
     }
     ws->renders = 0;
-    for (int k = 0; k < nsrc; k++) {
-        memset(&res[k], 0, sizeof res[k]);
-        for (int b = 0; b < SP_FIT_MAX_BANDS; b++) {
-            res[k].flux[b] = res[k].flux_err[b] = res[k].flux_err_cond[b] = NAN;
-            res[k].chi2dof[b] = NAN;
-        }
-    }
+    for (int k = 0; k < nsrc; k++) result_init(&res[k]);
     if (nsrc == 0) goto cleanup;
     int bands_present[SP_FIT_MAX_BANDS] = {0};
     for (int i = 0; i < nimg; i++) bands_present[imgs[i].band] = 1;

@@ -1450,6 +1450,68 @@ static void t_fit_cost(void **s)
     sp_fit_workspace_free(&ws);
 }
 
+/* A galaxy whose Re grows well beyond its initial value is fitted in the box
+ * made from the initial Re and flux: SP_FITF_BOX_TRUNC says so. The same
+ * galaxy started at its true Re and flux is not flagged, nor is a faint one
+ * whose wings the box cuts at the noise by design. */
+static void t_box_trunc(void **s)
+{
+    (void)s;
+    enum { NX = 120, NY = 120 };
+    static float data[NX * NY], ivar[NX * NY];
+    static double gal[NX * NY];
+    sp_fit_workspace *ws = NULL;
+    assert_int_equal(sp_fit_workspace_create(NX * NY, 1, 1, &ws), SP_OK);
+    sp_fit_image im;
+    sp_fit_image_aligned(&im, 0, 0, NX, NY);
+    im.data = data;
+    im.ivar = ivar;
+    im.psf = g_psf;
+    const double re_true = 7.0;
+    for (int faint = 0; faint < 2; faint++) {
+        const double F = faint ? 150.0 : 40000.0;
+        sp_fit_source t;
+        memset(&t, 0, sizeof t);
+        t.type = SP_SRC_EXP;
+        t.x = 60.3;
+        t.y = 59.6;
+        t.re = re_true;
+        t.q = 0.8;
+        t.theta = 0.3;
+        assert_int_equal(sp_fit_render_source(ws, NULL, &im, &t, gal), SP_OK);
+        rng_seed(11 + faint);
+        for (int k = 0; k < NX * NY; k++) {
+            data[k] = (float)(F * gal[k] + gauss());
+            ivar[k] = 1.0f;
+        }
+        for (int start = 0; start < (faint ? 1 : 2); start++) {
+            sp_fit_source src = t;
+            src.id = 1;
+            if (start == 0) {
+                src.flux[0] = F;
+            } else { /* a compact start: Re 1 px and a tenth of the flux */
+                src.re = 1.0;
+                src.flux[0] = 0.1 * F;
+            }
+            sp_fit_options o;
+            sp_fit_options_default(&o);
+            sp_fit_result res;
+            assert_int_equal(sp_fit_patch(ws, &o, &im, 1, 1, &src, 1, &res, NULL, NULL), SP_OK);
+            printf("# box truncation (%s, start Re %.1f): Re %.2f, flux %.1f / %.1f, flags 0x%x\n",
+                   faint ? "faint" : "bright", src.re, res.re, res.flux[0], F, res.flags);
+            if (start == 1) {
+                assert_true(res.re > 3.0 * src.re); /* it grew out of its box */
+                assert_true(res.flags & SP_FITF_BOX_TRUNC);
+            } else {
+                assert_false(res.flags & SP_FITF_BOX_TRUNC);
+            }
+            assert_true(fabs(res.re / re_true - 1.0) < 0.05 || faint);
+            assert_true(fabs(res.flux[0] / F - 1.0) < (faint ? 0.3 : 0.01));
+        }
+    }
+    sp_fit_workspace_free(&ws);
+}
+
 /* The Gaussian mixture of a noisy empirical ePSF (tests/data/psfmix_noisy_epsf.f32: a band-wide
  * polynomial ePSF of the bench tile built from faint stars, 81x81 samples at oversampling 2). A
  * 4-component fit of it converged to near-duplicate components with amplitudes of opposite signs,
@@ -1498,6 +1560,7 @@ int main(void)
         cmocka_unit_test(t_derivatives),  cmocka_unit_test(t_affine_image),   cmocka_unit_test(t_sersic),      cmocka_unit_test(t_profile_laws),
         cmocka_unit_test(t_threads),      cmocka_unit_test(t_psfmix_noisy),   cmocka_unit_test(t_type_auto),
         cmocka_unit_test(t_fit_cost),
+        cmocka_unit_test(t_box_trunc),
     };
     return cmocka_run_group_tests_name("fit", tests, setup, teardown);
 }
