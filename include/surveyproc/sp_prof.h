@@ -62,8 +62,9 @@ void sp_prof_print(FILE *f, const sp_prof_merged *m, int n, int nranks);
 /* Peak resident set size of this process in bytes (getrusage). */
 double sp_prof_peak_rss(void);
 
-/* Wall-clock and process CPU seconds (monotonic). */
+/* Wall-clock, process CPU and calling-thread CPU seconds (monotonic). */
 double sp_wtime(void);
 double sp_cputime(void);
+double sp_thread_cputime(void);
 
 #endif

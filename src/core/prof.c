@@ -41,6 +41,13 @@ double sp_cputime(void)
     return (double)ts.tv_sec + 1e-9 * (double)ts.tv_nsec;
 }
 
+double sp_thread_cputime(void)
+{
+    struct timespec ts;
+    clock_gettime(CLOCK_THREAD_CPUTIME_ID, &ts);
+    return (double)ts.tv_sec + 1e-9 * (double)ts.tv_nsec;
+}
+
 void sp_prof_init(int fine_enabled)
 {
     memset(nodes, 0, sizeof nodes);

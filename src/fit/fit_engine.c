@@ -37,7 +37,6 @@
 #include <math.h>
 #include <omp.h>
 #include <stdlib.h>
-#include <time.h>
 #include <string.h>
 #include <strings.h>
 
@@ -847,14 +846,6 @@ typedef struct {
 _Static_assert(SP_FIT_NCOST == sizeof(((sp_fit_patch_stats *)0)->cpu_stage) / sizeof(double[2]),
                "cpu_stage rows");
 
-/* This thread's CPU seconds (the fit's cost accounting, sp_fit_patch_stats). */
-static double thread_cpu(void)
-{
-    struct timespec ts;
-    clock_gettime(CLOCK_THREAD_CPUTIME_ID, &ts);
-    return (double)ts.tv_sec + 1e-9 * (double)ts.tv_nsec;
-}
-
 /* 1 if a member of G is a galaxy model, 0 if all are point sources. */
 static int group_kind(const sp_fit_workspace *ws, const wgroup *G)
 {
@@ -867,7 +858,7 @@ static int group_kind(const sp_fit_workspace *ws, const wgroup *G)
 static inline void cost_add(const runctx *rc, int stage, int kind, double *t)
 {
     if (!rc->cost) return;
-    double now = thread_cpu();
+    double now = sp_thread_cputime();
     rc->cost[stage][kind] += now - *t;
     *t = now;
 }
@@ -1745,7 +1736,7 @@ static int fast_group(sp_fit_workspace *ws, runctx *rc, wgroup *G)
     int status = SP_OK;
     const sp_fit_options *o = rc->o;
     const int n = G->n, nb = rc->nb, first = o->staged ? 2 : 3, kind = group_kind(ws, G);
-    double t = rc->cost ? thread_cpu() : 0.0;
+    double t = rc->cost ? sp_thread_cputime() : 0.0;
     gacc *cur = &ws->acc[0];
     for (int l = 0; l < n; l++) {
         wsrc *s = &ws->s[ws->gmem[G->start + l]];
@@ -2453,7 +2444,7 @@ static int run_fit(sp_fit_workspace *ws, const sp_fit_options *o, const sp_fit_i
     if (model_w) reweight(ws, &rc, o->fit_sky ? Ssky : NULL);
     /* ---- stage 1: fluxes of whole components (always: it also gives the SNR
      * that decides which geometry is free); the sky alternates with them */
-    if (rc.cost) tc = thread_cpu();
+    if (rc.cost) tc = sp_thread_cputime();
     for (int gi = 0; gi < ncomp; gi++) {
         wgroup *G = &comps[gi];
         if (keep_mf) SP_TRY(group_to_mf(ws, &rc, G, -1.0));
@@ -2582,7 +2573,7 @@ static int run_fit(sp_fit_workspace *ws, const sp_fit_options *o, const sp_fit_i
                     if (!fresh) continue;
                 }
                 if (G->split && stg == (o->staged ? 2 : 3)) G->flags &= ~(NOTCONV | SP_FITF_MAXITER);
-                if (rc.cost) tc = thread_cpu();
+                if (rc.cost) tc = sp_thread_cputime();
                 if (keep_mf) SP_TRY(group_to_mf(ws, &rc, G, -1.0));
                 SP_TRY(fit_group_stage(ws, &rc, G, o->staged ? stg - 1 : 0, 0, 0));
                 if (keep_mf) SP_TRY(group_to_mf(ws, &rc, G, +1.0));
@@ -2602,7 +2593,7 @@ static int run_fit(sp_fit_workspace *ws, const sp_fit_options *o, const sp_fit_i
         for (int gi = 0; gi < ncomp; gi++) {
             wgroup *G = &comps[gi];
             if (!G->split) continue;
-            if (rc.cost) tc = thread_cpu();
+            if (rc.cost) tc = sp_thread_cputime();
             SP_TRY(group_to_mf(ws, &rc, G, -1.0));
             SP_TRY(linear_keep_masks(ws, &rc, G));
             SP_TRY(group_to_mf(ws, &rc, G, +1.0));
@@ -2621,7 +2612,7 @@ static int run_fit(sp_fit_workspace *ws, const sp_fit_options *o, const sp_fit_i
      * component's joint linear one plus the chunk's geometry increment */
     set_stage_free(ws, nsrc, 3);
     GROW(ws->vlin, ws->cap_vlin, 2 * (size_t)nsrc * nb + 1);
-    if (rc.cost) tc = thread_cpu();
+    if (rc.cost) tc = sp_thread_cputime();
     for (int gi = 0; gi < nchk; gi++) {
         wgroup *G = &chunks[gi];
         if (keep_mf) SP_TRY(group_to_mf(ws, &rc, G, -1.0));
@@ -2639,7 +2630,7 @@ static int run_fit(sp_fit_workspace *ws, const sp_fit_options *o, const sp_fit_i
             wgroup *G = &comps[gi];
             if (!G->split) continue;
             /* joint linear errors of the whole component (geometry held) */
-            if (rc.cost) tc = thread_cpu();
+            if (rc.cost) tc = sp_thread_cputime();
             GROW(ws->tmpu, ws->cap_tmpu, G->n + 1);
             for (int l = 0; l < G->n; l++) {
                 wsrc *s = &ws->s[ws->gmem[G->start + l]];
@@ -2916,7 +2907,7 @@ int sp_fit_patch(sp_fit_workspace *ws, const sp_fit_options *opt, const sp_fit_i
                  float *const *model)
 {
     int status = SP_OK;
-    double t0 = sp_wtime(), c0 = stats ? thread_cpu() : 0.0;
+    double t0 = sp_wtime(), c0 = stats ? sp_thread_cputime() : 0.0;
     sp_fit_options od;
     if (!opt) {
         sp_fit_options_default(&od);
@@ -3033,7 +3024,7 @@ int sp_fit_patch(sp_fit_workspace *ws, const sp_fit_options *opt, const sp_fit_i
 cleanup:
     if (stats) {
         stats->seconds = sp_wtime() - t0;
-        stats->cpu_total = thread_cpu() - c0;
+        stats->cpu_total = sp_thread_cputime() - c0;
         double staged = 0.0;
         for (int q = 0; q < SP_FIT_NCOST; q++) staged += stats->cpu_stage[q][0] + stats->cpu_stage[q][1];
         stats->cpu_patch = stats->cpu_total > staged ? stats->cpu_total - staged : 0.0;

@@ -59,15 +59,9 @@ static struct {
  * (oversubscribed, or a dedicated coordinator sharing a node) that steals the CPU of the ranks
  * that work. These poll for ~0.2 ms, then sleep 50 us between tests: a ready message waits at
  * most ~50 us more, a cell takes seconds. */
-/* The coordinator's overhead is counted in CPU time of the main thread: with more ranks than
- * cores, wall time inside MPI calls mostly measures the other ranks running (Open MPI yields the
- * core while it polls), not work rank 0 does for the queue. */
-static double cpu_now(void)
-{
-    struct timespec ts;
-    clock_gettime(CLOCK_THREAD_CPUTIME_ID, &ts);
-    return ts.tv_sec + 1e-9 * ts.tv_nsec;
-}
+/* The coordinator's overhead is counted in CPU time of the main thread (sp_thread_cputime): with
+ * more ranks than cores, wall time inside MPI calls mostly measures the other ranks running (Open
+ * MPI yields the core while it polls), not work rank 0 does for the queue. */
 
 static void nap(void)
 {
@@ -225,7 +219,7 @@ void sp_coord_poll(void)
         heartbeat();
         return;
     }
-    double t0 = cpu_now();
+    double t0 = sp_thread_cputime();
     for (;;) {
         int flag = 0;
         MPI_Status stt;
@@ -235,7 +229,7 @@ void sp_coord_poll(void)
         MPI_Recv(msg, 3, MPI_DOUBLE, stt.MPI_SOURCE, TAG_READY, q.comm, MPI_STATUS_IGNORE);
         serve_one(stt.MPI_SOURCE, msg);
     }
-    q.overhead += cpu_now() - t0;
+    q.overhead += sp_thread_cputime() - t0;
     /* rank 0 is inside its own cell: no status can be returned from here */
     if (check_silence() && watch.fatal) watch.fatal(SP_ERR_MPI);
 }
@@ -333,10 +327,10 @@ int sp_coord_run(const int *order, int n, int dedicated, MPI_Comm comm, sp_coord
                 q.active = 0;
                 return SP_ERR_MPI; /* the driver aborts the job */
             }
-            t0 = cpu_now();
+            t0 = sp_thread_cputime();
             MPI_Recv(msg, 3, MPI_DOUBLE, stt.MPI_SOURCE, TAG_READY, comm, MPI_STATUS_IGNORE);
             serve_one(stt.MPI_SOURCE, msg);
-            q.overhead += cpu_now() - t0;
+            q.overhead += sp_thread_cputime() - t0;
         }
         st->overhead = q.overhead;
         st->heartbeats = q.heartbeats;
