@@ -32,6 +32,13 @@ double sp_watchdog_timeout(void);
 void sp_watchdog_arm_at(const char *what, double seconds, const char *file, int line);
 #define sp_watchdog_arm(what, seconds) sp_watchdog_arm_at((what), (seconds), __FILE__, __LINE__)
 
+/* The same with the FATAL line's last clause given: what the user has and should do, for a wait
+ * where the default ("`surveyproc run --resume` redoes the unfinished cells") is not true, e.g.
+ * MPI_Finalize after the command's results are complete. ending NULL: the default. */
+void sp_watchdog_arm_end_at(const char *what, double seconds, const char *ending, const char *file, int line);
+#define sp_watchdog_arm_ending(what, seconds, ending) \
+    sp_watchdog_arm_end_at((what), (seconds), (ending), __FILE__, __LINE__)
+
 /* Disarm the innermost deadline (the outer one, if any, applies again). */
 void sp_watchdog_disarm(void);
 

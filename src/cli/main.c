@@ -5,6 +5,7 @@
 #include "surveyproc/sp_log.h"
 #include "surveyproc/sp_prof.h"
 #include "surveyproc/sp_resources.h" /* [issue 6] */
+#include "surveyproc/sp_watchdog.h"
 
 #include <mpi.h>
 #include <stdio.h>
@@ -112,6 +113,14 @@ int main(int argc, char **argv)
 
     int status = cmd->fn(argc - ai, argv + ai);
     if (status != SP_OK) sp_fatal(status); /* prints, aborts all ranks, exits */
+    /* MPI_Finalize waits for every rank (Open MPI: a PMIx fence). A rank stopped or lost after the
+     * command's last collective (e.g. in its cleanup) would leave the others in it forever: the
+     * watchdog bounds that wait too (a no-op when no command started it, i.e. one rank or
+     * performance.rank_timeout_s 0). The command is complete here; the message says so. */
+    sp_watchdog_arm_ending("finalizing MPI after the command finished", 0,
+                           "the command had finished on this rank (its results, e.g. the closed store, are "
+                           "complete): check the other ranks' log lines and the store (`surveyproc inspect`)");
     MPI_Finalize();
+    sp_watchdog_disarm();
     return 0;
 }

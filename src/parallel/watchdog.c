@@ -14,8 +14,10 @@
 
 typedef struct {
     double start, deadline; /* CLOCK_MONOTONIC seconds; deadline 0: not armed */
-    char what[192], where[128];
+    char what[192], where[128], ending[256];
 } wd_level;
+
+#define WD_DEFAULT_ENDING "`surveyproc run --resume` redoes the unfinished cells"
 
 /* The main thread writes, the helper reads: the mutex keeps a level's fields consistent. */
 static struct {
@@ -59,8 +61,8 @@ static void *wd_main(void *arg)
             sp_log(SP_LOG_ERROR,
                    "FATAL [%s] MPI error: rank %d (host %s) has waited %.1f s for the other ranks while %s (limit "
                    "%.0f s, performance.rank_timeout_s): another rank is stuck, stopped, or its node is lost. "
-                   "Ending the job; `surveyproc run --resume` redoes the unfinished cells",
-                   l->where, sp_log_rank(), wd.host, now - l->start, l->what, l->deadline - l->start);
+                   "Ending the job; %s",
+                   l->where, sp_log_rank(), wd.host, now - l->start, l->what, l->deadline - l->start, l->ending);
             fflush(stdout);
             fflush(stderr);
             _exit(5); /* exit code of SP_ERR_MPI (sp_status_exit_code) */
@@ -98,6 +100,11 @@ double sp_watchdog_timeout(void) { return wd.timeout; }
 
 void sp_watchdog_arm_at(const char *what, double seconds, const char *file, int line)
 {
+    sp_watchdog_arm_end_at(what, seconds, NULL, file, line);
+}
+
+void sp_watchdog_arm_end_at(const char *what, double seconds, const char *ending, const char *file, int line)
+{
     pthread_mutex_lock(&wd.lock);
     if (wd.started && wd.timeout > 0) {
         if (wd.depth < WD_DEPTH) {
@@ -107,6 +114,7 @@ void sp_watchdog_arm_at(const char *what, double seconds, const char *file, int 
             l->deadline = l->start + (seconds > 0 ? seconds : wd.timeout);
             snprintf(l->what, sizeof l->what, "%s", what);
             snprintf(l->where, sizeof l->where, "%s:%d", base ? base + 1 : file, line);
+            snprintf(l->ending, sizeof l->ending, "%s", ending ? ending : WD_DEFAULT_ENDING);
         }
         wd.depth++; /* deeper than WD_DEPTH: the innermost stored level stays in force */
     }

@@ -1,6 +1,6 @@
 /* exit_shim.c — LD_PRELOAD fault injector for tests/scripts/test_faults.sh (not linked into
- * surveyproc). It wraps MPI_Send through the MPI profiling interface (PMPI), and H5Fclose through
- * dlsym(RTLD_NEXT), and makes one rank leave the job abruptly, as a node crash or an OOM kill
+ * surveyproc). It wraps MPI_Send and MPI_Finalize through the MPI profiling interface (PMPI), and
+ * H5Fclose through dlsym(RTLD_NEXT), and makes one rank leave the job abruptly, as a node crash or an OOM kill
  * would, or stop dead, as a hung node would, without touching the program:
  *
  *   SP_FAULT_RANK=R        the rank that leaves (MPI_COMM_WORLD rank)
@@ -8,6 +8,8 @@
  *                          src/parallel/coordinator.c), i.e. after N-1 finished cells of the pass
  *   SP_FAULT_H5FCLOSE=N    ... or when it enters its N-th H5Fclose (every HDF5 file it closes;
  *                          the store's final close is a collective call in parallel HDF5)
+ *   SP_FAULT_FINALIZE=1    ... or when it enters MPI_Finalize (the command has finished; the
+ *                          other ranks wait for it in their own MPI_Finalize)
  *   SP_FAULT_CODE=C        exit status (default 0: a clean-looking exit without MPI_Finalize)
  *   SP_FAULT_ACTION=stop   instead of exiting, stop the process with SIGSTOP (a hang: no socket
  *                          closes, the launcher sees nothing; only a watchdog can end the job)
@@ -62,6 +64,13 @@ int MPI_Send(const void *buf, int count, MPI_Datatype type, int dest, int tag, M
     const char *r = getenv("SP_FAULT_RANK"), *n = getenv("SP_FAULT_AFTER");
     if (tag == TAG_READY && r && n && my_rank() == atoi(r) && ++nready >= atoi(n)) fault();
     return PMPI_Send(buf, count, type, dest, tag, comm);
+}
+
+int MPI_Finalize(void)
+{
+    const char *r = getenv("SP_FAULT_RANK"), *f = getenv("SP_FAULT_FINALIZE");
+    if (r && f && atoi(f) > 0 && my_rank() == atoi(r)) fault();
+    return PMPI_Finalize();
 }
 
 /* hid_t is int64_t and herr_t int in HDF5 >= 1.10; declared here so the shim needs no HDF5 headers */
