@@ -10,6 +10,7 @@
 #include <stddef.h>
 #include <stdio.h>
 #include <stdlib.h>
+#include <stdint.h>
 #include <string.h>
 #include <sys/stat.h>
 #include <time.h>
@@ -117,15 +118,37 @@ typedef struct {
     size_t nused, ncap;
 } colbuf;
 
+/* Appends a column; grows the tables as needed. Returns its index, or -1 (error set): never a
+ * status code, which the caller would take for an index. Names are kept as offsets into
+ * b->names until the spec is complete (the buffer may move when it grows). */
 static int add_col(colbuf *b, const char *name, sp_h5_type t, int len, const char *unit, const char *desc)
 {
-    if (b->n >= b->cap) return SP_FAIL(SP_ERR_INTERNAL, "catalog column table overflow");
     size_t l = strlen(name) + 1;
-    if (b->nused + l > b->ncap) return SP_FAIL(SP_ERR_INTERNAL, "catalog column names overflow");
+    if (b->n >= b->cap) {
+        int cap = b->cap > 0 ? 2 * b->cap : 64;
+        sp_h5_col *nc = realloc(b->cols, (size_t)cap * sizeof *nc);
+        if (!nc) {
+            SP_FAIL(SP_ERR_NOMEM, "out of memory for the catalog's column table (%d columns)", cap);
+            return -1;
+        }
+        b->cols = nc;
+        b->cap = cap;
+    }
+    if (b->nused + l > b->ncap) {
+        size_t ncap = b->ncap > 0 ? 2 * b->ncap : 4096;
+        while (ncap < b->nused + l) ncap *= 2;
+        char *nn = realloc(b->names, ncap);
+        if (!nn) {
+            SP_FAIL(SP_ERR_NOMEM, "out of memory for the catalog's column names (%zu bytes)", ncap);
+            return -1;
+        }
+        b->names = nn;
+        b->ncap = ncap;
+    }
     memcpy(b->names + b->nused, name, l);
     sp_h5_col *c = &b->cols[b->n];
     memset(c, 0, sizeof *c);
-    c->name = b->names + b->nused; /* fixed up after all adds (buffer does not move) */
+    c->name = (const char *)(uintptr_t)b->nused; /* an offset until the fix-up */
     c->type = t;
     c->len = len;
     c->unit = unit;
@@ -140,10 +163,6 @@ int sp_store_catalog_spec(const sp_plan *plan, sp_store_catalog *s)
     memset(s, 0, sizeof *s);
     int nb = plan->nbands;
     colbuf b = {0};
-    b.cap = 64 + 12 * nb;
-    b.ncap = (size_t)b.cap * 48;
-    SP_ALLOC(b.cols, b.cap);
-    SP_ALLOC(b.names, b.ncap);
     SP_ALLOC(s->band, nb);
     int idw = 16;
     for (long i = 0; i < plan->cat.n; i++) {
@@ -153,7 +172,10 @@ int sp_store_catalog_spec(const sp_plan *plan, sp_store_catalog *s)
 #define ADD(var, ...)                                                                                              \
     do {                                                                                                           \
         int k_ = add_col(&b, __VA_ARGS__);                                                                         \
-        SP_CHECK(k_ >= 0, SP_ERR_INTERNAL, "catalog spec");                                                      \
+        if (k_ < 0) { /* the error is set */                                                                       \
+            status = SP_ERR_NOMEM;                                                                                 \
+            goto cleanup;                                                                                          \
+        }                                                                                                          \
         var = k_;                                                                                                  \
     } while (0)
     ADD(s->id, "ID", SP_H5_STR, idw, "", "source identifier, verbatim from the input catalog");
@@ -222,6 +244,7 @@ int sp_store_catalog_spec(const sp_plan *plan, sp_store_catalog *s)
 #undef BADD
     }
 #undef ADD
+    for (int k = 0; k < b.n; k++) b.cols[k].name = b.names + (uintptr_t)b.cols[k].name; /* offsets -> names */
     s->ncol = b.n;
     s->cols = b.cols;
     s->names = b.names;

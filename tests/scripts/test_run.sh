@@ -8,7 +8,9 @@
 #     ePSFs and reads the stored ones back);
 #  4. a resume of a complete store does no work and changes nothing;
 #  7. epsf.interpolation: polynomial (the band-wide model from every cell's PSF stars): bit-identical
-#     for 1x1, 2x1, 3x1 and 1x2, and after a kill -9 in the PSF pass or the fit pass + resume.
+#     for 1x1, 2x1, 3x1 and 1x2, and after a kill -9 in the PSF pass or the fit pass + resume;
+#  8. epsf.given_psf; 9. 12 bands: the run, zero points and exports finish, every band has its
+#     own columns and its stars' fluxes follow that band's truth.
 # Prints PASS:/FAIL:/SKIP: lines.
 set -u
 cd "$(dirname "$0")/../.."
@@ -275,4 +277,62 @@ PYEOF
   elif grep -q "nowhere/.*fits" "$T/bad2.log" && grep -q "epsf.given_psf" "$T/bad2.log"; then
     pass "run_given_psf_missing (exit non-zero, the file and the key named)"
   else fail run_given_psf_missing "$(grep -E 'ERROR|FATAL' "$T/bad2.log" | head -2)"; fi
+fi
+
+# ---- 9. many bands: every band's columns are its own ------------------------------------------------
+# 12 bands (a 7DT tile has 40): the store's column table had a fixed capacity that 8 or more bands
+# overflowed, silently aliasing the last bands' columns to fixed ones (found on the 32-band big
+# tile). The run, its zero points and exports must finish, and every band must be measured: its
+# FLUX_<band>_fit and FLUXERR_<band>_fit columns filled and the stars' fluxes following that
+# band's truth (aliased columns hold another quantity).
+cat >"$T/sim12.yaml" <<'EOF2'
+preset: tiny
+seed: 7
+nx: 384
+ny: 384
+n_stars: 450
+n_galaxies: 90
+bands: 12
+EOF2
+if ! "$BIN" -q simulate "$T/sim12.yaml" --out "$T/sim12" >"$T/sim12.log" 2>&1; then
+  fail run_many_bands "simulate failed: $(tail -3 "$T/sim12.log")"
+elif ! mpirun -np 2 --bind-to none "$BIN" run "$T/sim12/config.yaml" --set epsf.epsf_ngrid=2 --set epsf.ngrid=2 \
+    --set outputs.store="$T/b12.h5" --set performance.threads_per_rank=1 >"$T/b12.log" 2>&1; then
+  fail run_many_bands "the 12-band run failed" "$(grep -E 'ERROR|FATAL' "$T/b12.log" | head -3)"
+elif out=$("$PY" - "$T/b12.h5" "$T/sim12/truth.csv" <<'PYEOF'
+import sys, csv, h5py, numpy as np
+f = h5py.File(sys.argv[1], "r"); c = f["catalog"][...]; names = c.dtype.names
+truth = {r["id"]: r for r in csv.DictReader(open(sys.argv[2]))}
+bands = [k[5:] for k in next(iter(truth.values())) if k.startswith("flux_")]
+ids = [i.decode() for i in c["ID"]]
+fitted = (c["PROCESSED"] == 1) & (c["excluded_any"] == 0)
+bad, meds = [], []
+for b in bands:
+    for col in ("FLUX_%s_fit" % b, "FLUXERR_%s_fit" % b, "MAG_%s_fit" % b, "APCORR_%s" % b, "BLEND_%s" % b):
+        if col not in names: bad.append("no column " + col)
+    if "FLUX_%s_fit" % b not in names: continue
+    F, E = c["FLUX_%s_fit" % b], c["FLUXERR_%s_fit" % b]
+    fin = np.isfinite(F[fitted]).mean()
+    if fin < 0.9: bad.append("%s: %.0f%% of fitted rows have a flux" % (b, 100 * fin))
+    # unflagged stars measured at SNR > 10: their fluxes must follow the truth of this band (a
+    # column holding another quantity would not). Not an accuracy bar: this small tile's 2 x 2
+    # cells have few PSF stars (its ePSF residual is 6-14% with 3 bands too).
+    r = np.array([(F[k], float(truth[i]["flux_" + b])) for k, i in enumerate(ids)
+                  if fitted[k] and i in truth and truth[i]["type"] == "STAR" and truth[i]["flags"] == "0"
+                  and np.isfinite(F[k]) and F[k] > 0 and E[k] > 0 and F[k] / E[k] > 10])
+    if len(r) < 8: bad.append("%s: %d stars at SNR > 10" % (b, len(r))); continue
+    med = np.median(r[:, 0] / r[:, 1]); cc = np.corrcoef(np.log(r[:, 0]), np.log(r[:, 1]))[0, 1]
+    meds.append(med)
+    if not (0.85 < med < 1.15) or cc < 0.95:
+        bad.append("%s: %d stars, F/F_true median %.3f, correlation of log F %.3f" % (b, len(r), med, cc))
+print("%d bands, %d columns; stars' F/F_true median per band %s" % (len(bands), len(names),
+      " ".join("%.3f" % m for m in meds)))
+if len(bands) != 12: bad.append("%d bands in the truth, 12 simulated" % len(bands))
+for m in bad: print("BAD", m)
+sys.exit(1 if bad else 0)
+PYEOF
+); then
+  pass "run_many_bands ($out)"
+else
+  fail run_many_bands "$(echo "$out" | head -6)"
 fi

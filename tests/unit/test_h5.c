@@ -10,6 +10,8 @@
 #include "support.h"
 #include "surveyproc/sp_error.h"
 #include "surveyproc/sp_h5.h"
+#include "surveyproc/sp_plan.h"
+#include "surveyproc/sp_store.h"
 
 #include <math.h>
 #include <stdio.h>
@@ -563,12 +565,56 @@ static void t_too_many_columns(void **s)
     free(names);
 }
 
+/* The store's /catalog spec for many bands (a 7DT tile has 40): every band gets its own columns,
+ * named after it, and no two columns share an index or a name. (Until 2026-12-04 the column table
+ * had a fixed capacity of 64 + 12 per band while a band has 16 columns: from 8 bands on, the
+ * overflow's status code was taken for a column index and the last bands' columns aliased fixed
+ * ones; the 32-band big tile ran and then stopped on a missing FLUX_m798_fit.) */
+static void t_catalog_spec_many_bands(void **s)
+{
+    (void)s;
+    for (int nb = 1; nb <= 48; nb += nb < 8 ? 1 : 8) {
+        sp_plan plan;
+        memset(&plan, 0, sizeof plan);
+        plan.nbands = nb;
+        plan.bands = calloc((size_t)nb, sizeof *plan.bands);
+        for (int b = 0; b < nb; b++) snprintf(plan.bands[b], SP_BAND_MAX, "m%03d", 400 + 10 * b);
+        sp_store_catalog spec;
+        OK(sp_store_catalog_spec(&plan, &spec));
+        assert_int_equal(spec.nbands, nb);
+        int nfixed = spec.ncol - 16 * nb;
+        assert_true(nfixed > 30 && nfixed < 64); /* 16 columns per band, the rest fixed */
+        for (int i = 0; i < spec.ncol; i++)
+            for (int j = i + 1; j < spec.ncol; j++) assert_string_not_equal(spec.cols[i].name, spec.cols[j].name);
+        char want[64];
+        for (int b = 0; b < nb; b++) {
+            const sp_store_bandcols *c = &spec.band[b];
+            const int idx[] = {c->flux_init, c->flux_aper, c->fluxerr_aper, c->aper_flags, c->flux_apcal,
+                               c->fluxerr_apcal, c->apcal_flags, c->apcorr, c->flux_fit, c->fluxerr_fit,
+                               c->fluxerr_cond, c->chi2dof, c->blend, c->psf_fallback, c->mag_fit, c->magerr_fit};
+            for (int k = 0; k < 16; k++) {
+                assert_true(idx[k] >= nfixed && idx[k] < spec.ncol);
+                assert_non_null(strstr(spec.cols[idx[k]].name, plan.bands[b]));
+            }
+            snprintf(want, sizeof want, "FLUX_%s_fit", plan.bands[b]);
+            assert_string_equal(spec.cols[c->flux_fit].name, want);
+            snprintf(want, sizeof want, "MAGERR_%s_fit", plan.bands[b]);
+            assert_string_equal(spec.cols[c->magerr_fit].name, want);
+        }
+        assert_string_equal(spec.cols[spec.fit_flags].name, "FIT_FLAGS");
+        assert_true(spec.rowsize >= (size_t)spec.ncol);
+        sp_store_catalog_spec_free(&spec);
+        free(plan.bands);
+    }
+}
+
 int main(void)
 {
     const struct CMUnitTest tests[] = {
         cmocka_unit_test(t_layout),       cmocka_unit_test(t_table_all_types),   cmocka_unit_test(t_table_subset),
         cmocka_unit_test(t_table_large_list), cmocka_unit_test(t_arrays), cmocka_unit_test(t_attributes_groups),
         cmocka_unit_test(t_open_errors),  cmocka_unit_test(t_too_many_columns),
+        cmocka_unit_test(t_catalog_spec_many_bands),
     };
     return cmocka_run_group_tests_name("h5", tests, NULL, NULL);
 }
