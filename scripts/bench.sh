@@ -134,8 +134,9 @@ done
 # otherwise): every QA/diagnostic output off; everything on; the single-stage fit (the seed's staged-fit
 # claim). Then two independent 1-rank jobs of that tile at once (the tract-array pattern: weak scaling by
 # tile count on the 2 cores), and the big tile (32 x 8192^2 frames, > 8 GB) once on 2 ranks: peak RSS per
-# rank against the planner's estimate (BENCH_BIG=1 runs it: simulated once, ~25 min, cached; the run takes
-# hours on 2 cores — the fit of 31,000 sources x 32 bands — so it is not in the default suite).
+# rank against the planner's estimate, and its accuracy (BENCH_BIG=1 runs it: simulated once, 3-25 min
+# depending on the load, 8.6 GB cached; the run took 387 s on 2 cores on 2026-12-04, the score 92 s; not in the
+# default suite for the disk it needs).
 XT=${TILES##* }
 DIAG_OFF=(--set epsf.save_patch_background_diagnostics=false --set epsf.save_growth_curve=false
           --set epsf.save_residual_diagnostics=false --set epsf.save_star_montage_max=0
@@ -167,6 +168,8 @@ if [ "${BENCH_BIG:-0}" = 1 ]; then
     du -cb $(sed -e 's/#.*//' -e '/^\s*$/d' "$DIR/big/image_list.txt" | sed "s|^|$DIR/big/|") | tail -1 | cut -f1 \
         > "$RES/big_frames_bytes.txt"
     run_ours big 2x1 2 1 1
+    "$BIN" score "$RES/big_2x1_1.h5" "$DIR/big" --json "$RES/score_ours_big.json" --quiet-table \
+        > "$RES/score_ours_big.log" 2>&1 || true
     rm -f "$RES/big_2x1_1.h5"
 fi
 

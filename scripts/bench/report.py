@@ -293,6 +293,18 @@ if big:
       (f(gb, "%.2f"), r["nfitted"], r["ncells"], f(r.get("wall"), "%.1f"), f(r.get("cpu_total"), "%.0f"),
        ", ".join("%.0f" % x for x in r["peak_rss_MiB"]), f(es, "%.0f"), f(pk / es if es else None, "%.2f")))
     w("")
+    try:
+        sb = json.load(open(os.path.join(RES, "score_ours_big.json")))
+    except Exception:
+        sb = None
+    if sb:
+        keys = [("star_flux_bias", "isolated-star flux bias", "%+.4f"), ("star_pull_std", "pull std", "%.3f"),
+                ("star_flux_scatter_over_crlb", "scatter/CRLB", "%.3f"), ("zp_error_mag_max", "ZP error max", "%.4f"),
+                ("epsf_resid_rms", "ePSF residual", "%.3f"), ("epsf_flux_err_max", "ePSF cell flux error max", "%.3f"),
+                ("crowd_star_flux_bias", "crowded-star bias", "%+.4f")]
+        w("Its accuracy (`surveyproc score`, medians over the 32 bands): " +
+          "; ".join("%s %s" % (lab, f(sb.get(k), fm)) for k, lab, fm in keys) + ".")
+        w("")
 
 # ---- peers ----------------------------------------------------------------------------------
 scores = {}

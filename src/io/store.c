@@ -663,7 +663,12 @@ int sp_store_create(const char *path, const sp_plan *p, const sp_store_meta *m, 
     /* laid out as PATH.part, renamed once complete and flushed: a kill -9 or a full disk while
      * the datasets are created leaves no half-made store, and an old store stays until then */
     SP_TRY(sp_h5_create_atomic(path, comm, &s->h));
-    SP_TRY(sp_h5_table_create(s->h, "/catalog", s->cat.cols, s->cat.ncol, p->cat.n));
+    status = sp_h5_table_create(s->h, "/catalog", s->cat.cols, s->cat.ncol, p->cat.n);
+    if (status != SP_OK && s->cat.ncol > 800) /* the row type's description is over HDF5's 64 KiB */
+        sp_err_context("%d bands need %d catalog columns (16 per band), more than one HDF5 table holds (56 bands "
+                       "of 4-character names fit): process the bands in groups, one image list per run",
+                       p->nbands, s->cat.ncol);
+    SP_TRY(status);
     int n;
     const sp_h5_col *cc = sp_store_cell_cols(&n);
     SP_TRY(sp_h5_table_create(s->h, "/cells", cc, n, p->ncells));

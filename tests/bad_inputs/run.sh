@@ -476,5 +476,20 @@ if want store; then
   expect store_resume_other_config 5 valid "surveyproc.h5" "science"
 fi
 
+# ---- more bands than one HDF5 table holds ---------------------------------------------------------
+# 16 catalog columns per band: 64 bands are over HDF5's 64 KiB row-type description. Refused when
+# the store is made (before any cell), saying how many bands fit and what to do; no store left.
+if want too_many_bands; then
+  CASE=too_many_bands; D=$TMP/too_many_bands; RUN_AS=""; EXTRA_ARGS=()
+  printf 'preset: tiny\nseed: 3\nbands: 64\nn_stars: 60\nn_galaxies: 10\n' >"$TMP/b64.yaml"
+  if "$BIN" -q simulate "$TMP/b64.yaml" --out "$D" >"$TMP/b64.log" 2>&1; then
+    CFG=$D/config.yaml; run "$NP2"
+    expect too_many_bands 3 none "64 bands need" "catalog columns (16 per band), more than one HDF5 table holds" \
+      "process the bands in groups"
+  else
+    fail too_many_bands "simulate failed: $(tail -2 "$TMP/b64.log")"
+  fi
+fi
+
 echo "bad inputs: $npass passed, $nfail failed, $nskip skipped in $((SECONDS - t_start)) s"
 [ "$nfail" -eq 0 ]
