@@ -207,6 +207,7 @@ typedef struct {
     bool psfstar_use_catalog;
     double neighbour_mask_sigma;
     bool fallback_borrow;
+    bool cross_validate;
     bool wing_pool;
     double fallback_residual_fwhm;
     double fallback_reject_sigma;

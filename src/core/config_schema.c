@@ -216,6 +216,11 @@ const sp_config_key sp_cfg_schema[] = {
        "The ePSF is empirical within this many FWHM of its centre and an elliptical Moffat fitted to the "
        "same stars beyond (cosine taper over one more FWHM): the noise of a few stars' faint pixels "
        "otherwise dominates the ePSF error 0 (default): empirical everywhere. A Moffat outside the core suits Moffat-like PSFs only (docs/psf.md)."),
+    KB("epsf.cross_validate", epsf.cross_validate, SC, "true",
+       "A cell's empirical ePSF that passes its quality gate is kept only if it predicts held-out PSF "
+       "stars better than the Moffat fitted to the same stars (2-fold: each half's models against the "
+       "other half; median chi2/dof difference); else the cell uses that Moffat. Cells with fewer than "
+       "2 x patch_run.min_epsf_nstars_for_use stars are not tested (docs/psf.md)."),
     KB("epsf.fallback_borrow", epsf.fallback_borrow, SC, "true",
        "A cell whose ePSF fails its quality gate borrows the star-weighted mean of its neighbouring cells' "
        "empirical ePSFs (else of every empirical ePSF of the band) before the analytic fallback_model."),

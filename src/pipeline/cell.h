@@ -34,6 +34,7 @@ typedef struct {
     int use_catalog;      /* epsf.psfstar_use_catalog: catalog STARs as candidates, catalog isolation/masking */
     double nb_mask_sigma; /* epsf.neighbour_mask_sigma */
     int borrow;           /* epsf.fallback_borrow */
+    int cross_validate;   /* epsf.cross_validate */
     int poly, poly_degree; /* epsf.interpolation: polynomial, epsf.poly_degree */
 } stage_params;
 

@@ -175,6 +175,7 @@ static void params_from_config(const sp_config *cfg, int threads, int nbands, st
     s->use_catalog = e->psfstar_use_catalog;
     s->nb_mask_sigma = e->neighbour_mask_sigma;
     s->borrow = e->fallback_borrow;
+    s->cross_validate = e->cross_validate;
 
     sp_fit_options_default(&s->fit);
     s->fit.staged = pr->enable_staged_fit;
@@ -668,6 +669,120 @@ cleanup:
     return status;
 }
 
+/* chi2/dof of one star against a model: data = F psf(x - xs, y - ys) + b on the
+ * box of half-width h about the star (unmasked pixels, ivar weights, else the
+ * star's background rms), F and b fitted (weighted linear least squares). NaN
+ * when the box has too few pixels or no signal. buf: (2h+1)^2 doubles. */
+static double star_chi2(const float *img, const float *ivar, const uint8_t *mask, int nx, int ny,
+                        const sp_psf *psf, double xs, double ys, double bkg_rms, int h, double *buf)
+{
+    int ix = (int)floor(xs + 0.5), iy = (int)floor(ys + 0.5), n = 2 * h + 1;
+    if (ix - h < 0 || iy - h < 0 || ix + h >= nx || iy + h >= ny) return NAN;
+    sp_psf_render(psf, xs - (ix - h), ys - (iy - h), n, n, buf, NULL, NULL);
+    double sw = 0, sm = 0, sd = 0, smm = 0, smd = 0, sdd = 0;
+    int np = 0;
+    double w0 = bkg_rms > 0 ? 1.0 / (bkg_rms * bkg_rms) : 1.0;
+    for (int j = 0; j < n; j++)
+        for (int i = 0; i < n; i++) {
+            size_t q = (size_t)(iy - h + j) * nx + (ix - h + i);
+            if (mask && mask[q]) continue;
+            double w = ivar ? ivar[q] : w0, d = img[q], m = buf[j * n + i];
+            if (!(w > 0) || !isfinite(d)) continue;
+            sw += w; sm += w * m; sd += w * d; smm += w * m * m; smd += w * m * d; sdd += w * d * d;
+            np++;
+        }
+    double det = sw * smm - sm * sm;
+    if (np < 8 || !(det > 0)) return NAN;
+    double F = (sw * smd - sm * sd) / det, b = (smm * sd - sm * smd) / det;
+    if (!(F > 0)) return NAN;
+    /* sum w (d - F m - b)^2 expanded */
+    double chi = sdd - 2 * F * smd - 2 * b * sd + F * F * smm + 2 * F * b * sm + b * b * sw;
+    return (chi > 0 ? chi : 0) / (np - 2);
+}
+
+static int cmp_double(const void *a, const void *b)
+{
+    double x = *(const double *)a, y = *(const double *)b;
+    return (x > y) - (x < y);
+}
+
+/* epsf.cross_validate: an empirical ePSF (res, built from stars[nstars]) is kept
+ * only if it predicts held-out stars better than a Moffat fitted to the same
+ * stars. 2-fold: the stars are split by index parity; on each half an
+ * empirical ePSF and a Moffat (the builder with its gate forced to fall back)
+ * are built and scored on the other half's stars (star_chi2 at the full
+ * build's refined centres). The median over the held-out stars of
+ * chi2/dof(empirical) - chi2/dof(Moffat) decides: >= 0 -> *res is replaced by
+ * the Moffat fitted to every star, with the reason recorded. A half whose
+ * empirical build itself fails the gate counts for the Moffat. */
+static int cross_validate_epsf(cell_t *c, int b, const sp_psfstar *stars, int nstars, const sp_epsf_params *ep0,
+                               sp_epsf_result **res)
+{
+    int status = SP_OK;
+    sp_psfstar *half = NULL;
+    double *diff = NULL, *buf = NULL;
+    sp_epsf_result *emp[2] = {NULL, NULL}, *mof[2] = {NULL, NULL}, *all = NULL;
+    sp_epsf_params ep = *ep0, epm;
+    ep.keep_stamps = 0;
+    epm = ep;
+    epm.min_stars = nstars + 1; /* the gate fails: the Moffat fitted to the stars given */
+    double fw = (*res)->fwhm > 0 ? (*res)->fwhm : ep.fallback_fwhm;
+    int h = (int)ceil(2.0 * fw);
+    if (h < 3) h = 3;
+    SP_ALLOC(half, nstars);
+    SP_ALLOC(diff, nstars);
+    SP_ALLOC(buf, (size_t)(2 * h + 1) * (2 * h + 1));
+    int ndiff = 0, nemp_fail = 0;
+    for (int f = 0; f < 2; f++) {
+        int nh = 0;
+        for (int s = f; s < nstars; s += 2) half[nh++] = stars[s];
+        SP_TRY(sp_epsf_build(c->data[b], c->ivar[b], c->mask[b], (int)c->nx, (int)c->ny, half, nh, &ep, &emp[f]));
+        SP_TRY(sp_epsf_build(c->data[b], c->ivar[b], c->mask[b], (int)c->nx, (int)c->ny, half, nh, &epm, &mof[f]));
+        if (emp[f]->kind != SP_EPSF_EMPIRICAL) nemp_fail++;
+    }
+    for (int s = 0; s < nstars; s++) {
+        int f = 1 - (s & 1); /* the half that did not contain star s */
+        if (!(*res)->star_used[s] || mof[f]->kind != SP_EPSF_MOFFAT_FIT) continue;
+        double xs = (*res)->star_x[s], ys = (*res)->star_y[s];
+        double ce = emp[f]->kind == SP_EPSF_EMPIRICAL
+                        ? star_chi2(c->data[b], c->ivar[b], c->mask[b], (int)c->nx, (int)c->ny, emp[f]->psf, xs, ys,
+                                    stars[s].bkg_rms, h, buf)
+                        : INFINITY;
+        double cm = star_chi2(c->data[b], c->ivar[b], c->mask[b], (int)c->nx, (int)c->ny, mof[f]->psf, xs, ys,
+                              stars[s].bkg_rms, h, buf);
+        if (isnan(ce) || !isfinite(cm)) continue;
+        diff[ndiff++] = isinf(ce) ? 1e30 : ce - cm;
+    }
+    if (ndiff < 4) goto cleanup; /* nothing to decide on: the empirical ePSF stays */
+    qsort(diff, (size_t)ndiff, sizeof *diff, cmp_double);
+    double med = ndiff % 2 ? diff[ndiff / 2] : 0.5 * (diff[ndiff / 2 - 1] + diff[ndiff / 2]);
+    SP_DEBUG("cell %d band %s: cross-validation of the ePSF on %d held-out star(s): median chi2/dof empirical - "
+             "Moffat %+.3g (%d half-build(s) failed the gate%s%s) -> %s",
+             c->cell->id, c->run->plan->bands[b], ndiff, med, nemp_fail, nemp_fail ? ": " : "",
+             emp[0]->kind != SP_EPSF_EMPIRICAL ? emp[0]->reason : emp[1]->kind != SP_EPSF_EMPIRICAL ? emp[1]->reason : "",
+             med < 0 ? "empirical" : "Moffat");
+    if (med < 0) goto cleanup;
+    epm = *ep0;
+    epm.min_stars = nstars + 1;
+    SP_TRY(sp_epsf_build(c->data[b], c->ivar[b], c->mask[b], (int)c->nx, (int)c->ny, stars, nstars, &epm, &all));
+    if (all->kind != SP_EPSF_MOFFAT_FIT) goto cleanup; /* the Moffat fit failed: keep the empirical ePSF */
+    snprintf(all->reason, sizeof all->reason,
+             "cross-validation: the Moffat predicts %d held-out stars better (median chi2/dof %+.3g)", ndiff, med);
+    sp_epsf_result_free(res);
+    *res = all;
+    all = NULL;
+cleanup:
+    for (int f = 0; f < 2; f++) {
+        sp_epsf_result_free(&emp[f]);
+        sp_epsf_result_free(&mof[f]);
+    }
+    sp_epsf_result_free(&all);
+    free(half);
+    free(diff);
+    free(buf);
+    return status;
+}
+
 /* Star selection + ePSF of one band. Candidates: the catalog STARs
  * (epsf.psfstar_use_catalog) or the white-stack detections; reference stars in
  * the cell ROI whose magnitude in this band is inside
@@ -728,6 +843,8 @@ static int build_band(cell_t *c, int b, sp_epsf_result **res)
     ep.neighbours = nbs;
     ep.nneighbours = nnb;
     SP_TRY(sp_epsf_build(c->data[b], c->ivar[b], c->mask[b], (int)c->nx, (int)c->ny, stars, nstars, &ep, res));
+    if (r->sp.cross_validate && (*res)->kind == SP_EPSF_EMPIRICAL && nstars >= 2 * (ep.min_stars > 2 ? ep.min_stars : 2))
+        SP_TRY(cross_validate_epsf(c, b, stars, nstars, &ep, res));
     if (r->sp.poly && nstars > 0) {
         /* the band-wide model's stars: the ones in this cell's base region (a star
          * is cut out by one cell only), with the same cutouts and masks */
