@@ -10,7 +10,8 @@
 #  7. epsf.interpolation: polynomial (the band-wide model from every cell's PSF stars): bit-identical
 #     for 1x1, 2x1, 3x1 and 1x2, and after a kill -9 in the PSF pass or the fit pass + resume;
 #  8. epsf.given_psf; 9. 12 bands: the run, zero points and exports finish, every band has its
-#     own columns and its stars' fluxes follow that band's truth.
+#     own columns and its stars' fluxes follow that band's truth; 10. epsf.cross_validate decides
+#     both ways on a tile with a non-Moffat PSF and beats the gate-only choice there.
 # Prints PASS:/FAIL:/SKIP: lines.
 set -u
 cd "$(dirname "$0")/../.."
@@ -335,4 +336,61 @@ PYEOF
   pass "run_many_bands ($out)"
 else
   fail run_many_bands "$(echo "$out" | head -6)"
+fi
+
+# ---- 10. epsf.cross_validate: the empirical ePSF against the Moffat on held-out stars ---------------
+# A tile whose PSF is far from a Moffat (30% of the light in a halo 4x the core's FWHM, beta 1.8),
+# bright stars, quartic smoothing (so empirical stamps pass the gate and get tested). The 2-fold
+# test must decide both ways on this tile (it is a comparison, not a switch), every "Moffat"
+# decision must show in /epsf/<band>_fallback, and the ePSF residual against the truth must be no
+# worse than the gate-only choice (cross_validate false).
+cat >"$T/simcv.yaml" <<'EOF2'
+preset: demo
+seed: 11
+nx: 1024
+ny: 1024
+bands: 2
+frames_per_band: 1
+n_stars: 2500
+n_galaxies: 200
+star_mag_min: 12
+wing_frac: 0.3
+wing_fwhm_factor: 4
+wing_beta: 1.8
+psf_radius: 20
+epsf_ngrid: 2
+EOF2
+if ! "$BIN" -q simulate "$T/simcv.yaml" --out "$T/simcv" >"$T/simcv.log" 2>&1; then
+  fail run_cross_validate "simulate failed: $(tail -3 "$T/simcv.log")"
+else
+  okcv=1
+  for cv in true false; do
+    if ! mpirun -np 2 --bind-to none "$BIN" -v run "$T/simcv/config.yaml" --set outputs.store="$T/cv_$cv.h5" \
+         --set performance.threads_per_rank=1 --set 'outputs.export_formats=[]' --set epsf.smoothing_kernel=quartic \
+         --set epsf.cross_validate=$cv >"$T/cv_$cv.log" 2>&1 ||
+       ! "$BIN" score "$T/cv_$cv.h5" "$T/simcv" --json "$T/cv_$cv.json" >"$T/cv_$cv.score" 2>&1; then
+      okcv=0; fail run_cross_validate "the run or score with cross_validate=$cv failed" "$(grep -E 'ERROR|FATAL' "$T/cv_$cv.log" | head -2)"
+    fi
+  done
+  if [ $okcv = 1 ] && out=$("$PY" - "$T/cv_true.log" "$T/cv_true.h5" "$T/cv_true.json" "$T/cv_false.json" <<'PYEOF'
+import sys, re, json, h5py
+dec = re.findall(r"DEBUG cell (\d+) band (\S+): cross-validation of the ePSF on (\d+) held-out .*-> (\w+)", open(sys.argv[1]).read())
+f = h5py.File(sys.argv[2], "r")
+bad = []
+for cell, band, n, d in dec:
+    fb = f["epsf/%s_fallback" % band][...].ravel()[int(cell)]
+    if (d == "Moffat") != (fb != 0): bad.append("cell %s band %s: decision %s but fallback %d" % (cell, band, d, fb))
+kinds = sorted(set(d for *_, d in dec))
+if kinds != ["Moffat", "empirical"]: bad.append("decisions %s (both outcomes expected on this tile)" % kinds)
+t, g = (json.load(open(x))["epsf_resid_rms"] for x in sys.argv[3:5])
+if not (t <= g): bad.append("ePSF residual %.4f with the test, %.4f without" % (t, g))
+print("%d decisions (%d empirical kept); ePSF residual %.4f vs %.4f gate-only" % (len(dec), sum(d == "empirical" for *_, d in dec), t, g))
+for m in bad: print("BAD", m)
+sys.exit(1 if bad else 0)
+PYEOF
+  ); then
+    pass "run_cross_validate ($out)"
+  elif [ $okcv = 1 ]; then
+    fail run_cross_validate "$(echo "$out" | head -5)"
+  fi
 fi
