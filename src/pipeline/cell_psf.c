@@ -9,6 +9,7 @@
 #include "surveyproc/sp_prep.h"
 #include "surveyproc/sp_prof.h"
 #include "surveyproc/sp_zp.h"
+#include "surveyproc/sp_score.h" /* sp_score_median */
 
 #include <math.h>
 #include <omp.h>
@@ -700,12 +701,6 @@ static double star_chi2(const float *img, const float *ivar, const uint8_t *mask
     return (chi > 0 ? chi : 0) / (np - 2);
 }
 
-static int cmp_double(const void *a, const void *b)
-{
-    double x = *(const double *)a, y = *(const double *)b;
-    return (x > y) - (x < y);
-}
-
 /* epsf.cross_validate: an empirical ePSF (res, built from stars[nstars]) is kept
  * only if it predicts held-out stars better than a Moffat fitted to the same
  * stars. 2-fold: the stars are split by index parity; on each half an
@@ -754,8 +749,7 @@ static int cross_validate_epsf(cell_t *c, int b, const sp_psfstar *stars, int ns
         diff[ndiff++] = isinf(ce) ? 1e30 : ce - cm;
     }
     if (ndiff < 4) goto cleanup; /* nothing to decide on: the empirical ePSF stays */
-    qsort(diff, (size_t)ndiff, sizeof *diff, cmp_double);
-    double med = ndiff % 2 ? diff[ndiff / 2] : 0.5 * (diff[ndiff / 2 - 1] + diff[ndiff / 2]);
+    double med = sp_score_median(diff, ndiff); /* (a failed empirical half counts as +1e30, finite) */
     SP_DEBUG("cell %d band %s: cross-validation of the ePSF on %d held-out star(s): median chi2/dof empirical - "
              "Moffat %+.3g (%d half-build(s) failed the gate%s%s) -> %s",
              c->cell->id, c->run->plan->bands[b], ndiff, med, nemp_fail, nemp_fail ? ": " : "",
