@@ -618,6 +618,8 @@ static void plan_opts_from_config(const sp_config *cfg, int threads, sp_plan_opt
     o->ngrid = cfg->epsf.ngrid;
     o->psf_size = cfg->epsf.final_psf_size;
     o->psf_oversamp = cfg->epsf.oversamp;
+    o->psf_field_stars = cfg->epsf.moffat_field ? psf_field_kept_max((long)cfg->epsf.epsf_ngrid * cfg->epsf.epsf_ngrid) : 0;
+    o->psf_field_size = psf_field_cut_size(cfg->epsf.fallback_fwhm_pix, cfg->epsf.final_psf_size);
     o->inject_reference = cfg->zp.enabled && cfg->zp.inject_gaia_sources && cfg->inputs.reference_catalog;
     o->inject_match_arcsec = cfg->zp.match_radius_arcsec;
     o->inject_mag_min = cfg->zp.gaia_mag_min;
@@ -921,6 +923,7 @@ int sp_pipeline_run(const sp_run_opts *o, int *agreed)
                           .epsf_size = cfg.epsf.final_psf_size, .epsf_oversamp = cfg.epsf.oversamp};
     if (cfg.epsf.interpolation == SP_CFG_EPSF_INTERP_POLYNOMIAL)
         meta.epsf_poly_terms = (cfg.epsf.poly_degree + 1) * (cfg.epsf.poly_degree + 2) / 2;
+    meta.epsf_moffat_field = cfg.epsf.moffat_field;
     {
         long side = plan.nx > plan.ny ? plan.nx : plan.ny;
         meta.qa_white_ds = (int)((side + 2047) / 2048);

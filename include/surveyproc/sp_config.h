@@ -208,6 +208,7 @@ typedef struct {
     double neighbour_mask_sigma;
     bool fallback_borrow;
     bool cross_validate;
+    bool moffat_field;
     bool wing_pool;
     double fallback_residual_fwhm;
     double fallback_reject_sigma;

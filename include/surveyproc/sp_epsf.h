@@ -301,6 +301,64 @@ int sp_epsf_fit_moffat(const float *img, const float *ivar, const uint8_t *mask,
                        double *fwhm, double *beta, double *q, double *theta);
 
 /* ------------------------------------------------------------------------ */
+/* Band-wide Moffat: one analytic PSF over a whole field                      */
+
+/* An elliptical Moffat whose parameters vary smoothly over the field:
+ * P_k(x, y) = sum_t c[k][t] phi_t(u, v), u = (x - x_ref) / scale, v likewise,
+ * phi the monomials of degree <= deg[k] (1, u, v, u^2, u v, v^2, ...), for
+ * P = (ln FWHM, ln(beta - 1), e1, e2) with q = (1 - e) / (1 + e), theta =
+ * atan2(e2, e1) / 2. Fitted to PSF-star cutouts of every cell of a band, it
+ * follows the PSF's variation inside and between cells where a cell's own
+ * Moffat (fitted to its 5-20 stars, one per cell) is constant and noisy. */
+#define SP_MOFFAT_FIELD_MAXT 15 /* terms of degree 4 */
+typedef struct {
+    int deg[4], nt[4];       /* degree and terms per parameter */
+    double c[4][SP_MOFFAT_FIELD_MAXT];
+    double x_ref, y_ref, scale;
+    double xmin, xmax, ymin, ymax; /* the used stars' bounding box: positions are clamped into it
+                              * (a polynomial is not extrapolated beyond its stars) */
+    int nstars_in, nstars_used; /* cutouts given, stars kept (after the cap and the star clip) */
+    double chi2dof;          /* median over the kept stars of chi2 / dof in their boxes */
+} sp_moffat_field;
+
+typedef struct {
+    int degree;              /* FWHM and ellipticity; beta takes min(degree, 1). Lowered (to 0)
+                              * while the stars are fewer than min_stars_per_term x the model's
+                              * shape terms (degree 1: 11, degree 2: 21) */
+    double min_stars_per_term; /* default 1 */
+    double x_ref, y_ref, scale; /* field pixels; scale > 0 */
+    double fwhm0, beta0;     /* start (e.g. the median of the cells' fitted Moffats); box half-width
+                              * max(3, 2.5 fwhm0) pixels around each cutout's centre pixel */
+    int max_stars;           /* highest-SNR stars used (0: all); default 120 */
+    double clip_sigma;       /* stars whose chi2/dof is above the median by more than this many
+                              * robust sigmas are dropped and the fit repeated once; <= 0: none.
+                              * Default 5 */
+    double corner_fwhm_range; /* the model's FWHM at every point of a 9 x 9 grid over the stars'
+                              * bounding box must lie within this factor of its value at the
+                              * box centre (else the degree is lowered); default 1.5 */
+} sp_moffat_field_params;
+
+void sp_moffat_field_params_default(sp_moffat_field_params *p);
+
+/* Fit the band-wide Moffat to cuts[ncuts] (sp_epsf_cutouts: data with the
+ * background in, each star's bkg held, neighbours masked): per star (x, y, F)
+ * free, the 4 parameter polynomials shared (Levenberg-Marquardt with the stars'
+ * blocks eliminated: the cost grows linearly with the stars). Deterministic for
+ * a given order of cuts. Returns SP_OK, SP_ERR_INPUT (fewer than 3 usable
+ * stars), SP_ERR_NUMERIC (no convergence, parameters at their bounds even at
+ * degree 0), SP_ERR_NOMEM. */
+int sp_moffat_field_fit(const sp_epsf_cutout *cuts, int ncuts, const sp_moffat_field_params *p, sp_moffat_field *out);
+
+/* The model's FWHM, beta, q, theta at field position (x, y), clamped into the stars' bounding
+ * box (and the parameters to the fit's bounds). */
+void sp_moffat_field_at(const sp_moffat_field *m, double x, double y, double *fwhm, double *beta, double *q,
+                        double *theta);
+
+/* The model at (x, y) rendered into out (its size and oversampling; unit sum;
+ * sp_psf_moffat_into). Returns SP_OK, SP_ERR_INPUT. */
+int sp_moffat_field_render(const sp_moffat_field *m, double x, double y, sp_psf *out);
+
+/* ------------------------------------------------------------------------ */
 /* The PSF anywhere in a tile: bilinear blend of cell ePSFs                   */
 
 typedef struct {

@@ -36,6 +36,9 @@ typedef struct {
     int ngrid;                /* patches per cell side */
     int psf_size;             /* final PSF stamp size (pixels, odd) */
     int psf_oversamp;         /* ePSF oversampling (epsf.oversamp; the ePSF grid's memory) */
+    int psf_field_stars;      /* > 0 (epsf.moffat_field): PSF-star cutouts kept per band for the
+                               * band-wide Moffat (their memory; src/pipeline/psf_field.c) */
+    int psf_field_size;       /* their side (pixels), as cropped for the expected FWHM */
     int halo_pix_min;
     int skip_empty_cells;     /* epsf.skip_empty_epsf_patches */
     int skip_empty_patches;   /* patch_inputs.skip_empty_patch */

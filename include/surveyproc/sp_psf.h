@@ -46,6 +46,9 @@ void sp_psf_render(const sp_psf *psf, double xc, double yc, int nx, int ny, doub
  * pixels (sub-sampled), with FWHM along the major axis, axis ratio q (minor/major,
  * 0<q<=1) and position angle theta (radians, from +x towards +y). Normalised. */
 int sp_psf_moffat(double fwhm, double beta, double q, double theta, int size, int oversamp, sp_psf **psf);
+/* The same Moffat rendered into an allocated psf (its size and oversampling);
+ * no allocation. Returns SP_OK, SP_ERR_INPUT. */
+int sp_psf_moffat_into(double fwhm, double beta, double q, double theta, sp_psf *psf);
 
 /* Analytic elliptical Moffat (parameters as sp_psf_moffat, normalised to unit
  * flux over the infinite plane) integrated over the image pixel whose centre is

@@ -95,6 +95,8 @@ typedef struct {
     int lock_fd1; /* rank 0: 1 + the fd holding the store's lock for the run (0: none) */
 } sp_store;
 
+#define SP_MFIELD_INFO 76
+
 typedef struct {
     const char *config_yaml;
     const char *command;
@@ -105,6 +107,8 @@ typedef struct {
     int epsf_poly_terms; /* > 0 (epsf.interpolation: polynomial): /epsf/<band>_poly [terms, so, so], the
                           * band-wide model's term stamps, and /epsf/poly_info [nbands, 8] (NaN until
                           * built: built flag, degree, stars used, x_ref, y_ref, scale, FWHM, stars given) */
+    int epsf_moffat_field; /* epsf.moffat_field: /epsf/moffat_field [nbands, SP_MFIELD_INFO] (NaN until
+                            * decided; layout in src/pipeline/psf_field.c and docs/outputs.md) */
     /* QA diagnostics (docs/qa.md); each is created only when its count/factor is > 0 */
     int qa_white_ds;    /* /qa/white [ceil(ny/ds), ceil(nx/ds)], block means of the white stack */
     int qa_bkg_ds;      /* /qa/background/<band>, <band>_rms: block means of the background maps */

@@ -221,6 +221,13 @@ const sp_config_key sp_cfg_schema[] = {
        "stars better than the Moffat fitted to the same stars (2-fold: each half's models against the "
        "other half; median chi2/dof difference); else the cell uses that Moffat. Cells with fewer than "
        "2 x patch_run.min_epsf_nstars_for_use stars are not tested (docs/psf.md)."),
+    KB("epsf.moffat_field", epsf.moffat_field, SC, "true",
+       "A cell whose ePSF falls back to a Moffat uses the band-wide Moffat instead of its own: one "
+       "elliptical Moffat whose FWHM, beta and ellipticity are polynomials of the tile position "
+       "(degree epsf.poly_degree; beta at most linear), fitted to the PSF stars of every cell of the "
+       "band (the 120 of highest SNR) and evaluated at each patch, so it follows the PSF inside and "
+       "between cells and its few parameters are set by all the band's stars (docs/psf.md). A band "
+       "whose fit fails keeps the cells' own Moffats. false: the cells' own Moffats."),
     KB("epsf.fallback_borrow", epsf.fallback_borrow, SC, "true",
        "A cell whose ePSF fails its quality gate borrows the star-weighted mean of its neighbouring cells' "
        "empirical ePSFs (else of every empirical ePSF of the band) before the analytic fallback_model."),

@@ -701,6 +701,10 @@ int sp_store_create(const char *path, const sp_plan *p, const sp_store_meta *m, 
         long di[2] = {p->nbands, 8};
         SP_TRY(sp_h5_array_create(s->h, "/epsf/poly_info", SP_H5_F64, 2, di, NULL, NULL));
     }
+    if (m->epsf_moffat_field) {
+        long di[2] = {p->nbands, SP_MFIELD_INFO};
+        SP_TRY(sp_h5_array_create(s->h, "/epsf/moffat_field", SP_H5_F64, 2, di, NULL, NULL));
+    }
     SP_TRY(create_qa(s, p, m));
     SP_TRY(sp_h5_attr_set_long(s->h, "/epsf", "oversamp", m->epsf_oversamp > 0 ? m->epsf_oversamp : 1));
     SP_TRY(sp_h5_attr_set_long(s->h, "/epsf", "size", m->epsf_size > 0 ? m->epsf_size : p->opts.psf_size));

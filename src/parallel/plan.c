@@ -779,6 +779,13 @@ double sp_plan_cell_memory(const sp_plan *p, const sp_cell *c, int threads)
     int os = p->opts.psf_oversamp > 0 ? p->opts.psf_oversamp : 1;
     double so = (double)os * (p->opts.psf_size - 1) + 1;
     bytes += (double)p->ncells * nb * so * so * 4.0;
+    /* epsf.moffat_field: the PSF-star cutouts each band keeps until the share (a record of
+     * 12 doubles and 2 side^2 floats per star, the side set by the expected FWHM; the band's
+     * owner gets them all) */
+    if (p->opts.psf_field_stars > 0) {
+        double side = p->opts.psf_field_size > 0 ? p->opts.psf_field_size : p->opts.psf_size;
+        bytes += (double)nb * p->opts.psf_field_stars * (96.0 + 8.0 * side * side);
+    }
     /* the store (HDF5's caches and the open file) and the run's set-up beyond the plan: ~10 MiB */
     if (npix > 0) bytes += 10.0 * 1048576.0;
     return bytes;

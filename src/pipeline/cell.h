@@ -74,6 +74,7 @@ typedef struct {
     struct band_cuts *fcuts;        /* nbands: this rank's cutouts of the PSF pass */
     struct poly_model *poly;        /* nbands: the band's model, or psf == NULL (cell grid used) */
     int poly_decided;               /* 1 once every band's model is built or refused (or loaded) */
+    struct mfield_state *mf;        /* epsf.moffat_field (psf_field.c); NULL: off */
     sp_store_meta qa;               /* which QA diagnostics the store holds (qa_* fields) */
     long nfit_sources, nfit_patches; /* this rank's totals (summary) */
     sp_fit_patch_stats fitcost;     /* this rank's fit CPU by stage and kind of group (cpu_*, srcband, groups) */
@@ -165,6 +166,30 @@ int psf_grid_at(const run_t *r, int b, int cell, double x, double y, sp_psf **sc
 /* COLLECTIVE (called by psf_grid_share): per band, the cutouts gathered on rank
  * b % nranks, one sp_epsf_build_field there, the model broadcast and stored. */
 int psf_poly_build(run_t *r);
+/* Gather sendn bytes of every rank on `owner` (collective): there *out (malloc'd, total + 8
+ * bytes; the caller frees it) and *ntot; a failure on the owner (too large for one message, no
+ * memory) goes to *lst, which the caller agrees on after its gathers. counts, displs: nranks ints. */
+void psf_gather_bytes(const run_t *r, int owner, const char *band, const void *send, int sendn, int *counts,
+                      int *displs, char **out, long *ntot, int *lst);
+
+/* epsf.moffat_field (psf_field.c): the band-wide Moffat the Moffat cells use.
+ * setup/free with the stages; collect in a cell's band build (its PSF stars);
+ * load on resume (need[] all set when a band is undecided); build (collective)
+ * and apply (the Moffat cells' stamps and /epsf/<band>) in the share; at gives
+ * a patch's PSF when psf_field_on. */
+int psf_field_setup(run_t *r);
+int psf_field_kept_max(long ncells); /* an upper bound of the cutouts kept per band (the planner's memory) */
+int psf_field_cut_size(double fwhm, int final_size); /* their side for a cell of that FWHM */
+void psf_field_free(run_t *r);
+int psf_field_collect(cell_t *c, int b, const sp_psfstar *stars, int nstars, const sp_epsf_params *ep,
+                      double cell_fwhm);
+int psf_field_load(run_t *r, uint8_t *need);
+int psf_field_build(run_t *r);
+int psf_field_apply(run_t *r);
+int psf_field_on(const run_t *r, int b);
+int psf_field_at(const run_t *r, int b, int cell, double x, double y, sp_psf *out);
+/* The oversampled PSF sampled at the image pixels of a size x size stamp (cell_psf.c). */
+void psf_sample_pixels(const sp_psf *psf, int size, float *out);
 
 /* An error raised on a worker thread of an OpenMP region: sp_err_msg() is
  * thread-local, so the first failing thread copies its message here and the

@@ -248,6 +248,7 @@ int cell_stages_setup(run_t *r)
         SP_ALLOC(r->fcuts, p->nbands);
         SP_ALLOC(r->poly, p->nbands);
     }
+    SP_TRY(psf_field_setup(r));
     long nc = p->ncells, ng = p->opts.epsf_ngrid;
     SP_ALLOC(r->grid, nc * p->nbands);
     SP_ALLOC(r->grid_nstars, nc * p->nbands);
@@ -323,6 +324,7 @@ void cell_stages_cleanup(run_t *r)
         for (int b = 0; b < r->plan->nbands; b++) poly_model_free(&r->poly[b]);
     free(r->poly);
     r->poly = NULL;
+    psf_field_free(r);
 }
 
 /* ---- background --------------------------------------------------------------------- */
@@ -392,7 +394,7 @@ cleanup:
 /* ---- ePSF --------------------------------------------------------------------------- */
 
 /* The ePSF of band b sampled at the image-pixel grid (what /epsf/<band> holds). */
-static void sample_pixels(const sp_psf *psf, int size, float *out)
+void psf_sample_pixels(const sp_psf *psf, int size, float *out)
 {
     double c = 0.5 * (size - 1);
     for (int j = 0; j < size; j++)
@@ -430,7 +432,7 @@ static int write_epsf_band(run_t *r, const sp_cell *ce, int b, const sp_psf *psf
     const sp_plan *p = r->plan;
     int size = r->cfg->epsf.final_psf_size;
     char path[160];
-    sample_pixels(psf, size, buf);
+    psf_sample_pixels(psf, size, buf);
     long st4[4] = {ce->iy, ce->ix, 0, 0}, n4[4] = {1, 1, size, size};
     snprintf(path, sizeof path, "/epsf/%s", p->bands[b]);
     SP_TRY(sp_h5_array_write(r->store->h, path, SP_H5_F32, st4, n4, buf));
@@ -839,6 +841,7 @@ static int build_band(cell_t *c, int b, sp_epsf_result **res)
     SP_TRY(sp_epsf_build(c->data[b], c->ivar[b], c->mask[b], (int)c->nx, (int)c->ny, stars, nstars, &ep, res));
     if (r->sp.cross_validate && (*res)->kind == SP_EPSF_EMPIRICAL && nstars >= 2 * (ep.min_stars > 2 ? ep.min_stars : 2))
         SP_TRY(cross_validate_epsf(c, b, stars, nstars, &ep, res));
+    SP_TRY(psf_field_collect(c, b, stars, nstars, &ep, (*res)->psf ? (*res)->psf->fwhm : 0.0));
     if (r->sp.poly && nstars > 0) {
         /* the band-wide model's stars: the ones in this cell's base region (a star
          * is cut out by one cell only), with the same cutouts and masks */
@@ -1104,6 +1107,7 @@ int psf_grid_load(run_t *r, uint8_t *need)
         if (status == SP_OK && !decided)
             for (long k = 0; k < nc; k++) need[k] = (uint8_t)(p->cells[k].active != 0);
     }
+    if (status == SP_OK) status = psf_field_load(r, need);
 cleanup:
     free(info);
     free(nst);
@@ -1212,7 +1216,7 @@ int psf_grid_pool(run_t *r)
         SP_TRY(sp_epsf_pool_wings(g, w, apply, (int)nc, &pp));
         for (long k = 0; k < nc; k++) {
             if (!apply[k] || !r->grid_mine[k]) continue;
-            sample_pixels(g[k], size, buf);
+            psf_sample_pixels(g[k], size, buf);
             long st4[4] = {p->cells[k].iy, p->cells[k].ix, 0, 0}, n4[4] = {1, 1, size, size};
             char path[160];
             snprintf(path, sizeof path, "/epsf/%s", p->bands[b]);
@@ -1317,7 +1321,7 @@ static int poly_store_band(run_t *r, int b)
             const sp_cell *ce = &p->cells[k];
             if (!ce->active) continue;
             SP_TRY(poly_at(m, 0.5 * (ce->bx0 + ce->bx1 - 1), 0.5 * (ce->by0 + ce->by1 - 1), ev));
-            sample_pixels(ev, size, px);
+            psf_sample_pixels(ev, size, px);
             long st4[4] = {ce->iy, ce->ix, 0, 0}, n4[4] = {1, 1, size, size};
             SP_TRY(sp_h5_array_write(r->store->h, path, SP_H5_F32, st4, n4, px));
         }
@@ -1329,6 +1333,29 @@ cleanup:
     free(px);
     sp_psf_free(&ev);
     return status;
+}
+
+void psf_gather_bytes(const run_t *r, int owner, const char *band, const void *send, int sendn, int *counts,
+                      int *displs, char **out, long *ntot, int *lst)
+{
+    MPI_Gather(&sendn, 1, MPI_INT, counts, 1, MPI_INT, owner, r->comm);
+    long total = 0;
+    if (r->rank == owner) {
+        for (int i = 0; i < r->nranks; i++) {
+            displs[i] = (int)total;
+            total += counts[i];
+        }
+        /* checked on the owner only: the others learn of it through the caller's agreement */
+        if (total >= 2147483647L && *lst == SP_OK)
+            *lst = SP_FAIL(SP_ERR_RESOURCE, "band %s: the PSF-star cutouts (%ld bytes) are too many for one "
+                                            "message; lower epsf.max_stars",
+                           band, total);
+        *out = malloc((size_t)total + 8);
+        if (!*out && *lst == SP_OK) *lst = SP_FAIL(SP_ERR_NOMEM, "out of memory (PSF-star cutouts)");
+        *ntot = total;
+    }
+    MPI_Gatherv(send, sendn, MPI_BYTE, (r->rank == owner && *out && *lst == SP_OK) ? *out : NULL, counts, displs,
+                MPI_BYTE, owner, r->comm);
 }
 
 int psf_poly_build(run_t *r)
@@ -1376,25 +1403,10 @@ int psf_poly_build(run_t *r)
             memcpy(o + sizeof h, c->d, sizeof(float) * (size_t)N * N);
             memcpy(o + sizeof h + sizeof(float) * (size_t)N * N, c->w, sizeof(float) * (size_t)N * N);
         }
-        int sendn = (int)((size_t)nsend * rec);
-        MPI_Gather(&sendn, 1, MPI_INT, counts, 1, MPI_INT, owner, r->comm);
         long total = 0;
-        if (r->rank == owner) {
-            for (int i = 0; i < r->nranks; i++) {
-                displs[i] = (int)total;
-                total += counts[i];
-            }
-            /* checked on the owner only: the others learn of it through the agreement below */
-            if (total >= 2147483647L)
-                lst = SP_FAIL(SP_ERR_RESOURCE, "band %s: the PSF-star cutouts (%ld bytes) are too many for one "
-                                               "message; lower epsf.max_stars",
-                              p->bands[b], total);
-            mine[b] = malloc((size_t)total + 1);
-            if (!mine[b] && lst == SP_OK) lst = SP_FAIL(SP_ERR_NOMEM, "out of memory (PSF-star cutouts)");
-            nmine[b] = total / (long)rec;
-        }
-        MPI_Gatherv(sendb, sendn, MPI_BYTE, (r->rank == owner && mine[b] && lst == SP_OK) ? mine[b] : NULL, counts,
-                    displs, MPI_BYTE, owner, r->comm);
+        psf_gather_bytes(r, owner, p->bands[b], sendb, (int)((size_t)nsend * rec), counts, displs, &mine[b], &total,
+                         &lst);
+        nmine[b] = total / (long)rec;
         band_cuts_free(bcut);
     }
     SP_TRY(sp_mpi_agree(lst, r->comm));
@@ -1546,8 +1558,10 @@ int psf_grid_share(run_t *r)
     }
     status = sp_mpi_agree(status, r->comm);
     if (status == SP_OK && r->sp.poly) status = psf_poly_build(r);
+    if (status == SP_OK) status = psf_field_build(r);
     if (status == SP_OK && r->sp.borrow) status = psf_grid_borrow(r);
     if (status == SP_OK && r->cfg->epsf.wing_pool) status = psf_grid_pool(r);
+    if (status == SP_OK) status = sp_mpi_agree(psf_field_apply(r), r->comm);
     if (status == SP_OK && r->rank == 0)
         for (int b = 0; b < nb; b++) {
             int nk[4] = {0, 0, 0, 0};
@@ -1558,10 +1572,12 @@ int psf_grid_share(run_t *r)
             /* the kinds decide the photometry: say so when the empirical ePSF lost
              * (not for a band that uses its band-wide model: said above) */
             if ((r->poly && r->poly[b].psf) || r->given) continue;
-            sp_log(nk[0] == 0 && nk[1] + nk[2] > 0 ? SP_LOG_WARN : SP_LOG_INFO,
+            const int field = psf_field_on(r, b);
+            sp_log(nk[0] == 0 && nk[1] + nk[2] > 0 && !field ? SP_LOG_WARN : SP_LOG_INFO,
                    "ePSF band %s: %d cell(s) empirical, %d Moffat fitted to the stars, %d configured Moffat, %d "
-                   "borrowed (quality-gate reasons: logging.level debug)",
-                   p->bands[b], nk[0], nk[1], nk[2], nk[3]);
+                   "borrowed (quality-gate reasons: logging.level debug)%s",
+                   p->bands[b], nk[0], nk[1], nk[2], nk[3],
+                   field && nk[1] + nk[2] > 0 ? "; the Moffat cells use the band-wide Moffat" : "");
         }
 cleanup:
     free(counts);
@@ -1585,6 +1601,17 @@ int psf_grid_at(const run_t *r, int b, int cell, double x, double y, sp_psf **sc
             SP_TRY(sp_psf_alloc(m->size, m->oversamp, scratch));
         }
         SP_TRY(poly_at(&r->poly[b], x, y, *scratch));
+        *out = *scratch;
+        return SP_OK;
+    }
+    if (psf_field_on(r, b)) {
+        if (!*scratch || (*scratch)->size != own->size || (*scratch)->oversamp != own->oversamp) {
+            sp_psf_free(scratch);
+            SP_TRY(sp_psf_alloc(own->size, own->oversamp, scratch));
+        }
+        SP_TRY(psf_field_at(r, b, cell, x, y, *scratch));
+        (*scratch)->is_fallback = own->is_fallback;
+        (*scratch)->nstars = own->nstars;
         *out = *scratch;
         return SP_OK;
     }
