@@ -531,7 +531,7 @@ int sp_moffat_field_fit(const sp_epsf_cutout *cuts, int ncuts, const sp_moffat_f
     /* degree: at most the one the stars can carry (min_stars_per_term x shape terms) */
     int dmax = p.degree;
     while (dmax > 0 && ns < p.min_stars_per_term * (3 * nterms(dmax) + nterms(dmax < 1 ? dmax : 1))) dmax--;
-    /* degree 0 first, then the full degree from there (new terms start at 0, held
+    /* degree 0 first (40 stars), then the full degree from there (new terms start at 0, held
      * near it by the priors where the stars say little); a model that is not
      * plausible over the field is refitted one degree lower */
     sp_moffat_field mods[5];
@@ -539,7 +539,10 @@ int sp_moffat_field_fit(const sp_epsf_cutout *cuts, int ncuts, const sp_moffat_f
     out->c[0][0] = log(p.fwhm0);
     out->c[1][0] = log(p.beta0 - 1.0);
     out->c[2][0] = 1e-3; /* off e = 0, where the (q, theta) chain is singular */
+    /* the constant model from the brightest 40 (it only starts the full fit) */
+    for (int s = 40; s < ns; s++) st[s].used = 0;
     SP_TRY(lm_fit(out, st, ns, 60));
+    for (int s = 40; s < ns; s++) st[s].used = 1;
     mods[0] = *out;
     SP_ALLOC(sts[0], ns);
     memcpy(sts[0], st, sizeof *st * (size_t)ns);
