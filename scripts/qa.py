@@ -521,9 +521,48 @@ class Report:
                       "the title gives the cell (ix,iy) and the PSF stars used (n); a red frame and FB mark "
                       "cells that use the analytic fallback PSF." % b)
             any_drawn = True
+            self.fig_moffat_field(items, b)
         if not self.bands:
             self.skip(items, "ePSF grid", "the store lists no bands")
         return any_drawn
+
+    def fig_moffat_field(self, items, b):
+        """epsf.moffat_field: the band-wide Moffat's FWHM and beta over the tile (docs/outputs.md layout)."""
+        if "epsf/moffat_field" not in self.f:
+            return
+        info = self.f["epsf/moffat_field"][...]
+        k = self.bands.index(b)
+        if k >= info.shape[0] or info[k, 0] != 1:
+            self.skip(items, "band-wide Moffat %s" % b, "not fitted for this band (the log says why)")
+            return
+        h = info[k]
+        deg = [int(x) for x in h[1:5]]
+        xr, yr, sc = h[7], h[8], h[9]
+        C = h[16:16 + 60].reshape(4, 15)
+        cube = self.f["epsf/" + b]
+        ncy, ncx = cube.shape[0], cube.shape[1]
+        nx, ny = 2 * xr + 1, 2 * yr + 1
+        gx, gy = np.meshgrid(np.linspace(0, nx - 1, 65), np.linspace(0, ny - 1, 65))
+        u, v = (gx - xr) / sc, (gy - yr) / sc
+        mono = [u ** (n - j) * v ** j for n in range(5) for j in range(n + 1)]
+        P = [sum(C[q][t] * mono[t] for t in range((deg[q] + 1) * (deg[q] + 2) // 2)) for q in range(4)]
+        fw, beta = np.exp(P[0]), 1 + np.exp(P[1])
+        fig, axes = plt.subplots(1, 2, figsize=(9.5, 3.8))
+        fig.subplots_adjust(wspace=0.55, left=0.08, right=0.93, bottom=0.14)
+        for ax, img, lab in ((axes[0], fw, "FWHM (pix)"), (axes[1], beta, "beta")):
+            im = ax.imshow(img, origin="lower", extent=(0, nx, 0, ny), cmap="viridis")
+            fig.colorbar(im, ax=ax, fraction=0.046, label=lab)
+            for i in range(1, ncx):
+                ax.axvline(i * nx / ncx, color="w", lw=0.5)
+            for j in range(1, ncy):
+                ax.axhline(j * ny / ncy, color="w", lw=0.5)
+            ax.set_xlabel("x (pix)")
+            ax.set_ylabel("y (pix)")
+        fig.suptitle("Band-wide Moffat %s: degree %d, %d of %d PSF stars, median chi2/dof %.2f" %
+                     (b, deg[0], int(h[6]), int(h[5]), h[10]), fontsize=9)
+        self.save(fig, "epsf_field_%s.png" % b, items,
+                  "Band %s: the band-wide Moffat (epsf.moffat_field) the fallback cells use, its FWHM and beta over "
+                  "the tile (white lines: the ePSF cells)." % b)
 
     def fig_growth(self):
         items = self.section("ePSF growth curves")

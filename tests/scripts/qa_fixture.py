@@ -6,6 +6,7 @@ pipeline writes these datasets itself:
   fit columns     FLUX_<b>_fit = truth + noise of the aperture error, FLUXERR_<b>_fit, CONVERGED = 1
   /epsf/<b>       the simulator's true PSF at each cell (truth_psf/<b>.fits), nstars, one fallback cell
   /epsf/<b>_growth_r [n], /epsf/<b>_growth_ee [ncy, ncx, n]
+  /epsf/moffat_field [nb, 76]  a fitted band-wide Moffat per band (FWHM 3.5 px, varying 3-8% over the tile)
   /qa/epsf/<b>/stars, /qa/epsf/<b>/resid [N, s, s], /qa/epsf/<b>/cell [N]
   /qa/background/<b>, /qa/background/<b>_rms [my, mx] (tile mesh)
   /qa/patch_overview/{data,model,resid} [npatch, nband, h, w] + patch [npatch]
@@ -57,6 +58,20 @@ for b in bands:
             st = img[(iy % n) * ps:(iy % n + 1) * ps, (ix % n) * ps:(ix % n + 1) * ps]
             out[iy, ix, pad:pad + ps, pad:pad + ps] = st / st.sum()
     cube[...] = out
+    with fits.open("%s/truth_psf/%s.fits" % (simdir, b)) as h:
+        tnx, tny = h[0].header["TILENX"], h[0].header["TILENY"]
+    row = np.full(76, np.nan)
+    row[0], row[1:5], row[5], row[6] = 1, [2, 1, 2, 2], 64, 60
+    row[7], row[8], row[9], row[10], row[11] = (tnx - 1) / 2, (tny - 1) / 2, max(tnx, tny) / 2, 1.02, 3.5
+    row[12:16] = [10, tnx - 10, 10, tny - 10]
+    coef = np.zeros((4, 15))
+    coef[0, :6] = [np.log(3.5), 0.03, 0.02, 0.04, 0.0, 0.04]
+    coef[1, :3] = [np.log(2.0), 0.1, 0.0]
+    coef[2, 1], coef[3, 2] = 0.02, 0.01
+    row[16:] = coef.ravel()
+    if "epsf/moffat_field" not in f:
+        f.create_dataset("epsf/moffat_field", data=np.full((len(bands), 76), np.nan))
+    f["epsf/moffat_field"][bands.index(b)] = row
     f["epsf/%s_nstars" % b][...] = rng.integers(5, 30, (ncy, ncx))
     fb = np.zeros((ncy, ncx), np.int32)
     fb[0, -1] = 1

@@ -109,7 +109,7 @@ if "$PY" tests/scripts/qa_fixture.py "$FULL" "$DIR/sim" >"$DIR/fix.log" 2>&1 &&
   ALL="white_pre_crop.png white_post_crop.png overlay.png overlay_zoom.png cells.png epsf_growth.png
        background.png patch_overview_1.png cutouts_1.png apcorr.png zp_mag.png flux_fit_vs_aper.png flux_pulls.png
        timing_stages.png timing_ranks.png"
-  for b in m400 m650 m875; do ALL="$ALL epsf_$b.png epsf_resid_$b.png"; done
+  for b in m400 m650 m875; do ALL="$ALL epsf_$b.png epsf_resid_$b.png epsf_field_$b.png"; done
   if "$BIN" -q qa "$FULL" --out "$DIR/qa_full" >"$DIR/qa_full.log" 2>&1 && check_report "$DIR/qa_full" "$FULL" $ALL &&
      grep -q "0 skipped" "$DIR/qa_full.log"; then
     ok "qa_report_all_figures"
