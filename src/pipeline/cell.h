@@ -166,6 +166,9 @@ int psf_grid_at(const run_t *r, int b, int cell, double x, double y, sp_psf **sc
 /* COLLECTIVE (called by psf_grid_share): per band, the cutouts gathered on rank
  * b % nranks, one sp_epsf_build_field there, the model broadcast and stored. */
 int psf_poly_build(run_t *r);
+/* A gathered PSF-star cutout record: v = ix, iy, x, y, flux, bkg, bkg_rms, snr, q; pix = its n^2
+ * data floats then n^2 weights (8-byte aligned; c points into it). */
+void psf_cutout_unpack(const double *v, int n, const char *pix, sp_epsf_cutout *c);
 /* Gather sendn bytes of every rank on `owner` (collective): there *out (malloc'd, total + 8
  * bytes; the caller frees it) and *ntot; a failure on the owner (too large for one message, no
  * memory) goes to *lst, which the caller agrees on after its gathers. counts, displs: nranks ints. */

@@ -1335,6 +1335,22 @@ cleanup:
     return status;
 }
 
+void psf_cutout_unpack(const double *v, int n, const char *pix, sp_epsf_cutout *c)
+{
+    c->n = n;
+    c->ix = (int)v[0];
+    c->iy = (int)v[1];
+    c->x = v[2];
+    c->y = v[3];
+    c->flux = v[4];
+    c->bkg = v[5];
+    c->bkg_rms = v[6];
+    c->snr = v[7];
+    c->q = v[8];
+    c->d = (float *)(void *)pix;
+    c->w = c->d + (size_t)n * n;
+}
+
 void psf_gather_bytes(const run_t *r, int owner, const char *band, const void *send, int sendn, int *counts,
                       int *displs, char **out, long *ntot, int *lst)
 {
@@ -1432,18 +1448,7 @@ int psf_poly_build(run_t *r)
                 double h[POLY_HDR];
                 memcpy(h, o, sizeof h);
                 sp_epsf_cutout *c = &ucuts[b][i];
-                c->n = N;
-                c->ix = (int)h[2];
-                c->iy = (int)h[3];
-                c->x = h[4];
-                c->y = h[5];
-                c->flux = h[6];
-                c->bkg = h[7];
-                c->bkg_rms = h[8];
-                c->snr = h[9];
-                c->q = h[10];
-                c->d = (float *)(void *)(o + sizeof h); /* aligned: rec and the header are multiples of 8 */
-                c->w = c->d + (size_t)N * N;
+                psf_cutout_unpack(h + 2, N, o + sizeof h, c); /* aligned: rec and the header are multiples of 8 */
                 refs[i].c = c;
                 refs[i].cell = (int32_t)h[0];
                 refs[i].seq = (int32_t)h[1];

@@ -237,18 +237,7 @@ static int fit_band(run_t *r, int b, const char *buf, size_t nbytes, struct mf_b
     for (int i = 0; i < n; i++) {
         const double *hd = recs[i];
         sp_epsf_cutout *c = &cuts[i];
-        c->n = (int)hd[2];
-        c->ix = (int)hd[3];
-        c->iy = (int)hd[4];
-        c->x = hd[5];
-        c->y = hd[6];
-        c->flux = hd[7];
-        c->bkg = hd[8];
-        c->bkg_rms = hd[9];
-        c->snr = hd[10];
-        c->q = hd[11];
-        c->d = (float *)(void *)((char *)(void *)hd + sizeof(double) * MF_HDR);
-        c->w = c->d + (size_t)c->n * c->n;
+        psf_cutout_unpack(hd + 3, (int)hd[2], (const char *)(const void *)hd + sizeof(double) * MF_HDR, c);
     }
     /* start: the median FWHM of the band's cells as built, from their stamps (the
      * same on every rank: a cell built here carries its fit's FWHM, one received in
