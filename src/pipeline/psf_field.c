@@ -32,7 +32,6 @@
 #include <string.h>
 
 #define MF_HDR 12        /* doubles per cutout record: cell, seq, n, ix, iy, x, y, flux, bkg, bkg_rms, snr, q */
-#define MF_MAX_STARS 120 /* stars per band in the fit (highest SNR) */
 
 struct mf_band {
     char *rec; /* this rank's cutout records of the PSF pass */
@@ -50,16 +49,25 @@ struct mfield_state {
 
 /* Stars kept per cell and band: 1.5x the fit's share of each cell, at least 2
  * (the fit keeps the highest SNR over the band; every cell keeps its best). */
+/* stars per band in the fit (highest SNR): the library's default */
+static int max_stars(void)
+{
+    sp_moffat_field_params d;
+    sp_moffat_field_params_default(&d);
+    return d.max_stars > 0 ? d.max_stars : 120;
+}
+
 static int per_cell(long nact)
 {
+    const int MF_MAX_STARS = max_stars();
     long pc = nact > 0 ? (long)ceil(1.5 * MF_MAX_STARS / (double)nact) : MF_MAX_STARS;
     return (int)(pc < 2 ? 2 : pc > MF_MAX_STARS ? MF_MAX_STARS : pc);
 }
 
 int psf_field_kept_max(long ncells)
 {
-    /* nact per_cell(nact) <= 1.5 MF_MAX_STARS + nact (the ceiling) or 2 nact (the floor) */
-    return (int)(1.5 * MF_MAX_STARS) + 2 * (int)(ncells < 100000 ? ncells : 100000);
+    /* nact per_cell(nact) <= 1.5 max_stars + nact (the ceiling) or 2 nact (the floor) */
+    return (int)(1.5 * max_stars()) + 2 * (int)(ncells < 100000 ? ncells : 100000);
 }
 
 int psf_field_cut_size(double fwhm, int final_size)
@@ -258,7 +266,6 @@ static int fit_band(run_t *r, int b, const char *buf, size_t nbytes, struct mf_b
     mp.scale = 0.5 * (p->nx > p->ny ? p->nx : p->ny);
     mp.fwhm0 = nf > 0 ? sp_score_median(fws, nf) : r->sp.epsf.fallback_fwhm;
     mp.beta0 = r->sp.epsf.fallback_beta > 1.2 && r->sp.epsf.fallback_beta < 10 ? r->sp.epsf.fallback_beta : 3.0;
-    mp.max_stars = MF_MAX_STARS;
     mb->reason[0] = 0;
     int st = sp_moffat_field_fit(cuts, n, &mp, &mb->model);
     mb->built = st == SP_OK;
