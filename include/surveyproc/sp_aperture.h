@@ -36,4 +36,16 @@ void sp_aper_measure(const float *data, const float *ivar, long nx, long ny, dou
 
 size_t sp_aper_scratch_size(double r_out);
 
+/* As sp_aper_measure, but masked pixels (ivar == 0, or outside the image) inside
+ * the aperture take the mean of (data - background) of the good pixels at the
+ * same distance from the centre (rings 1 pixel wide; r / 256 beyond r = 256)
+ * instead of the background: the right sum for a round profile part of which is
+ * masked (a star's residual light with its neighbours masked out). The error
+ * follows (each good pixel stands for its ring's share). SP_APER_MASKED is set
+ * only when some ring has less than min_cover of its area good (a ring with no
+ * good pixel adds nothing); masked_frac is the masked share of the area.
+ * Scratch as sp_aper_measure. Thread-safe; no allocation. */
+void sp_aper_measure_fill(const float *data, const float *ivar, long nx, long ny, double xc, double yc, double r,
+                          double r_in, double r_out, double min_cover, float *scratch, sp_aper_result *res);
+
 #endif

@@ -321,6 +321,7 @@ typedef struct {
     double apcorr_radius_pix;
     double apcorr_snr_min;
     double apcorr_blend_max;
+    double apcorr_mask_sigma;
     int apcorr_min_stars;
 } sp_cfg_zp;
 

@@ -475,6 +475,11 @@ const sp_config_key sp_cfg_schema[] = {
        "Point sources used for the aperture correction have FLUX_<band>_fit / FLUXERR_<band>_fit at least this."),
     KD("zp.apcorr_blend_max", zp.apcorr_blend_max, SC, "0.02", 0, 1, "",
        "... and BLEND_<band> (the neighbours' share of the model flux in the footprint) at most this."),
+    KD("zp.apcorr_mask_sigma", zp.apcorr_mask_sigma, SC, "0.25", 0, 1000, "sigma",
+       "In the calibration aperture, pixels where the neighbours' model (every other source of the patch) "
+       "exceeds this many pixel sigmas are masked, and each ring of the aperture is filled with the mean "
+       "residual of its unmasked pixels, so neighbours' model errors do not enter the correction "
+       "(0: no neighbour mask; bad pixels are still filled)."),
     KI("zp.apcorr_min_stars", zp.apcorr_min_stars, SC, "5", 1, 1000000, "",
        "Fewest point sources left after clipping for a band's aperture correction; with fewer the band "
        "is not corrected (factor 1, flagged in /apcorr, a warning)."),

@@ -104,17 +104,14 @@ static double clipped_median(float *v, size_t n, uint32_t *keys)
     return med;
 }
 
-void sp_aper_measure(const float *data, const float *ivar, long nx, long ny, double xc, double yc, double r,
-                     double r_in, double r_out, float *scratch, sp_aper_result *res)
+/* The annulus level (clipped median of the good pixels in [r_in, r_out)) into
+ * res->bkg (0 and SP_APER_NOBKG with fewer than 8 of them); returns the variance
+ * of that level. r_out <= 0: none (0). */
+static double annulus_bkg(const float *data, const float *ivar, long nx, long ny, double xc, double yc, double r_in,
+                          double r_out, float *scratch, sp_aper_result *res)
 {
-    res->flux = res->fluxerr = NAN;
-    res->bkg = 0;
-    res->area = 0;
-    res->masked_frac = 0;
-    res->flags = 0;
-
-    /* annulus background: one pass, each row only over the x ranges the annulus can
-     * touch (the hole and the box's corners skipped; the test on d2 decides as before) */
+    /* one pass, each row only over the x ranges the annulus can touch (the hole
+     * and the box's corners skipped; the test on d2 decides as before) */
     double bkg_var = 0;
     if (r_out > 0) {
         size_t n = 0;
@@ -151,6 +148,19 @@ void sp_aper_measure(const float *data, const float *ivar, long nx, long ny, dou
         } else
             res->flags |= SP_APER_NOBKG;
     }
+    return bkg_var;
+}
+
+void sp_aper_measure(const float *data, const float *ivar, long nx, long ny, double xc, double yc, double r,
+                     double r_in, double r_out, float *scratch, sp_aper_result *res)
+{
+    res->flux = res->fluxerr = NAN;
+    res->bkg = 0;
+    res->area = 0;
+    res->masked_frac = 0;
+    res->flags = 0;
+
+    double bkg_var = annulus_bkg(data, ivar, nx, ny, xc, yc, r_in, r_out, scratch, res);
 
     double sum = 0, var = 0, area = 0, masked = 0;
     long x0 = (long)floor(xc - r - 1), x1 = (long)ceil(xc + r + 1);
@@ -184,5 +194,64 @@ void sp_aper_measure(const float *data, const float *ivar, long nx, long ny, dou
     /* masked pixels take the background value: they add nothing after subtraction */
     res->flux = sum;
     /* the background error is common to every aperture pixel */
+    res->fluxerr = sqrt(var + area * area * bkg_var);
+}
+
+#define FILL_MAX_RINGS 256
+
+void sp_aper_measure_fill(const float *data, const float *ivar, long nx, long ny, double xc, double yc, double r,
+                          double r_in, double r_out, double min_cover, float *scratch, sp_aper_result *res)
+{
+    res->flux = res->fluxerr = NAN;
+    res->bkg = 0;
+    res->area = 0;
+    res->masked_frac = 0;
+    res->flags = 0;
+    double bkg_var = annulus_bkg(data, ivar, nx, ny, xc, yc, r_in, r_out, scratch, res);
+    /* rings of width dr (1 pixel up to r = 256): all area, good area, sum, variance */
+    double dr = r > FILL_MAX_RINGS ? r / FILL_MAX_RINGS : 1.0;
+    int nr = (int)ceil(r / dr);
+    if (nr < 1) nr = 1;
+    if (nr > FILL_MAX_RINGS) nr = FILL_MAX_RINGS;
+    double aa[FILL_MAX_RINGS], ag[FILL_MAX_RINGS], sr[FILL_MAX_RINGS], vr[FILL_MAX_RINGS];
+    for (int k = 0; k < nr; k++) aa[k] = ag[k] = sr[k] = vr[k] = 0.0;
+    long x0 = (long)floor(xc - r - 1), x1 = (long)ceil(xc + r + 1);
+    long y0 = (long)floor(yc - r - 1), y1 = (long)ceil(yc + r + 1);
+    for (long y = y0; y <= y1; y++) {
+        for (long x = x0; x <= x1; x++) {
+            double w = overlap((double)x, (double)y, xc, yc, r);
+            if (w <= 0) continue;
+            int k = (int)(hypot((double)x - xc, (double)y - yc) / dr);
+            if (k >= nr) k = nr - 1;
+            aa[k] += w;
+            if (x < 0 || x >= nx || y < 0 || y >= ny) {
+                res->flags |= SP_APER_EDGE;
+                continue;
+            }
+            size_t i = (size_t)y * (size_t)nx + (size_t)x;
+            if (!(ivar[i] > 0)) continue;
+            ag[k] += w;
+            sr[k] += w * (data[i] - res->bkg);
+            vr[k] += w * w / ivar[i];
+        }
+    }
+    double sum = 0, var = 0, area = 0, good = 0;
+    for (int k = 0; k < nr; k++) {
+        area += aa[k];
+        good += ag[k];
+        if (aa[k] <= 0) continue;
+        if (!(ag[k] >= min_cover * aa[k]) || ag[k] <= 0) res->flags |= SP_APER_MASKED;
+        if (ag[k] <= 0) continue; /* no good pixel at this radius: the background value */
+        double f = aa[k] / ag[k];
+        sum += f * sr[k];
+        var += f * f * vr[k];
+    }
+    res->area = area;
+    res->masked_frac = area > 0 ? 1.0 - good / area : 1.0;
+    if (!(good > 0)) {
+        res->flags |= SP_APER_ALLMASKED;
+        return;
+    }
+    res->flux = sum;
     res->fluxerr = sqrt(var + area * area * bkg_var);
 }

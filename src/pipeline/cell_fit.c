@@ -17,6 +17,9 @@
 #include <stdlib.h>
 #include <string.h>
 
+/* calibration aperture: a ring with less than this share of its area unmasked flags the source */
+#define APCAL_MIN_COVER 0.25
+
 /* Per-thread scratch of the patch loop; grows with the largest patch met. */
 typedef struct {
     long *idx;
@@ -27,6 +30,9 @@ typedef struct {
     size_t cap_res;
     float *data, *ivar, *model, *ann;
     size_t cap_data, cap_ivar, cap_model, cap_ann;
+    float *bres, *bivar; /* the calibration aperture's box: residual, ivar with neighbours masked */
+    double *bown;        /* ... and the source's own model */
+    size_t cap_bres, cap_bivar, cap_bown;
     float **mptr;      /* per band: model buffer or NULL */
     sp_psf **local;    /* per band: the PSF at the patch centre (blend of neighbouring cell ePSFs) */
     sp_fit_image *img; /* per band */
@@ -55,6 +61,9 @@ static void scratch_free(fit_scratch *s, int nb)
     free(s->ivar);
     free(s->model);
     free(s->ann);
+    free(s->bres);
+    free(s->bivar);
+    free(s->bown);
     free(s->mptr);
     if (s->local)
         for (int b = 0; b < nb; b++) sp_psf_free(&s->local[b]);
@@ -198,31 +207,72 @@ static int apcal_use(const sp_config *cfg, const fit_scratch *s, long k, int b)
  * the local level a patch-wide sky cannot (the background mesh is high near bright stars);
  * what the PSF model lacks within the radius shows as residual light, and the model's own
  * light beyond the radius stays counted (an aperture-to-total correction by the model).
+ * Where the neighbours' model is above zp.apcorr_mask_sigma pixel sigmas the pixels are
+ * masked (their residual is the neighbours' model error as much as this source's missing
+ * light: in a field of galaxies those errors moved the correction by 2%), in the annulus
+ * too, and each 1-pixel ring of the aperture takes the mean residual of its unmasked
+ * pixels (sp_aper_measure_fill): the missing PSF light is round, the neighbours' is not.
  * Measured only where the correction can use it (zp.apcorr_snr_min, zp.apcorr_blend_max);
  * the error is the residual sum's. Galaxies and other sources keep NaN (stage_aperture).
  * Converts s->model to the residual in the bands it measures. */
-static int apcal_measure(cell_t *c, fit_scratch *s, const sp_patch *pt, long base0, size_t npix)
+static int apcal_measure(cell_t *c, fit_scratch *s, const sp_patch *pt, long base0, size_t npix,
+                         const sp_fit_patch_stats *st)
 {
     int status = SP_OK;
     const run_t *r = c->run;
     const sp_config *cfg = r->cfg;
     int nb = r->plan->nbands;
     double rin = cfg->epsf.star_local_bkg_annulus_rin_pix, rout = cfg->epsf.star_local_bkg_annulus_rout_pix;
+    double tmask = cfg->zp.apcorr_mask_sigma;
     long pnx = pt->rx1 - pt->rx0, pny = pt->ry1 - pt->ry0;
     for (int b = 0; b < nb; b++) {
         long k0 = 0;
         while (k0 < pt->nsrc && !apcal_use(cfg, s, k0, b)) k0++;
         if (k0 == pt->nsrc) continue; /* no source of the patch the correction can use in this band */
         SP_TRY(ensure((void **)&s->ann, sp_aper_scratch_size(rout), sizeof *s->ann, &s->cap_ann));
+        long H = (long)ceil(fmax(rout, r->apcal_r[b])) + 2, bw = 2 * H + 1;
+        SP_TRY(ensure((void **)&s->bres, (size_t)(bw * bw), sizeof *s->bres, &s->cap_bres));
+        SP_TRY(ensure((void **)&s->bivar, (size_t)(bw * bw), sizeof *s->bivar, &s->cap_bivar));
+        SP_TRY(ensure((void **)&s->bown, (size_t)(bw * bw), sizeof *s->bown, &s->cap_bown));
         float *m = s->model + (size_t)b * npix;
-        const float *d = s->data + (size_t)b * npix;
+        const float *d = s->data + (size_t)b * npix, *iv = s->ivar + (size_t)b * npix;
+        const double sky = st->sky[b];
         for (size_t i = 0; i < npix; i++) m[i] = d[i] - m[i];
         for (long k = k0; k < pt->nsrc; k++) {
             if (!apcal_use(cfg, s, k, b)) continue;
             const sp_fit_result *f = &s->res[k];
+            double xp = f->x - pt->rx0, yp = f->y - pt->ry0; /* patch pixels */
+            long bx0 = (long)floor(xp + 0.5) - H, by0 = (long)floor(yp + 0.5) - H;
+            double xb = xp - bx0, yb = yp - by0;
+            /* the source's own model in the box; the rest of the model is its neighbours' (and the sky) */
+            sp_psf_render(s->img[b].psf, xb, yb, (int)bw, (int)bw, s->bown, NULL, NULL);
+            for (long j = 0; j < bw; j++) {
+                long py = by0 + j;
+                for (long i = 0; i < bw; i++) {
+                    long px = bx0 + i;
+                    size_t o = (size_t)(j * bw + i);
+                    if (px < 0 || px >= pnx || py < 0 || py >= pny) {
+                        s->bres[o] = 0.0f;
+                        s->bivar[o] = 0.0f;
+                        continue;
+                    }
+                    size_t q = (size_t)py * (size_t)pnx + (size_t)px;
+                    float w = iv[q];
+                    if (tmask > 0 && w > 0) {
+                        double nbr = (double)d[q] - (double)m[q] - sky - f->flux[b] * s->bown[o];
+                        if (nbr * nbr * w > tmask * tmask && nbr > 0) w = 0.0f;
+                    }
+                    s->bres[o] = m[q];
+                    s->bivar[o] = w;
+                }
+            }
             sp_aper_result a;
-            sp_aper_measure(m, s->ivar + (size_t)b * npix, pnx, pny, f->x - pt->rx0, f->y - pt->ry0, r->apcal_r[b],
-                            rin, rout, s->ann, &a);
+            sp_aper_measure_fill(s->bres, s->bivar, bw, bw, xb, yb, r->apcal_r[b], rin, rout, APCAL_MIN_COVER, s->ann,
+                                 &a);
+            /* the aperture itself outside the patch: not a measurement of this source */
+            if (xp - r->apcal_r[b] < -0.5 || yp - r->apcal_r[b] < -0.5 || xp + r->apcal_r[b] > pnx - 0.5 ||
+                yp + r->apcal_r[b] > pny - 0.5)
+                a.flags |= SP_APER_EDGE;
             sp_aper_result *o = &c->apcal[(base0 + k) * nb + b];
             *o = a;
             o->flux = isfinite(a.flux) && isfinite(f->flux[b]) ? f->flux[b] + a.flux : NAN;
@@ -307,7 +357,7 @@ static int fit_one(cell_t *c, fit_scratch *s, sp_fit_workspace *ws, int pid, lon
             if (c->cut_slot[base0 + k] >= 0) qa_cutout(c, s, pt, base0 + k, (int)c->cut_slot[base0 + k]);
         if (c->ov_slot[jp] >= 0) qa_overview(c, s, pt, c->ov_slot[jp]);
     }
-    if (r->apcal_r) SP_TRY(apcal_measure(c, s, pt, base0, npix));
+    if (r->apcal_r) SP_TRY(apcal_measure(c, s, pt, base0, npix, &st));
     {
         char sky[256] = "";
         size_t off = 0;

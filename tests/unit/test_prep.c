@@ -175,6 +175,61 @@ static void t_aperture(void **s)
     free(scratch);
 }
 
+/* sp_aper_measure_fill: a round profile with part of it masked is summed as if it
+ * were whole (each ring takes its unmasked pixels' mean); unmasked, it is the plain
+ * aperture sum. */
+static void t_aperture_fill(void **s)
+{
+    (void)s;
+    long nx = 61, ny = 61;
+    float *d = malloc((size_t)(nx * ny) * sizeof(float)), *iv = malloc((size_t)(nx * ny) * sizeof(float));
+    /* background 3.0 + a wide round Gaussian (sigma 3) of flux 1000 at (30.3, 29.6): its light
+     * reaches out across the aperture (radius 12), so masking loses a real share of it */
+    double F = 1000, sg = 3.0, xc = 30.3, yc = 29.6;
+    for (long y = 0; y < ny; y++)
+        for (long x = 0; x < nx; x++) {
+            double r2 = (x - xc) * (x - xc) + (y - yc) * (y - yc);
+            d[y * nx + x] = (float)(3.0 + F / (2 * M_PI * sg * sg) * exp(-0.5 * r2 / (sg * sg)));
+            iv[y * nx + x] = 4.0f;
+        }
+    float *scratch = malloc(sp_aper_scratch_size(20) * sizeof(float));
+    sp_aper_result a, f;
+    sp_aper_measure(d, iv, nx, ny, xc, yc, 12.0, 14.0, 20.0, scratch, &a);
+    sp_aper_measure_fill(d, iv, nx, ny, xc, yc, 12.0, 14.0, 20.0, 0.25, scratch, &f);
+    assert_float_equal(f.flux, a.flux, 1e-9 * F);
+    assert_float_equal(f.fluxerr, a.fluxerr, 1e-9 * a.fluxerr);
+    assert_float_equal(f.bkg, a.bkg, 0);
+    assert_int_equal(f.flags, 0);
+    assert_float_equal(f.masked_frac, 0, 1e-12);
+    /* a neighbour's footprint masked: every pixel with x > xc + 2 (40% of the aperture) */
+    for (long y = 0; y < ny; y++)
+        for (long x = 0; x < nx; x++)
+            if (x > xc + 2) iv[y * nx + x] = 0;
+    sp_aper_measure(d, iv, nx, ny, xc, yc, 12.0, 14.0, 20.0, scratch, &a);
+    sp_aper_measure_fill(d, iv, nx, ny, xc, yc, 12.0, 14.0, 20.0, 0.25, scratch, &f);
+    assert_true(a.flux < 0.8 * F);                    /* the plain sum loses the masked light */
+    assert_float_equal(f.flux, F, 0.01 * F);          /* the fill recovers it (pixel sampling of rings) */
+    assert_true(f.masked_frac > 0.3 && f.masked_frac < 0.5);
+    assert_int_equal(f.flags & SP_APER_MASKED, 0);    /* every ring keeps >= 25% of its area */
+    assert_true(f.fluxerr > a.fluxerr);               /* fewer pixels stand for the rings */
+    /* a ring masked nearly whole: flagged */
+    for (long y = 0; y < ny; y++)
+        for (long x = 0; x < nx; x++) {
+            double r = hypot(x - xc, y - yc);
+            if (r >= 8 && r < 9 && x > xc - 7.5) iv[y * nx + x] = 0;
+        }
+    sp_aper_measure_fill(d, iv, nx, ny, xc, yc, 12.0, 14.0, 20.0, 0.25, scratch, &f);
+    assert_true(f.flags & SP_APER_MASKED);
+    /* everything masked */
+    for (long i = 0; i < nx * ny; i++) iv[i] = 0;
+    sp_aper_measure_fill(d, iv, nx, ny, xc, yc, 12.0, 14.0, 20.0, 0.25, scratch, &f);
+    assert_true(f.flags & SP_APER_ALLMASKED);
+    assert_true(isnan(f.flux));
+    free(d);
+    free(iv);
+    free(scratch);
+}
+
 static int cmpf(const void *a, const void *b)
 {
     float x = *(const float *)a, y = *(const float *)b;
@@ -361,6 +416,7 @@ int main(void)
         cmocka_unit_test(t_coadd_and_white_threads),
         cmocka_unit_test(t_coadd_matches_definition),
         cmocka_unit_test(t_aperture),
+        cmocka_unit_test(t_aperture_fill),
         cmocka_unit_test(t_aperture_clipped_median),
     };
     return cmocka_run_group_tests_name("prep", tests, NULL, NULL);
