@@ -104,12 +104,18 @@ static double clipped_median(float *v, size_t n, uint32_t *keys)
     return med;
 }
 
-/* The annulus level (clipped median of the good pixels in [r_in, r_out)) into
+/* Resets *res, then the annulus level (clipped median of the good pixels in [r_in, r_out)) into
  * res->bkg (0 and SP_APER_NOBKG with fewer than 8 of them); returns the variance
  * of that level. r_out <= 0: none (0). */
 static double annulus_bkg(const float *data, const float *ivar, long nx, long ny, double xc, double yc, double r_in,
                           double r_out, float *scratch, sp_aper_result *res)
 {
+    /* res starts empty: flux NaN until measured */
+    res->flux = res->fluxerr = NAN;
+    res->bkg = 0;
+    res->area = 0;
+    res->masked_frac = 0;
+    res->flags = 0;
     /* one pass, each row only over the x ranges the annulus can touch (the hole
      * and the box's corners skipped; the test on d2 decides as before) */
     double bkg_var = 0;
@@ -154,12 +160,6 @@ static double annulus_bkg(const float *data, const float *ivar, long nx, long ny
 void sp_aper_measure(const float *data, const float *ivar, long nx, long ny, double xc, double yc, double r,
                      double r_in, double r_out, float *scratch, sp_aper_result *res)
 {
-    res->flux = res->fluxerr = NAN;
-    res->bkg = 0;
-    res->area = 0;
-    res->masked_frac = 0;
-    res->flags = 0;
-
     double bkg_var = annulus_bkg(data, ivar, nx, ny, xc, yc, r_in, r_out, scratch, res);
 
     double sum = 0, var = 0, area = 0, masked = 0;
@@ -202,11 +202,6 @@ void sp_aper_measure(const float *data, const float *ivar, long nx, long ny, dou
 void sp_aper_measure_fill(const float *data, const float *ivar, long nx, long ny, double xc, double yc, double r,
                           double r_in, double r_out, double min_cover, float *scratch, sp_aper_result *res)
 {
-    res->flux = res->fluxerr = NAN;
-    res->bkg = 0;
-    res->area = 0;
-    res->masked_frac = 0;
-    res->flags = 0;
     double bkg_var = annulus_bkg(data, ivar, nx, ny, xc, yc, r_in, r_out, scratch, res);
     /* rings of width dr (1 pixel up to r = 256): all area, good area, sum, variance */
     double dr = r > FILL_MAX_RINGS ? r / FILL_MAX_RINGS : 1.0;

@@ -242,37 +242,28 @@ static int apcal_measure(cell_t *c, fit_scratch *s, const sp_patch *pt, long bas
             if (!apcal_use(cfg, s, k, b)) continue;
             const sp_fit_result *f = &s->res[k];
             double xp = f->x - pt->rx0, yp = f->y - pt->ry0; /* patch pixels */
+            /* the box around the source, within the patch (an aperture that leaves the patch is
+             * flagged SP_APER_EDGE by the measurement, as on the whole patch) */
             long bx0 = (long)floor(xp + 0.5) - H, by0 = (long)floor(yp + 0.5) - H;
+            long bx1 = bx0 + bw < pnx ? bx0 + bw : pnx, by1 = by0 + bw < pny ? by0 + bw : pny;
+            bx0 = bx0 > 0 ? bx0 : 0;
+            by0 = by0 > 0 ? by0 : 0;
+            long bnx = bx1 - bx0, bny = by1 - by0;
             double xb = xp - bx0, yb = yp - by0;
             /* the source's own model in the box; the rest of the model is its neighbours' (and the sky) */
-            sp_psf_render(s->img[b].psf, xb, yb, (int)bw, (int)bw, s->bown, NULL, NULL);
-            for (long j = 0; j < bw; j++) {
-                long py = by0 + j;
-                for (long i = 0; i < bw; i++) {
-                    long px = bx0 + i;
-                    size_t o = (size_t)(j * bw + i);
-                    if (px < 0 || px >= pnx || py < 0 || py >= pny) {
-                        s->bres[o] = 0.0f;
-                        s->bivar[o] = 0.0f;
-                        continue;
-                    }
-                    size_t q = (size_t)py * (size_t)pnx + (size_t)px;
+            sp_psf_render(s->img[b].psf, xb, yb, (int)bnx, (int)bny, s->bown, NULL, NULL);
+            for (long j = 0; j < bny; j++)
+                for (long i = 0; i < bnx; i++) {
+                    size_t o = (size_t)(j * bnx + i), q = (size_t)(by0 + j) * (size_t)pnx + (size_t)(bx0 + i);
                     float w = iv[q];
-                    if (tmask > 0 && w > 0) {
-                        double nbr = (double)d[q] - (double)m[q] - sky - f->flux[b] * s->bown[o];
-                        if (nbr * nbr * w > tmask * tmask && nbr > 0) w = 0.0f;
-                    }
+                    double nbr = (double)d[q] - (double)m[q] - sky - f->flux[b] * s->bown[o];
+                    if (tmask > 0 && w > 0 && nbr > 0 && nbr * nbr * w > tmask * tmask) w = 0.0f;
                     s->bres[o] = m[q];
                     s->bivar[o] = w;
                 }
-            }
             sp_aper_result a;
-            sp_aper_measure_fill(s->bres, s->bivar, bw, bw, xb, yb, r->apcal_r[b], rin, rout, APCAL_MIN_COVER, s->ann,
-                                 &a);
-            /* the aperture itself outside the patch: not a measurement of this source */
-            if (xp - r->apcal_r[b] < -0.5 || yp - r->apcal_r[b] < -0.5 || xp + r->apcal_r[b] > pnx - 0.5 ||
-                yp + r->apcal_r[b] > pny - 0.5)
-                a.flags |= SP_APER_EDGE;
+            sp_aper_measure_fill(s->bres, s->bivar, bnx, bny, xb, yb, r->apcal_r[b], rin, rout, APCAL_MIN_COVER,
+                                 s->ann, &a);
             sp_aper_result *o = &c->apcal[(base0 + k) * nb + b];
             *o = a;
             o->flux = isfinite(a.flux) && isfinite(f->flux[b]) ? f->flux[b] + a.flux : NAN;

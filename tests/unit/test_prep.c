@@ -124,6 +124,17 @@ static void t_coadd_and_white_threads(void **s)
     free(wh1); free(wi1); free(wh2); free(wi2);
 }
 
+/* background 3.0 + a round Gaussian (flux F, sigma sg) at (xc, yc); ivar 4 everywhere */
+static void gauss_image(float *d, float *iv, long nx, long ny, double F, double sg, double xc, double yc)
+{
+    for (long y = 0; y < ny; y++)
+        for (long x = 0; x < nx; x++) {
+            double r2 = (x - xc) * (x - xc) + (y - yc) * (y - yc);
+            d[y * nx + x] = (float)(3.0 + F / (2 * M_PI * sg * sg) * exp(-0.5 * r2 / (sg * sg)));
+            iv[y * nx + x] = 4.0f;
+        }
+}
+
 static void t_aperture(void **s)
 {
     (void)s;
@@ -131,12 +142,7 @@ static void t_aperture(void **s)
     float *d = malloc((size_t)(nx * ny) * sizeof(float)), *iv = malloc((size_t)(nx * ny) * sizeof(float));
     /* flat background 3.0 + a Gaussian of flux 1000 at (30.3, 29.6), sigma 1.5 */
     double F = 1000, sg = 1.5, xc = 30.3, yc = 29.6;
-    for (long y = 0; y < ny; y++)
-        for (long x = 0; x < nx; x++) {
-            double r2 = (x - xc) * (x - xc) + (y - yc) * (y - yc);
-            d[y * nx + x] = (float)(3.0 + F / (2 * M_PI * sg * sg) * exp(-0.5 * r2 / (sg * sg)));
-            iv[y * nx + x] = 4.0f;
-        }
+    gauss_image(d, iv, nx, ny, F, sg, xc, yc);
     float *scratch = malloc(sp_aper_scratch_size(15) * sizeof(float));
     sp_aper_result r;
     sp_aper_measure(d, iv, nx, ny, xc, yc, 8.0, 10.0, 15.0, scratch, &r);
@@ -186,12 +192,7 @@ static void t_aperture_fill(void **s)
     /* background 3.0 + a wide round Gaussian (sigma 3) of flux 1000 at (30.3, 29.6): its light
      * reaches out across the aperture (radius 12), so masking loses a real share of it */
     double F = 1000, sg = 3.0, xc = 30.3, yc = 29.6;
-    for (long y = 0; y < ny; y++)
-        for (long x = 0; x < nx; x++) {
-            double r2 = (x - xc) * (x - xc) + (y - yc) * (y - yc);
-            d[y * nx + x] = (float)(3.0 + F / (2 * M_PI * sg * sg) * exp(-0.5 * r2 / (sg * sg)));
-            iv[y * nx + x] = 4.0f;
-        }
+    gauss_image(d, iv, nx, ny, F, sg, xc, yc);
     float *scratch = malloc(sp_aper_scratch_size(20) * sizeof(float));
     sp_aper_result a, f;
     sp_aper_measure(d, iv, nx, ny, xc, yc, 12.0, 14.0, 20.0, scratch, &a);
