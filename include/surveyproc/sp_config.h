@@ -275,6 +275,7 @@ typedef struct {
     int threads_per_process; /* SP_CONFIG_AUTO or a count */
     sp_cfg_gal_model gal_model;
     bool untyped_point_first;
+    sp_cfg_strlist untyped_alternatives; /* subset of {exp, dev} */
     sp_cfg_psf_model psf_model;
     sp_cfg_galprof galaxy_profiles;
     int gaussian_mixture_n;

@@ -104,12 +104,15 @@ typedef struct {
     double theta;                     /* position angle, radians, from +x towards +y */
     double sersic_n;                  /* Sersic index (SERSIC only) */
     long id;                          /* caller's tag, copied to the result */
-    int type_auto;                    /* 1: the catalog gave no type. Fitted as a point source first;
-                                       * then `type` (a galaxy model; re, q, theta, sersic_n its start)
-                                       * is tried from Re, Re/3 and Re/10 with the neighbours held, and
-                                       * kept only if it lowers chi2 by more than 4. The result's type is
-                                       * the model used. Ignored for role FIXED, single-band mode
-                                       * (multiband = 0) and type STAR. */
+    int type_auto;                    /* the catalog gave no type (0: it did). 1: fitted as a point
+                                       * source first; then `type` (a galaxy model; re, q, theta,
+                                       * sersic_n its start) and the options' untyped_alt models are
+                                       * tried from Re, Re/3 and Re/10 with the neighbours held, and the
+                                       * best is kept only if it lowers chi2 by more than 4. 2: fitted as
+                                       * `type`; then the untyped_alt models are tried the same way (from
+                                       * the catalog Re, the fitted Re and Re/3) and the lowest chi2 is
+                                       * kept. The result's type is the model used. Ignored for role
+                                       * FIXED, single-band mode (multiband = 0) and type STAR. */
 } sp_fit_source;
 
 /* Result flags (per source). */
@@ -235,6 +238,8 @@ typedef struct {
     int lm_osc_damp;        /* extra damping of parameters whose accepted LM steps flip sign (0:
                              * 5% fewer trials, accuracy mixed) */
     int gal_profiles;       /* EXP and DEV mixtures: SP_FIT_PROF_TRUNCATED (default) or _TRACTOR */
+    unsigned untyped_alt;   /* galaxy models tried for type_auto sources besides their `type`: bits
+                             * 1u << SP_SRC_EXP, 1u << SP_SRC_DEV (others ignored); default 0 */
 } sp_fit_options;
 
 /* sp_fit_options.gal_profiles */

@@ -44,6 +44,7 @@ static const char *const v_smooth[] = {"quartic", "quadratic", "none", NULL};
 static const char *const v_bkg[] = {"mode", "median", NULL};
 static const char *const v_fallback[] = {"moffat", "gaussian", NULL};
 static const char *const v_gal[] = {"exp", "dev", "sersic", "star", NULL};
+static const char *const v_untyped_alt[] = {"exp", "dev", NULL};
 static const char *const v_psfmodel[] = {"pixelized", "gaussian_mixture", NULL};
 static const char *const v_galprof[] = {"truncated", "tractor", NULL};
 static const char *const a_psfmodel[] = {"gaussian_mixture_from_stamp", "gaussian_mixture", NULL};
@@ -380,6 +381,13 @@ const sp_config_key sp_cfg_schema[] = {
        "then tried (from Re, Re/3 and Re/10, neighbours held) and kept only if it lowers chi2 by more than 4; the "
        "catalog's TYPE records the model used. false (the seed's rule): they are fitted as gal_model. Measured "
        "trade-off (untyped stars much better, faint small untyped galaxies 5-20% low): docs/fitting.md."),
+    KL("patch_run.untyped_alternatives", patch_run.untyped_alternatives, SC, "[dev]", v_untyped_alt,
+       "Galaxy models also tried for sources whose TYPE is blank or unknown, besides gal_model: each is fitted "
+       "with the neighbours held (from the catalog Re, the gal_model fit's Re and Re/3) and the model with the "
+       "lowest chi2 is kept, its neighbours' geometry refitted when it changed (with untyped_point_first, the "
+       "best galaxy must still beat the point source by 4); the catalog's TYPE records the model used. [] (the "
+       "seed's rule): gal_model only. Measured (a blank-TYPE DEV fitted as EXP comes out 15-22% faint; fit CPU "
+       "+25% with 10% of the sources blank): docs/fitting.md."),
     KE("patch_run.galaxy_profiles", patch_run.galaxy_profiles, SC, "truncated", v_galprof, NULL,
        "The Gaussian mixtures that stand for EXP and DEV (docs/fitting.md): truncated (default) = fitted "
        "to the exponential and de Vaucouleurs laws with the SDSS truncations (smoothly to zero between 3 "

@@ -94,7 +94,7 @@ static void source_init(const run_t *r, long i, const sp_aper_result *aper, sp_f
     int nb = p->nbands;
     memset(s, 0, sizeof *s);
     s->type = (sp_src_type)p->cat.type[i];
-    s->type_auto = pr->untyped_point_first && !p->cat.type_given[i];
+    s->type_auto = p->cat.type_given[i] ? 0 : pr->untyped_point_first ? 1 : 2;
     s->x = p->cat.x[i];
     s->y = p->cat.y[i];
     for (int b = 0; b < nb; b++) {

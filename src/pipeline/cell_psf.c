@@ -194,6 +194,9 @@ static void params_from_config(const sp_config *cfg, int threads, int nbands, st
     s->fit.conv = pr->psf_model == SP_CFG_PSF_PIXELIZED ? SP_FIT_CONV_FFT : SP_FIT_CONV_GMIX;
     s->fit.psf_gmix_k = pr->gaussian_mixture_n;
     s->fit.gal_profiles = pr->galaxy_profiles == SP_CFG_GALPROF_TRACTOR ? SP_FIT_PROF_TRACTOR : SP_FIT_PROF_TRUNCATED;
+    s->fit.untyped_alt = 0;
+    for (int k = 0; k < pr->untyped_alternatives.n; k++)
+        s->fit.untyped_alt |= 1u << (strcmp(pr->untyped_alternatives.v[k], "dev") == 0 ? SP_SRC_DEV : SP_SRC_EXP);
     s->halo_fixed = pr->halo_source_mode == SP_CFG_HALO_FIXED;
     s->poisson_from_model = pr->poisson_from_model;
 

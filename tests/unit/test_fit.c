@@ -1364,6 +1364,106 @@ static void t_type_auto(void **s)
     sp_fit_workspace_free(&ws);
 }
 
+/* Blank-TYPE galaxies fitted as EXP (gal_model) with DEV as an alternative
+ * (sp_fit_options.untyped_alt; type_auto 2, and type_auto 1: point first): on
+ * the same noise draws (SNR 60, Re 3 px, FWHM 3 px, 30 draws) a DEV galaxy
+ * must be taken for DEV and get the flux that the fit of a typed DEV gets,
+ * and an EXP one must stay EXP with its typed flux; without the alternative
+ * the DEV comes out ~20% faint, which is what the option is for. */
+static void t_type_alt(void **s)
+{
+    (void)s;
+    enum { NX = 130, NY = 64, NDRAW = 30 };
+    static float data[NX * NY], ivar[NX * NY];
+    static double gdev[NX * NY], gexp[NX * NY];
+    sp_fit_workspace *ws = NULL;
+    assert_int_equal(sp_fit_workspace_create(NX * NY, 2, 1, &ws), SP_OK);
+    sp_fit_image im;
+    sp_fit_image_aligned(&im, 0, 0, NX, NY);
+    im.data = data;
+    im.ivar = ivar;
+    im.psf = g_psf;
+    sp_fit_source tr[2];
+    memset(tr, 0, sizeof tr);
+    tr[0].type = SP_SRC_DEV;
+    tr[0].x = 36.3;
+    tr[0].y = 31.6;
+    tr[0].re = 3.0;
+    tr[0].q = 0.7;
+    tr[0].theta = 0.4;
+    tr[1].type = SP_SRC_EXP;
+    tr[1].x = 96.2;
+    tr[1].y = 32.4;
+    tr[1].re = 3.0;
+    tr[1].q = 0.6;
+    tr[1].theta = -0.7;
+    assert_int_equal(sp_fit_render_source(ws, NULL, &im, &tr[0], gdev), SP_OK);
+    assert_int_equal(sp_fit_render_source(ws, NULL, &im, &tr[1], gexp), SP_OK);
+    double sd = 0, se = 0;
+    for (int k = 0; k < NX * NY; k++) {
+        sd += gdev[k] * gdev[k];
+        se += gexp[k] * gexp[k];
+    }
+    const double F[2] = {60.0 / sqrt(sd), 60.0 / sqrt(se)}; /* SNR 60 on a unit sky */
+    double typed[2][NDRAW];
+    /* mode 0: typed (the reference), 1: blank, no alternative, 2: blank, DEV tried
+     * after EXP, 3: blank, point first then EXP and DEV */
+    for (int mode = 0; mode < 4; mode++) {
+        rng_seed(91); /* the same draws in every mode */
+        sp_fit_options o;
+        sp_fit_options_default(&o);
+        o.untyped_alt = mode >= 2 ? 1u << SP_SRC_DEV : 0u;
+        int right[2] = {0, 0};
+        double err[2][NDRAW], dif[2][NDRAW];
+        for (int d = 0; d < NDRAW; d++) {
+            for (int k = 0; k < NX * NY; k++) {
+                data[k] = (float)(F[0] * gdev[k] + F[1] * gexp[k] + gauss());
+                ivar[k] = 1.0f;
+            }
+            sp_fit_source src[2];
+            memcpy(src, tr, sizeof src);
+            for (int q = 0; q < 2; q++) {
+                src[q].type = mode == 0 ? tr[q].type : SP_SRC_EXP; /* blank: gal_model */
+                src[q].type_auto = mode == 0 ? 0 : mode == 3 ? 1 : 2;
+                src[q].re *= 1.1; /* a catalog's Re */
+                src[q].flux[0] = NAN;
+                src[q].id = q;
+                src[q].x += 0.2;
+                src[q].y -= 0.15;
+            }
+            sp_fit_result res[2];
+            assert_int_equal(sp_fit_patch(ws, &o, &im, 1, 1, src, 2, res, NULL, NULL), SP_OK);
+            for (int q = 0; q < 2; q++) {
+                check_result_finite(&res[q], 1);
+                right[q] += res[q].type == tr[q].type;
+                err[q][d] = res[q].flux[0] / F[q] - 1.0;
+                if (mode == 0) typed[q][d] = err[q][d];
+                dif[q][d] = fabs(err[q][d] - typed[q][d]);
+            }
+        }
+        double mb[2], md[2];
+        for (int q = 0; q < 2; q++) {
+            mb[q] = stats(err[q], NDRAW).median;
+            md[q] = stats(dif[q], NDRAW).median;
+        }
+        printf("# blank types (mode %d): DEV as DEV %d/%d, flux %+.4f (|- typed| %.4f); EXP as EXP %d/%d, flux %+.4f "
+               "(|- typed| %.4f)\n",
+               mode, right[0], NDRAW, mb[0], md[0], right[1], NDRAW, mb[1], md[1]);
+        assert_true(fabs(mb[1]) < 0.01);
+        if (mode == 0) {
+            assert_true(fabs(mb[0]) < 0.015);
+        } else if (mode == 1) {
+            assert_int_equal(right[0], 0);
+            assert_true(mb[0] < -0.05);
+        } else {
+            assert_true(right[0] >= NDRAW - 2);
+            assert_true(right[1] >= NDRAW - 4);
+            assert_true(md[0] < 0.003 && md[1] < 0.003);
+        }
+    }
+    sp_fit_workspace_free(&ws);
+}
+
 /* The cost accounting of sp_fit_patch_stats: components are counted by kind
  * (point sources only / with a galaxy), a held (FIXED) source is no work, the
  * stages that ran have CPU, and stages + per-patch work add up to the total;
@@ -1558,7 +1658,7 @@ int main(void)
         cmocka_unit_test(t_blend_two_stars), cmocka_unit_test(t_halo_neighbour), cmocka_unit_test(t_multiband),
         cmocka_unit_test(t_sky),          cmocka_unit_test(t_robust),         cmocka_unit_test(t_crowded_split),
         cmocka_unit_test(t_derivatives),  cmocka_unit_test(t_affine_image),   cmocka_unit_test(t_sersic),      cmocka_unit_test(t_profile_laws),
-        cmocka_unit_test(t_threads),      cmocka_unit_test(t_psfmix_noisy),   cmocka_unit_test(t_type_auto),
+        cmocka_unit_test(t_threads),      cmocka_unit_test(t_psfmix_noisy),   cmocka_unit_test(t_type_auto), cmocka_unit_test(t_type_alt),
         cmocka_unit_test(t_fit_cost),
         cmocka_unit_test(t_box_trunc),
     };
