@@ -1364,6 +1364,17 @@ static void t_type_auto(void **s)
     sp_fit_workspace_free(&ws);
 }
 
+/* A galaxy source's type, position and shape (the other fields as they are). */
+static void set_galaxy(sp_fit_source *g, sp_src_type type, double x, double y, double re, double q, double theta)
+{
+    g->type = type;
+    g->x = x;
+    g->y = y;
+    g->re = re;
+    g->q = q;
+    g->theta = theta;
+}
+
 /* Blank-TYPE galaxies fitted as EXP (gal_model) with DEV as an alternative
  * (sp_fit_options.untyped_alt; type_auto 2, and type_auto 1: point first): on
  * the same noise draws (SNR 60, Re 3 px, FWHM 3 px, 30 draws) a DEV galaxy
@@ -1385,18 +1396,8 @@ static void t_type_alt(void **s)
     im.psf = g_psf;
     sp_fit_source tr[2];
     memset(tr, 0, sizeof tr);
-    tr[0].type = SP_SRC_DEV;
-    tr[0].x = 36.3;
-    tr[0].y = 31.6;
-    tr[0].re = 3.0;
-    tr[0].q = 0.7;
-    tr[0].theta = 0.4;
-    tr[1].type = SP_SRC_EXP;
-    tr[1].x = 96.2;
-    tr[1].y = 32.4;
-    tr[1].re = 3.0;
-    tr[1].q = 0.6;
-    tr[1].theta = -0.7;
+    set_galaxy(&tr[0], SP_SRC_DEV, 36.3, 31.6, 3.0, 0.7, 0.4);
+    set_galaxy(&tr[1], SP_SRC_EXP, 96.2, 32.4, 3.0, 0.6, -0.7);
     assert_int_equal(sp_fit_render_source(ws, NULL, &im, &tr[0], gdev), SP_OK);
     assert_int_equal(sp_fit_render_source(ws, NULL, &im, &tr[1], gexp), SP_OK);
     double sd = 0, se = 0;
@@ -1487,12 +1488,7 @@ static void t_fit_cost(void **s)
     src[0].type = SP_SRC_STAR;
     src[0].x = 18.3;
     src[0].y = 20.1;
-    src[1].type = SP_SRC_EXP;
-    src[1].x = 52.4;
-    src[1].y = 19.7;
-    src[1].re = 3.0;
-    src[1].q = 0.7;
-    src[1].theta = 0.4;
+    set_galaxy(&src[1], SP_SRC_EXP, 52.4, 19.7, 3.0, 0.7, 0.4);
     src[2].type = SP_SRC_STAR; /* held: no work of its own */
     src[2].x = 84.0;
     src[2].y = 21.0;
