@@ -2055,7 +2055,6 @@ static int type_trials(sp_fit_workspace *ws, runctx *rc, wgroup *comps, int ncom
             if (keep) {
                 s->g = gbest;
                 set_type(s, gbest.type);
-                s->g = gbest;
                 if (s->snr < o->min_snr_shape && !(hold0 & shape)) {
                     s->hold |= shape;
                     s->flags |= SP_FITF_SHAPE_FROZEN;
@@ -2068,9 +2067,7 @@ static int type_trials(sp_fit_workspace *ws, runctx *rc, wgroup *comps, int ncom
             } else {
                 s->g = gref;
                 set_type(s, tref);
-                s->g = gref;
-                s->iters[2] = it_ref;
-                if (point_first) s->iters[2] = 0;
+                s->iters[2] = point_first ? 0 : it_ref;
                 for (int b = 0; b < nb; b++) ws->flux[(size_t)s->idx * nb + b] = fref[b];
             }
             s->gt = s->g;

@@ -1263,6 +1263,15 @@ static void t_api(void **s)
 }
 
 
+/* A single-band image of nx x ny aligned with the tile, PSF g_psf. */
+static void unit_image(sp_fit_image *im, float *data, float *ivar, int nx, int ny)
+{
+    sp_fit_image_aligned(im, 0, 0, nx, ny);
+    im->data = data;
+    im->ivar = ivar;
+    im->psf = g_psf;
+}
+
 /* Untyped sources (type_auto): a blank-TYPE star must come out as a point source and a blank-TYPE
  * extended galaxy (EXP Re 3 px, q 0.6; PSF FWHM 3 px) as the galaxy model, both at SNR 40, in one
  * patch, with the library defaults and with the pipeline's options (sky, position prior, model
@@ -1279,10 +1288,7 @@ static void t_type_auto(void **s)
     sp_fit_workspace *ws = NULL;
     assert_int_equal(sp_fit_workspace_create(NX * NY, 2, 1, &ws), SP_OK);
     sp_fit_image im;
-    sp_fit_image_aligned(&im, 0, 0, NX, NY);
-    im.data = data;
-    im.ivar = ivar;
-    im.psf = g_psf;
+    unit_image(&im, data, ivar, NX, NY);
     sp_fit_source gt;
     memset(&gt, 0, sizeof gt);
     gt.type = SP_SRC_EXP;
@@ -1390,10 +1396,7 @@ static void t_type_alt(void **s)
     sp_fit_workspace *ws = NULL;
     assert_int_equal(sp_fit_workspace_create(NX * NY, 2, 1, &ws), SP_OK);
     sp_fit_image im;
-    sp_fit_image_aligned(&im, 0, 0, NX, NY);
-    im.data = data;
-    im.ivar = ivar;
-    im.psf = g_psf;
+    unit_image(&im, data, ivar, NX, NY);
     sp_fit_source tr[2];
     memset(tr, 0, sizeof tr);
     set_galaxy(&tr[0], SP_SRC_DEV, 36.3, 31.6, 3.0, 0.7, 0.4);
@@ -1479,10 +1482,7 @@ static void t_fit_cost(void **s)
     sp_fit_workspace *ws = NULL;
     assert_int_equal(sp_fit_workspace_create(NX * NY, 3, 1, &ws), SP_OK);
     sp_fit_image im;
-    sp_fit_image_aligned(&im, 0, 0, NX, NY);
-    im.data = data;
-    im.ivar = ivar;
-    im.psf = g_psf;
+    unit_image(&im, data, ivar, NX, NY);
     sp_fit_source src[3];
     memset(src, 0, sizeof src);
     src[0].type = SP_SRC_STAR;
@@ -1559,10 +1559,7 @@ static void t_box_trunc(void **s)
     sp_fit_workspace *ws = NULL;
     assert_int_equal(sp_fit_workspace_create(NX * NY, 1, 1, &ws), SP_OK);
     sp_fit_image im;
-    sp_fit_image_aligned(&im, 0, 0, NX, NY);
-    im.data = data;
-    im.ivar = ivar;
-    im.psf = g_psf;
+    unit_image(&im, data, ivar, NX, NY);
     const double re_true = 7.0;
     for (int faint = 0; faint < 2; faint++) {
         const double F = faint ? 150.0 : 40000.0;
